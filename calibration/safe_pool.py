@@ -1,0 +1,149 @@
+"""Per-user viewing history and the safe-pool rule (Eq. 7 and Property 1 of the paper).
+
+T_safe(u) = {i seen by u : never flagged by u, first-view W% > β, no tag blocked by u},
+with W% = 100 · watch_ms / duration_ms of the user's *first* view of the item.
+
+Decisions (SPEC is silent):
+
+* ``duration_ms = 0`` leaves W% undefined; such an item is not safe for any
+  numeric β (we cannot claim the user watched it), but is for ``β = None``.
+* ``β = None`` drops the watch-time condition (the "none" arm of the paper's
+  Fig. 5 ablation); ``β = 0`` still requires a positive watch.
+* An item shown but never watched has no first view yet: not safe for numeric β.
+* The pool is bounded (``max_size``), keeping the highest first rank scores,
+  because the ranker fills slots highest-rank-score first anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "record_view", "record_watch", "record_flag", "trim_history"]
+
+
+def watch_pct(watch_ms: float, duration_ms: float) -> float | None:
+    """W% = 100 · watch_ms / duration_ms; None when the duration is 0.
+
+    Examples
+    --------
+    >>> watch_pct(30_000, 60_000), watch_pct(5, 0)
+    (50.0, None)
+    """
+    if watch_ms < 0 or duration_ms < 0:
+        raise ValueError("watch_ms and duration_ms must be non-negative")
+    if duration_ms == 0:
+        return None
+    return 100.0 * watch_ms / duration_ms
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """What riskgate remembers of one (user, item): SPEC §3 "history"."""
+
+    item_id: str
+    first_rank_score: float
+    tags: tuple[str, ...] = ()
+    first_watch_pct: float | None = None
+    watched: bool = False  # a first view has been recorded (W% may still be None)
+    shown: bool = False  # an impression has been seen (rank score and tags are real)
+    flagged: bool = False
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class SafeItem:
+    """A replacement candidate: the item, its original rank score and tags."""
+
+    item_id: str
+    rank_score: float
+    tags: tuple[str, ...] = ()
+
+
+def is_safe(entry: HistoryEntry, beta: float | None, blocked_tags: Iterable[str] = ()) -> bool:
+    """Eq. 7 plus tag constraints: unflagged, first-view W% > β, no blocked tag.
+
+    Examples
+    --------
+    >>> e = HistoryEntry("i1", 1.0, ("cooking",), first_watch_pct=80.0, watched=True)
+    >>> is_safe(e, 50.0), is_safe(e, 90.0), is_safe(e, 50.0, {"cooking"})
+    (True, False, False)
+    """
+    if entry.flagged:
+        return False
+    blocked = set(blocked_tags)
+    if blocked and not blocked.isdisjoint(entry.tags):
+        return False
+    if beta is None:
+        return True
+    return entry.first_watch_pct is not None and entry.first_watch_pct > beta
+
+
+def safe_pool(
+    history: Iterable[HistoryEntry],
+    beta: float | None,
+    blocked_tags: Iterable[str] = (),
+    max_size: int | None = None,
+) -> list[SafeItem]:
+    """T_safe(u), highest first rank score first (ties by item id), at most ``max_size``.
+
+    Examples
+    --------
+    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True),
+    ...      HistoryEntry("b", 5.0, first_watch_pct=10.0, watched=True),
+    ...      HistoryEntry("c", 3.0, first_watch_pct=70.0, watched=True, flagged=True)]
+    >>> [s.item_id for s in safe_pool(h, 50.0)]
+    ['a']
+    >>> [s.item_id for s in safe_pool(h, None)]
+    ['b', 'a']
+    """
+    blocked = frozenset(blocked_tags)
+    pool = [SafeItem(e.item_id, e.first_rank_score, e.tags) for e in history if is_safe(e, beta, blocked)]
+    pool.sort(key=lambda s: (-s.rank_score, s.item_id))
+    return pool if max_size is None else pool[: max(0, int(max_size))]
+
+
+def record_view(
+    history: Mapping[str, HistoryEntry], item_id: str, rank_score: float, tags: Iterable[str], ts: float
+) -> HistoryEntry:
+    """The entry after ``item_id`` is shown at ``ts``: first rank score and tags are kept."""
+    old = history.get(item_id)
+    if old is None:
+        return HistoryEntry(item_id, float(rank_score), tuple(tags), shown=True, last_seen=float(ts))
+    if not old.shown:  # created by an early watch or flag: fill in what the impression knows
+        return replace(old, first_rank_score=float(rank_score), tags=tuple(tags), shown=True,
+                       last_seen=max(old.last_seen, float(ts)))
+    return replace(old, last_seen=max(old.last_seen, float(ts)))
+
+
+def record_watch(
+    history: Mapping[str, HistoryEntry], item_id: str, watch_ms: float, duration_ms: float, ts: float
+) -> HistoryEntry:
+    """The entry after a watch: only the *first* view sets W%.
+
+    A watch that arrives before its impression creates the entry (rank score 0,
+    no tags) so the first view is not lost; the impression later fills them in.
+    """
+    old = history.get(item_id) or HistoryEntry(item_id, 0.0, (), last_seen=float(ts))
+    if old.watched:
+        return replace(old, last_seen=max(old.last_seen, float(ts)))
+    return replace(old, watched=True, first_watch_pct=watch_pct(watch_ms, duration_ms), last_seen=max(old.last_seen, float(ts)))
+
+
+def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) -> HistoryEntry:
+    """The entry after a flag: flagged forever (a flag always updates the safe pool)."""
+    old = history.get(item_id) or HistoryEntry(item_id, 0.0, (), last_seen=float(ts))
+    return replace(old, flagged=True, last_seen=max(old.last_seen, float(ts)))
+
+
+def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:
+    """Item ids to evict so at most ``max_items`` remain: least recently seen first.
+
+    Flagged items are evicted last: forgetting a flag would let the item back
+    into the safe pool if it were shown and watched again.
+    """
+    excess = len(history) - int(max_items)
+    if excess <= 0:
+        return []
+    order = sorted(history.values(), key=lambda e: (e.flagged, e.last_seen, e.item_id))
+    return [e.item_id for e in order[:excess]]
