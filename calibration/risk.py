@@ -110,6 +110,9 @@ def _steps(batch: SlateBatch, grid: Grid, strategy: str, loss: str, quantize: bo
     else:
         r = f / np.minimum(batch.k[:, None], a + batch.pool[:, None]).astype(np.float64)
     # Within a run of equal c only the run's last position is a real curve value.
+    # (With unflagged items sorted first inside a run, the partial values never
+    # exceed the run's ends, so this mask changes nothing today; it keeps the
+    # result right whatever order ties are sorted in.)
     if m > 1:
         r[:, :-1] *= c_sorted[:, :-1] != c_sorted[:, 1:]
     np.maximum.accumulate(r, axis=1, out=r)  # monotonise: running max towards lower λ
@@ -150,6 +153,10 @@ def fold(batch: SlateBatch, grid: Grid, strategy: Strategy = "remove", loss: Los
         # bincount adds in float64, exact here: a chunk's total per bin is at most
         # _CHUNK * SCALE < 2**53.
         E += np.bincount(c_sorted.ravel(), weights=inc.ravel(), minlength=G)[:G].astype(np.int64)
+    # Steps at c = 0 belong to items kept at no λ (scores below the grid, padding):
+    # they never enter S, and dropping them keeps E canonical, so equal windows
+    # compare equal however their slates were padded.
+    E[0] = 0
     return E
 
 

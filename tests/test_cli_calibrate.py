@@ -1,0 +1,100 @@
+"""``riskgate calibrate``: same λ̂ as the reference, and bad files rejected by line."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from calibration.grid import make_grid
+from calibration.toy import toy_batch
+from streams.cli import main
+
+from . import reference as ref
+
+
+def _write(path, batch):
+    with open(path, "w") as fh:
+        for s in batch.slates():
+            fh.write(json.dumps({"k": s.k, "safe_pool_size": s.pool, "slate_id": "x",
+                                 "items": [{"score": x, "flagged": h} for x, h in zip(s.scores, s.flags)]}) + "\n")
+
+
+def _run(*args):
+    return CliRunner().invoke(main, ["calibrate", *map(str, args)])
+
+
+@pytest.mark.parametrize("strategy", ["remove", "replace"])
+@pytest.mark.parametrize("guarantee", ["expectation", "high_probability"])
+def test_calibrate_matches_reference(tmp_path, strategy, guarantee):
+    batch = toy_batch(np.random.default_rng(3), 150, m=6, ragged=True, rate=0.15)
+    path = tmp_path / "slates.jsonl"
+    _write(path, batch)
+    res = _run("--slates", path, "--alpha", 0.05, "--alpha", 0.1, "--alpha", 0.2, "--strategy", strategy,
+               "--guarantee", guarantee, "--delta", 0.1, "--grid-min", 0, "--grid-max", 1, "--grid-size", 51)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["n"] == 150 and out["strategy"] == strategy and out["guarantee"] == guarantee
+    assert out["loss"] == "fraction"
+    assert out["delta"] == (0.1 if guarantee == "high_probability" else None)
+    grid = make_grid(0, 1, 51)
+    want, S = ref.lambda_hat(batch.slates(), grid.values, [0.05, 0.1, 0.2], strategy, "fraction", guarantee, 0.1)
+    for t, g in zip(out["thresholds"], want):
+        if g == len(grid) - 1:
+            assert t["filter_all"] and t["lambda"] is None
+        else:
+            assert not t["filter_all"] and t["lambda"] == grid.values[g]
+        assert t["risk_at_lambda"] == pytest.approx(S[g] / 150, abs=1e-9)
+    assert [t["alpha"] for t in out["thresholds"]] == [0.05, 0.1, 0.2]
+    assert any(not t["filter_all"] for t in out["thresholds"])
+
+
+def test_calibrate_per_slot_loss_is_named(tmp_path):
+    path = tmp_path / "s.jsonl"
+    _write(path, toy_batch(np.random.default_rng(1), 50, m=5))
+    res = _run("--slates", path, "--alpha", 0.1, "--loss", "per_slot")
+    assert res.exit_code == 0 and json.loads(res.stdout)["loss"] == "per_slot"
+
+
+GOOD = '{"k": 3, "safe_pool_size": 1, "items": [{"score": 0.5, "flagged": false}]}'
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": 0.5, "flagged": fals}]}', "bad JSON"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": NaN, "flagged": false}]}', "bad JSON"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": 1e999, "flagged": false}]}', ""),
+        ('{"k": 0, "safe_pool_size": 1, "items": []}', "k"),
+        ('{"k": 3, "items": []}', "safe_pool_size"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"flagged": false}]}', "items.0.score"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": "0.5", "flagged": false}]}', "items.0.score"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": 0.5, "flagged": 1}]}', "items.0.flagged"),
+        ('{"k": 1, "safe_pool_size": 0, "items": [{"score": 0.5, "flagged": false}, {"score": 0.4, "flagged": false}]}', "exceed k"),
+        ('[1, 2]', "JSON object"),
+        ('{"k": 3, "safe_pool_size": -1, "items": []}', "safe_pool_size"),
+    ],
+)
+def test_bad_line_fails_naming_line_and_problem(tmp_path, bad, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([GOOD, GOOD, bad, GOOD]) + "\n")
+    res = _run("--slates", path, "--alpha", 0.1)
+    assert res.exit_code == 2
+    assert res.stdout == ""  # never thresholds from part of the data
+    assert f"bad.jsonl:3:" in res.stderr
+    assert needle in res.stderr
+
+
+def test_bad_alpha_is_a_usage_error(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(GOOD + "\n")
+    res = _run("--slates", path, "--alpha", 1.5)
+    assert res.exit_code == 2 and "1.5 is not in (0, 1)" in res.stderr
+
+
+def test_empty_file_filters_everything(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    res = _run("--slates", path, "--alpha", 0.1)
+    out = json.loads(res.stdout)
+    assert out["n"] == 0 and out["thresholds"][0]["filter_all"] and out["thresholds"][0]["risk_at_lambda"] is None

@@ -1,0 +1,107 @@
+"""Hypothesis properties of the core: monotonicity, α-ordering, filter_all, exact add/subtract."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from calibration.grid import make_grid
+from calibration.risk import fold, window_sums
+from calibration.slates import Slate, SlateBatch
+from calibration.threshold import lambda_hat_index, thresholds
+from calibration.window import BucketedWindow, CurveAccumulator
+
+GRID = make_grid(0.0, 1.0, 21)
+score = st.one_of(st.floats(-0.5, 1.5, allow_nan=False), st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]))
+
+
+@st.composite
+def slates(draw, max_n=30):
+    n = draw(st.integers(0, max_n))
+    out = []
+    for _ in range(n):
+        m = draw(st.integers(1, 6))
+        k = draw(st.integers(m, m + 3))
+        out.append(Slate(tuple(draw(st.lists(score, min_size=m, max_size=m))),
+                         tuple(draw(st.lists(st.booleans(), min_size=m, max_size=m))),
+                         k, draw(st.integers(0, 5))))
+    return SlateBatch.from_slates(out) if out else SlateBatch.empty()
+
+
+strategy = st.sampled_from(["remove", "replace"])
+loss = st.sampled_from(["fraction", "per_slot"])
+
+
+@given(slates(), strategy, loss)
+def test_empirical_risk_is_non_increasing_and_in_unit_interval(b, strat, ls):
+    acc = CurveAccumulator(len(GRID)).add(b, GRID, strat, ls)
+    r = acc.risk()
+    assert np.all(np.diff(r) <= 0)
+    assert r.min() >= 0 and r.max() <= 1
+    assert r[-1] == 0  # everything filtered at +inf
+
+
+@given(slates(), strategy, st.lists(st.floats(0.001, 0.999), min_size=1, max_size=8),
+       st.sampled_from(["expectation", "high_probability"]))
+def test_lambda_hat_non_increasing_in_alpha(b, strat, alphas, guarantee):
+    alphas = sorted(alphas)
+    acc = CurveAccumulator(len(GRID)).add(b, GRID, strat)
+    idx = lambda_hat_index(acc.sums(), acc.n, alphas, guarantee, 0.1)
+    assert np.all(np.diff(idx) <= 0)
+
+
+@given(slates(), strategy, st.floats(0.0005, 0.9))
+def test_filter_all_exactly_when_alpha_below_one_over_n_plus_one(b, strat, alpha):
+    acc = CurveAccumulator(len(GRID)).add(b, GRID, strat)
+    t = thresholds(acc.sums(), acc.n, GRID, [alpha])[0]
+    if alpha < 1 / (acc.n + 1):
+        assert t.filter_all and t.lam is None
+    if t.filter_all:
+        assert t.lam is None
+    else:
+        # the chosen λ satisfies the CRC inequality
+        assert acc.n / (acc.n + 1) * t.risk_at_lambda + 1 / (acc.n + 1) <= alpha + 1e-9
+
+
+@given(slates(), slates(), strategy, loss)
+def test_add_then_subtract_restores_exactly(a, b, strat, ls):
+    acc = CurveAccumulator(len(GRID)).add(a, GRID, strat, ls)
+    before = acc.copy()
+    acc.add(b, GRID, strat, ls).subtract(b, GRID, strat, ls)
+    assert acc == before
+
+
+@given(slates(), slates(), strategy)
+def test_merge_is_order_free_and_equals_one_batch(a, b, strat):
+    both = SlateBatch.from_slates(a.slates() + b.slates()) if len(a) + len(b) else SlateBatch.empty()
+    one = CurveAccumulator(len(GRID)).add(both, GRID, strat)
+    parts = CurveAccumulator(len(GRID)).add(b, GRID, strat).merge(CurveAccumulator(len(GRID)).add(a, GRID, strat))
+    assert one == parts
+    assert CurveAccumulator.from_bytes(one.to_bytes()) == one
+
+
+@given(hnp.arrays(np.float64, st.integers(1, 200),
+                  elements=st.one_of(st.floats(-2, 3, allow_nan=False),
+                                     st.sampled_from(list(GRID.values[:-1]) + [-np.inf]))),
+       st.sampled_from([make_grid(0, 1, 21), make_grid(-1, 2.5, 8), make_grid(0.1, 0.3, 1001)]))
+def test_grid_index_fast_path_equals_binary_search(scores, grid):
+    want = np.searchsorted(grid.values, scores, side="right")
+    assert grid.index(scores).tolist() == want.tolist()
+
+
+@settings(max_examples=50)
+@given(st.lists(st.tuples(st.floats(0, 10_000), st.integers(1, 3)), max_size=40), st.floats(0, 20_000))
+def test_window_keeps_exactly_the_live_buckets(adds, watermark):
+    w = BucketedWindow(size=len(GRID), window=3600.0, buckets=4)
+    ref = {}
+    step = np.zeros(len(GRID), dtype=np.int64)
+    step[3] = 7
+    for ts, n in adds:
+        if w.add_increments(ts, step * n, n):
+            ref[w.bucket_of(ts)] = ref.get(w.bucket_of(ts), 0) + n
+    w.advance(watermark)
+    newest = w.bucket_of(watermark)
+    live = {b: n for b, n in ref.items() if newest - 4 < b}
+    # buckets newer than the watermark stay (they are future, not stale)
+    assert w.total().n == sum(live.values())
+    assert int(w.total().increments[3]) == 7 * sum(live.values())
