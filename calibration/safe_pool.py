@@ -49,6 +49,7 @@ class HistoryEntry:
     shown: bool = False  # an impression has been seen (rank score and tags are real)
     flagged: bool = False
     last_seen: float = 0.0
+    flag_ts: float | None = None  # event time of the first flag (labels need "flagged by when")
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,14 @@ def record_watch(
 
 
 def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) -> HistoryEntry:
-    """The entry after a flag: flagged forever (a flag always updates the safe pool)."""
+    """The entry after a flag: flagged forever (a flag always updates the safe pool).
+
+    ``flag_ts`` keeps the earliest flag time, so labels do not depend on the
+    order in which duplicate or out-of-order flags arrive.
+    """
     old = history.get(item_id) or HistoryEntry(item_id, 0.0, (), last_seen=float(ts))
-    return replace(old, flagged=True, last_seen=max(old.last_seen, float(ts)))
+    first = float(ts) if old.flag_ts is None else min(old.flag_ts, float(ts))
+    return replace(old, flagged=True, flag_ts=first, last_seen=max(old.last_seen, float(ts)))
 
 
 def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:

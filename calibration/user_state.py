@@ -1,0 +1,274 @@
+"""One user's state and how each event changes it (SPEC §2–3): the stream's per-user logic.
+
+The Faust agents and the offline replay both drive a :class:`UserState` with the
+same calls, so a replay of an event file computes what the live stream does.
+
+State, all bounded: the viewing history (``history_max`` most recent items;
+flagged items are evicted last), tag rules from ``constraints``, reporting
+counts (items shown, distinct items flagged), pending holdout and
+policy-applied slates awaiting maturity (``pending_max``), the user's own recent
+mature holdout slates for the ``user:<id>`` group (``user_window_max``), and
+the ids of recent events for de-duplication (``dedup_max``).
+
+Event time: the caller passes the watermark of the user's partition (largest
+event ``ts`` seen minus the allowed lateness). An event older than the
+watermark is *late*: a late impression is remembered in the history but never
+calibrates; a late flag still updates the safe pool (SPEC §2). A slate served
+at ``ts`` matures once the watermark reaches ``ts + label_window``; its label
+for item i is "the user flagged i at or before ``ts + label_window``".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+from .events import Constraints, Flag, Impression, Watch
+from .groups import band_of
+from .safe_pool import HistoryEntry, SafeItem, record_flag, record_view, record_watch, safe_pool, trim_history
+
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-user bounds and the safe-pool rule's parameters."""
+
+    beta: float | None = 50.0
+    history_max: int = 500
+    pending_max: int = 200
+    safe_pool_max: int = 100
+    user_window_max: int = 1000
+    dedup_max: int = 512
+
+
+@dataclass(frozen=True)
+class PendingSlate:
+    """A served slate awaiting its labels."""
+
+    slate_id: str
+    ts: float
+    k: int
+    pool: int  # usable safe-pool size when served (pool minus items already in the slate)
+    policy_applied: bool
+    alpha: float | None
+    item_ids: tuple[str, ...]
+    scores: tuple[float, ...]
+    replacement: tuple[bool, ...]
+    repeat_pct: tuple[float | None, ...]  # first-view W% if the item was a repeat, unflagged then
+
+
+@dataclass(frozen=True)
+class MatureSlate:
+    """A slate with final labels: what calibration and the monitors consume."""
+
+    user_id: str
+    slate_id: str
+    ts: float
+    k: int
+    pool: int
+    band: str
+    policy_applied: bool
+    alpha: float | None
+    scores: tuple[float, ...]
+    flags: tuple[bool, ...]
+    replacement: tuple[bool, ...]
+    repeat_pct: tuple[float | None, ...]
+
+
+@dataclass
+class UserState:
+    """Everything riskgate holds about one user. Mutated in place by the ``on_*`` methods."""
+
+    user_id: str
+    history: dict[str, HistoryEntry] = field(default_factory=dict)
+    tag_rules: dict[str, tuple[bool, float]] = field(default_factory=dict)  # tag -> (blocked, ts)
+    shown: int = 0
+    flagged: int = 0
+    pending: list[PendingSlate] = field(default_factory=list)
+    recent: list[MatureSlate] = field(default_factory=list)
+    seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
+
+    # -- derived views -----------------------------------------------------
+    @property
+    def band(self) -> str:
+        return band_of(self.shown, self.flagged)
+
+    @property
+    def blocked_tags(self) -> frozenset[str]:
+        return frozenset(t for t, (blocked, _) in self.tag_rules.items() if blocked)
+
+    def safe_pool(self, limits: Limits) -> list[SafeItem]:
+        return safe_pool(self.history.values(), limits.beta, self.blocked_tags, limits.safe_pool_max)
+
+    def violations(self, ev: Impression) -> int:
+        """Served items carrying a tag this user blocked (must be 0 on policy-applied slates)."""
+        blocked = self.blocked_tags
+        return sum(1 for it in ev.items if blocked and not blocked.isdisjoint(it.tags)) if blocked else 0
+
+    # -- de-duplication ----------------------------------------------------
+    def is_duplicate(self, event_id: str) -> bool:
+        return event_id in self.seen
+
+    def _remember(self, event_id: str, ts: float, limits: Limits) -> None:
+        self.seen[event_id] = ts
+        while len(self.seen) > limits.dedup_max:
+            del self.seen[next(iter(self.seen))]
+
+    # -- events ------------------------------------------------------------
+    def on_impression(self, ev: Impression, watermark: float, limits: Limits) -> str:
+        """Record a served slate. Returns the outcome: ``ok``, ``late``, ``duplicate``, ``pending_overflow``."""
+        if self.is_duplicate(ev.event_id):
+            return "duplicate"
+        self._remember(ev.event_id, ev.ts, limits)
+        late = ev.ts < watermark
+        outcome = "late" if late else "ok"
+        if not late:
+            in_slate = {it.item_id for it in ev.items}
+            pool = sum(1 for p in self.safe_pool(limits) if p.item_id not in in_slate)
+            repeat = []
+            for it in ev.items:
+                h = self.history.get(it.item_id)
+                rep = h is not None and h.watched and not h.flagged
+                repeat.append(h.first_watch_pct if rep else None)
+            pending = PendingSlate(
+                ev.slate_id, ev.ts, ev.k, pool, ev.policy_applied, ev.alpha,
+                tuple(it.item_id for it in ev.items), tuple(it.score for it in ev.items),
+                tuple(it.replacement for it in ev.items), tuple(repeat),
+            )
+            if len(self.pending) >= limits.pending_max:
+                outcome = "pending_overflow"
+            else:
+                self._insert_pending(pending)
+        for it in ev.items:
+            self.history[it.item_id] = record_view(self.history, it.item_id, it.rank_score, it.tags, ev.ts)
+        self.shown += len(ev.items)
+        self._trim(limits)
+        return outcome
+
+    def on_watch(self, ev: Watch, watermark: float, limits: Limits) -> str:
+        if self.is_duplicate(ev.event_id):
+            return "duplicate"
+        self._remember(ev.event_id, ev.ts, limits)
+        self.history[ev.item_id] = record_watch(self.history, ev.item_id, ev.watch_ms, ev.duration_ms, ev.ts)
+        self._trim(limits)
+        return "late" if ev.ts < watermark else "ok"
+
+    def on_flag(self, ev: Flag, watermark: float, limits: Limits) -> str:
+        if self.is_duplicate(ev.event_id):
+            return "duplicate"
+        self._remember(ev.event_id, ev.ts, limits)
+        old = self.history.get(ev.item_id)
+        if old is None or not old.flagged:
+            self.flagged += 1  # distinct items flagged: the reporting rate's numerator
+        self.history[ev.item_id] = record_flag(self.history, ev.item_id, ev.ts)
+        self._trim(limits)
+        return "late" if ev.ts < watermark else "ok"
+
+    def on_constraints(self, ev: Constraints, watermark: float, limits: Limits) -> str:
+        """Block/unblock tags; per tag the rule with the latest ``ts`` wins, whatever the arrival order."""
+        if self.is_duplicate(ev.event_id):
+            return "duplicate"
+        self._remember(ev.event_id, ev.ts, limits)
+        for tag, blocked in [(t, True) for t in ev.block_tags] + [(t, False) for t in ev.unblock_tags]:
+            old = self.tag_rules.get(tag)
+            if old is None or ev.ts >= old[1]:
+                self.tag_rules[tag] = (blocked, ev.ts)
+        return "late" if ev.ts < watermark else "ok"
+
+    # -- maturity ----------------------------------------------------------
+    def next_maturity(self, label_window: float) -> float | None:
+        return self.pending[0].ts + label_window if self.pending else None
+
+    def mature(self, watermark: float, label_window: float, window: float, limits: Limits) -> list[MatureSlate]:
+        """Pop every pending slate with ``ts + label_window ≤ watermark`` and label it."""
+        out: list[MatureSlate] = []
+        band = self.band
+        while self.pending and self.pending[0].ts + label_window <= watermark:
+            p = self.pending.pop(0)
+            cutoff = p.ts + label_window
+            flags = []
+            for item in p.item_ids:
+                h = self.history.get(item)
+                flags.append(bool(h is not None and h.flag_ts is not None and h.flag_ts <= cutoff))
+            m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, p.pool, band, p.policy_applied, p.alpha,
+                            p.scores, tuple(flags), p.replacement, p.repeat_pct)
+            out.append(m)
+            if not p.policy_applied:
+                self.recent.append(m)
+        # The user's own calibration window: slates served within `window` of the watermark.
+        horizon = watermark - window
+        if self.recent and (self.recent[0].ts < horizon or len(self.recent) > limits.user_window_max):
+            self.recent = [m for m in self.recent if m.ts >= horizon][-limits.user_window_max:]
+        return out
+
+    # -- housekeeping ------------------------------------------------------
+    def _insert_pending(self, p: PendingSlate) -> None:
+        # Keep pending ordered by ts; out-of-order arrivals are rare, so scan from the end.
+        i = len(self.pending)
+        while i > 0 and self.pending[i - 1].ts > p.ts:
+            i -= 1
+        self.pending.insert(i, p)
+
+    def _trim(self, limits: Limits) -> None:
+        if len(self.history) > limits.history_max:
+            keep_pending = {i for p in self.pending for i in p.item_ids}
+            for item in trim_history(self.history, limits.history_max):
+                if item not in keep_pending:  # labels of pending slates need their items
+                    del self.history[item]
+
+    def is_empty(self) -> bool:
+        return not (self.history or self.tag_rules or self.pending or self.recent or self.shown or self.seen)
+
+    # -- storage -----------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-able form for a table value (round-trips through :meth:`from_dict`)."""
+        return {
+            "user_id": self.user_id,
+            "history": [
+                [e.item_id, e.first_rank_score, list(e.tags), e.first_watch_pct, e.watched, e.shown, e.flagged,
+                 e.last_seen, e.flag_ts]
+                for e in self.history.values()
+            ],
+            "tag_rules": {t: [b, ts] for t, (b, ts) in self.tag_rules.items()},
+            "shown": self.shown,
+            "flagged": self.flagged,
+            "pending": [_slate_to_list(p) for p in self.pending],
+            "recent": [_mature_to_list(m) for m in self.recent],
+            "seen": list(self.seen.items()),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UserState":
+        history = {}
+        for item_id, rank, tags, pct, watched, shown, flagged, last_seen, flag_ts in d["history"]:
+            history[item_id] = HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts)
+        return cls(
+            user_id=d["user_id"],
+            history=history,
+            tag_rules={t: (bool(b), float(ts)) for t, (b, ts) in d["tag_rules"].items()},
+            shown=int(d["shown"]),
+            flagged=int(d["flagged"]),
+            pending=[_slate_from_list(x) for x in d["pending"]],
+            recent=[_mature_from_list(x, d["user_id"]) for x in d["recent"]],
+            seen={k: v for k, v in d["seen"]},
+        )
+
+
+def _slate_to_list(p: PendingSlate) -> list:
+    return [p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, list(p.item_ids), list(p.scores),
+            list(p.replacement), list(p.repeat_pct)]
+
+
+def _slate_from_list(x: list) -> PendingSlate:
+    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]))
+
+
+def _mature_to_list(m: MatureSlate) -> list:
+    return [m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha, list(m.scores), list(m.flags),
+            list(m.replacement), list(m.repeat_pct)]
+
+
+def _mature_from_list(x: list, user_id: str) -> MatureSlate:
+    return MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], tuple(x[7]), tuple(x[8]), tuple(x[9]),
+                       tuple(x[10]))

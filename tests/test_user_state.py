@@ -1,0 +1,148 @@
+"""Per-user state transitions and the single-partition engine."""
+
+import numpy as np
+import pytest
+
+from calibration.engine import Engine, EngineConfig
+from calibration.events import Constraints, Flag, Forget, Impression, ShownItem, Watch
+from calibration.grid import make_grid
+from calibration.slates import Slate, SlateBatch
+from calibration.threshold import thresholds
+from calibration.user_state import Limits, UserState
+from calibration.window import CurveAccumulator
+
+LIM = Limits(beta=50.0)
+
+
+def imp(eid, slate, ts, items, user="u1", applied=False, k=3, alpha=None):
+    return Impression(eid, user, slate, ts, k, applied, tuple(items), alpha)
+
+
+def item(i, score=0.5, rank=1.0, tags=(), rep=False):
+    return ShownItem(i, score, rank, tuple(tags), rep)
+
+
+def test_labels_use_flags_up_to_maturity_only():
+    s = UserState("u1")
+    s.on_impression(imp("e1", "s1", 100.0, [item("a"), item("b"), item("c")]), 0.0, LIM)
+    s.on_flag(Flag("f1", "u1", "a", "report", 150.0), 0.0, LIM)
+    s.on_flag(Flag("f2", "u1", "b", "not_interested", 250.0), 0.0, LIM)  # after ts + label_window
+    assert s.mature(199.0, 100.0, 1e9, LIM) == []  # not yet: 100 + 100 > 199
+    (m,) = s.mature(200.0, 100.0, 1e9, LIM)
+    assert m.flags == (True, False, False)
+    assert s.pending == []
+
+
+def test_flag_before_impression_counts_and_earliest_flag_time_wins():
+    s = UserState("u1")
+    s.on_flag(Flag("f2", "u1", "a", "report", 500.0), 0.0, LIM)
+    s.on_flag(Flag("f1", "u1", "a", "report", 90.0), 0.0, LIM)  # out of order
+    assert s.history["a"].flag_ts == 90.0 and s.flagged == 1
+    s.on_impression(imp("e1", "s1", 100.0, [item("a", rank=7.0, tags=("x",))]), 0.0, LIM)
+    assert s.history["a"].first_rank_score == 7.0 and s.history["a"].tags == ("x",)  # impression fills in
+    (m,) = s.mature(1000.0, 100.0, 1e9, LIM)
+    assert m.flags == (True,)
+
+
+def test_duplicates_change_nothing():
+    s = UserState("u1")
+    ev = imp("e1", "s1", 100.0, [item("a")])
+    assert s.on_impression(ev, 0.0, LIM) == "ok"
+    before = s.to_dict()
+    assert s.on_impression(ev, 0.0, LIM) == "duplicate"
+    f = Flag("f1", "u1", "a", "report", 101.0)
+    s.on_flag(f, 0.0, LIM)
+    after_flag = s.to_dict()
+    assert s.on_flag(f, 0.0, LIM) == "duplicate"
+    assert s.to_dict() == after_flag and before != after_flag
+
+
+def test_late_impression_never_calibrates_but_late_flag_updates_pool():
+    s = UserState("u1")
+    assert s.on_impression(imp("e1", "s1", 100.0, [item("a")]), 500.0, LIM) == "late"
+    assert s.pending == [] and "a" in s.history
+    s.on_watch(Watch("w1", "u1", "a", 9000, 10000, 101.0), 500.0, LIM)
+    assert [p.item_id for p in s.safe_pool(LIM)] == ["a"]
+    assert s.on_flag(Flag("f1", "u1", "a", "report", 102.0), 500.0, LIM) == "late"
+    assert s.safe_pool(LIM) == []
+
+
+def test_safe_pool_size_at_serve_time_excludes_items_in_the_slate():
+    s = UserState("u1")
+    for i in "abc":
+        s.on_impression(imp(f"e{i}", f"s{i}", 10.0, [item(i)]), 0.0, LIM)
+        s.on_watch(Watch(f"w{i}", "u1", i, 80, 100, 11.0), 0.0, LIM)
+    s.on_constraints(Constraints("c1", "u1", 12.0, block_tags=("guns",)), 0.0, LIM)
+    s.on_impression(imp("e9", "s9", 20.0, [item("a"), item("z", tags=("guns",))], applied=True), 0.0, LIM)
+    assert s.pending[-1].pool == 2  # b and c; a is in the slate
+    assert s.pending[-1].repeat_pct == (80.0, None)
+    assert s.violations(imp("e10", "s10", 21.0, [item("q", tags=("guns",))])) == 1
+
+
+def test_constraints_latest_ts_wins_whatever_the_order():
+    s = UserState("u1")
+    s.on_constraints(Constraints("c2", "u1", 20.0, unblock_tags=("guns",)), 0.0, LIM)
+    s.on_constraints(Constraints("c1", "u1", 10.0, block_tags=("guns", "gambling")), 0.0, LIM)
+    assert s.blocked_tags == {"gambling"}
+
+
+def test_history_is_bounded_and_keeps_flags_longest():
+    lim = Limits(history_max=5)
+    s = UserState("u1")
+    s.on_flag(Flag("f0", "u1", "bad", "report", 1.0), 0.0, lim)
+    for j in range(20):
+        s.on_impression(imp(f"e{j}", f"s{j}", 10.0 + j, [item(f"i{j}")]), 0.0, lim)
+        s.mature(1e9, 1.0, 1e12, lim)  # nothing pending keeps items alive
+    assert len(s.history) == 5 and "bad" in s.history
+
+
+def test_state_round_trips_through_dict():
+    s = UserState("u1")
+    s.on_impression(imp("e1", "s1", 100.0, [item("a", tags=("t",)), item("b")], alpha=0.1), 0.0, LIM)
+    s.on_watch(Watch("w1", "u1", "a", 0, 0, 101.0), 0.0, LIM)
+    s.on_flag(Flag("f1", "u1", "b", "report", 102.0), 0.0, LIM)
+    s.on_constraints(Constraints("c1", "u1", 103.0, block_tags=("t",)), 0.0, LIM)
+    s.mature(1e9, 1.0, 1e12, LIM)
+    s.on_impression(imp("e2", "s2", 200.0, [item("c")]), 0.0, LIM)
+    import orjson
+
+    assert UserState.from_dict(orjson.loads(orjson.dumps(s.to_dict()))) == s
+
+
+def test_engine_folds_exactly_the_matured_holdout_slates():
+    rng = np.random.default_rng(5)
+    cfg = EngineConfig(alphas=(0.1, 0.2), label_window=50.0, allowed_lateness=5.0, grid=make_grid(0, 1, 101))
+    eng = Engine(cfg)
+    eng.keep_matured = True
+    ts = 1000.0
+    events = []
+    for j in range(400):
+        ts += 1.0
+        items = [item(f"i{j}-{x}", float(rng.random())) for x in range(5)]
+        events.append(imp(f"e{j}", f"s{j}", ts, items, user=f"u{j % 7}", applied=j % 4 == 0, k=5))
+        for it in items:
+            if rng.random() < 0.4 * (1 - it.score):
+                events.append(Flag(f"f{it.item_id}", f"u{j % 7}", it.item_id, "report", ts + rng.uniform(0, 40)))
+    events.sort(key=lambda e: e.ts)
+    for ev in events:
+        assert eng.process(ev) == "ok"
+    matured = eng.matured
+    assert 200 < len(matured) < 300 and all(not m.policy_applied for m in matured)
+    for strategy in ("remove", "replace"):
+        batch = SlateBatch.from_slates([Slate(m.scores, m.flags, m.k, m.pool) for m in matured])
+        acc = CurveAccumulator(len(cfg.grid)).add(batch, cfg.grid, strategy)
+        want = thresholds(acc.sums(), acc.n, cfg.grid, cfg.alphas)
+        got = eng.calibrator.result(strategy, "global")
+        assert got.n == len(matured) and list(got.thresholds) == want
+    bands = eng.calibrator.result("remove", "band:low").n + eng.calibrator.result("remove", "band:high").n
+    assert bands == len(matured)
+    assert eng.monitors.realised_slates  # policy-applied slates reached the monitors
+
+
+def test_engine_forget_removes_user():
+    eng = Engine(EngineConfig())
+    eng.process(imp("e1", "s1", 10.0, [item("a")]))
+    eng.process(Forget("x", "u1", 11.0))
+    assert "u1" not in eng.users
+    eng.process(imp("e2", "s2", 1e6, [item("b")], user="u2"))  # stale maturity entry is skipped
+    assert set(eng.users) == {"u2"}
