@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ShownItem", "Impression", "Watch", "Flag", "Constraints", "Forget", "Event"]
+__all__ = ["ShownItem", "Impression", "Watch", "Flag", "Constraints", "Forget", "Event", "event_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,27 @@ class Forget:
 
 
 Event = Impression | Watch | Flag | Constraints | Forget
+
+
+def event_from_dict(topic: str, d: dict) -> Event:
+    """Build the record for an already *validated* event value of ``topic`` (SPEC §2 field names)."""
+    if topic == "impressions":
+        items = tuple(
+            ShownItem(str(i["item_id"]), float(i["score"]), float(i.get("rank_score", i["score"])),
+                      tuple(i.get("tags") or ()), bool(i.get("replacement", False)))
+            for i in d["items"]
+        )
+        alpha = d.get("alpha")
+        return Impression(str(d["event_id"]), str(d["user_id"]), str(d["slate_id"]), float(d["ts"]), int(d["k"]),
+                          bool(d["policy_applied"]), items, None if alpha is None else float(alpha))
+    if topic == "watch":
+        return Watch(str(d["event_id"]), str(d["user_id"]), str(d["item_id"]), float(d["watch_ms"]),
+                     float(d["duration_ms"]), float(d["ts"]))
+    if topic == "flags":
+        return Flag(str(d["event_id"]), str(d["user_id"]), str(d["item_id"]), str(d["kind"]), float(d["ts"]))
+    if topic == "constraints":
+        return Constraints(str(d["event_id"]), str(d["user_id"]), float(d["ts"]), tuple(d.get("block_tags") or ()),
+                           tuple(d.get("unblock_tags") or ()), str(d.get("source", "declared")))
+    if topic == "forget":
+        return Forget(str(d["event_id"]), str(d["user_id"]), float(d.get("ts", 0.0)))
+    raise ValueError(f"unknown topic {topic!r}")
