@@ -1,0 +1,89 @@
+"""Prometheus metrics of a worker (SPEC "Monitoring"), in one registry per app.
+
+No module-level registry: each :class:`Metrics` owns its own
+``CollectorRegistry``, so two workers (or tests) in one process never share
+counters. Every name starts with ``riskgate_``; the Grafana dashboard and the
+alert rules in ``deploy/`` use only the names listed in :data:`METRIC_NAMES`
+(a test checks that).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics", "METRIC_NAMES"]
+
+
+class Metrics:
+    """All metrics a worker exports."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # stream health
+        self.events = Counter("riskgate_events", "Events consumed, by type and outcome "
+                              "(ok, late, duplicate, invalid, pending_overflow).", ["type", "outcome"], registry=r)
+        self.dlq = Counter("riskgate_dlq", "Events sent to the dead-letter topic, by source topic and reason.",
+                           ["topic", "reason"], registry=r)
+        self.lag = Gauge("riskgate_consumer_lag", "Messages behind the log end, by topic and partition.",
+                         ["topic", "partition"], registry=r)
+        self.watermark = Gauge("riskgate_watermark_seconds", "Event-time watermark (max ts - allowed lateness), "
+                               "by partition.", ["partition"], registry=r)
+        self.pending = Gauge("riskgate_pending_slates", "Slates awaiting maturity on this worker.", registry=r)
+        self.matured = Counter("riskgate_slates_matured", "Slates that matured, by kind (holdout, applied).",
+                               ["kind"], registry=r)
+        self.refused = Counter("riskgate_window_refused", "Mature holdout slates whose window bucket had "
+                               "already aged out.", registry=r)
+        self.window_slates = Gauge("riskgate_window_slates", "Slates in the calibration window, by strategy and "
+                                   "group.", ["strategy", "group"], registry=r)
+        self.recompute = Histogram("riskgate_recompute_seconds", "Time to recompute every threshold.", registry=r,
+                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.healthy = Gauge("riskgate_healthy", "1 when the worker is connected and processing, else 0.", registry=r)
+        # thresholds
+        self.lam = Gauge("riskgate_threshold_lambda", "Published λ̂ (+Inf when filter_all), by strategy, group, "
+                         "alpha.", ["strategy", "group", "alpha"], registry=r)
+        self.filter_all = Gauge("riskgate_threshold_filter_all", "1 when λ̂ = +inf was published.",
+                                ["strategy", "group", "alpha"], registry=r)
+        self.risk_at_lambda = Gauge("riskgate_threshold_risk_at_lambda", "Window risk R̂(λ̂).",
+                                    ["strategy", "group", "alpha"], registry=r)
+        self.version = Gauge("riskgate_threshold_version", "Last published version, by strategy and group.",
+                             ["strategy", "group"], registry=r)
+        self.published_at = Gauge("riskgate_threshold_published_timestamp_seconds", "Wall time of the last "
+                                  "threshold update (threshold age = time() - this).", ["strategy", "group"],
+                                  registry=r)
+        # the guarantee's live checks
+        self.target_risk = Gauge("riskgate_target_risk", "Configured α (for plotting against realised risk).",
+                                 ["alpha"], registry=r)
+        self.realised_risk = Gauge("riskgate_realised_risk", "Mean flagged fraction of mature policy-applied "
+                                   "slates, by the α the ranker applied.", ["alpha"], registry=r)
+        self.realised_slates = Counter("riskgate_realised_slates", "Mature policy-applied slates, by α applied.",
+                                       ["alpha"], registry=r)
+        self.replacements_shown = Counter("riskgate_replacements_shown", "Replacement items in mature "
+                                          "policy-applied slates.", registry=r)
+        self.replacements_flagged = Counter("riskgate_replacements_flagged", "Replacement items flagged again "
+                                            "(Property 1 failures).", registry=r)
+        self.property1 = Gauge("riskgate_property1_reflag_rate", "P(h=1 | repeat, unflagged first view, W% > β).",
+                               ["beta"], registry=r)
+        self.served_items = Counter("riskgate_policy_served_items", "Items served on policy-applied slates.",
+                                    registry=r)
+        self.violations = Counter("riskgate_constraint_violations", "Items served on policy-applied slates "
+                                  "with a tag the user blocked (must stay 0).", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+
+
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
+
+
+def _names() -> frozenset[str]:
+    # From the metric families, not from samples: a labelled metric has no
+    # samples until a label set is used, but its series names are fixed.
+    out = set()
+    for family in Metrics().registry.collect():
+        out.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return frozenset(out)
+
+
+#: Every series name a worker can export (counters with ``_total``, histograms with ``_bucket`` etc.).
+METRIC_NAMES: frozenset[str] = _names()
