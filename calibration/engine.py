@@ -3,8 +3,11 @@
 * :class:`Calibrator` keeps one bucketed window per (strategy, group) for the
   shared groups (``global``, ``band:low``, ``band:high``) and computes λ̂ for
   every α. Its windows are plain sums, so partitions can each keep one and an
-  aggregator can add their buckets (:meth:`Calibrator.partials`,
-  :meth:`Calibrator.merge_partials`).
+  aggregator can add them up (:meth:`Calibrator.snapshot`, :func:`combine`).
+* Invariant: a partition's windows are exactly the fold of its users'
+  ``recent`` slates in live buckets. The users are the only state that must be
+  durable; windows are derived, rebuilt from the users after a restart
+  (:meth:`Engine.rebuild`), and a forgotten user's slates are taken back out.
 * ``user:<id>`` groups are computed from the user's own recent mature slates
   (:attr:`UserState.recent`), where the user's state lives: per-user memory then
   grows with that user's traffic, never with |Λ|, and only users with at least
@@ -34,7 +37,7 @@ from .threshold import Threshold, thresholds
 from .user_state import Limits, MatureSlate, UserState
 from .window import BucketedWindow, CurveAccumulator
 
-__all__ = ["EngineConfig", "GroupResult", "Calibrator", "Monitors", "Engine", "SHARED_GROUPS", "PROPERTY1_BETAS"]
+__all__ = ["EngineConfig", "GroupResult", "Calibrator", "Monitors", "Engine", "combine", "user_result", "SHARED_GROUPS", "PROPERTY1_BETAS"]
 
 SHARED_GROUPS = (GLOBAL, band_group("low"), band_group("high"))
 #: β values at which the live Property-1 curve P(h=1 | repeat, unflagged first view, W% > β) is kept.
@@ -85,65 +88,88 @@ class Calibrator:
             for s in config.strategies
             for g in SHARED_GROUPS
         }
-        self.refused = 0  # mature slates whose bucket had already left the window
+        self._clock = next(iter(self.windows.values()))  # all windows advance together
+        self.refused = 0  # mature holdout slates whose bucket had already left the window
 
-    def add(self, slates: Iterable[MatureSlate]) -> int:
-        """Fold mature holdout slates into their buckets; returns how many were added (per strategy)."""
+    def horizon(self) -> float:
+        """Start of the oldest live bucket (-inf before the first watermark)."""
+        span = self._clock.span()
+        return float("-inf") if span is None else span[0]
+
+    def accepts(self, ts: float) -> bool:
+        return self._clock.accepts(ts)
+
+    def _fold(self, slates: Iterable[MatureSlate], sign: int) -> int:
         cfg = self.config
         by_key: dict[tuple[str, int], list[MatureSlate]] = defaultdict(list)
-        any_window = next(iter(self.windows.values()))
-        added = 0
+        count = 0
         for m in slates:
             if m.policy_applied:
                 continue
-            if not any_window.accepts(m.ts):
-                self.refused += 1
+            if not self.accepts(m.ts):
+                if sign > 0:
+                    self.refused += 1
                 continue
-            b = any_window.bucket_of(m.ts)
+            b = self._clock.bucket_of(m.ts)
             by_key[(GLOBAL, b)].append(m)
             by_key[(band_group(m.band), b)].append(m)
-            added += 1
+            count += 1
         for (group, b), ms in by_key.items():
             batch = _batch(ms)
-            ts = b * any_window.width
+            ts = b * self._clock.width
             for strategy in cfg.strategies:
-                self.windows[(strategy, group)].add_increments(ts, fold(batch, cfg.grid, strategy, cfg.loss), len(ms))
-        return added
+                inc = fold(batch, cfg.grid, strategy, cfg.loss)
+                self.windows[(strategy, group)].add_increments(ts, sign * inc, sign * len(ms))
+        return count
+
+    def add(self, slates: Iterable[MatureSlate]) -> int:
+        """Fold mature holdout slates into their buckets; returns how many were added."""
+        return self._fold(slates, +1)
+
+    def subtract(self, slates: Iterable[MatureSlate]) -> int:
+        """Take previously added slates back out (user forgotten, or evicted from its window)."""
+        return self._fold(slates, -1)
 
     def advance(self, watermark: float) -> None:
         for w in self.windows.values():
             w.advance(watermark)
 
     def result(self, strategy: str, group: str) -> GroupResult:
-        cfg = self.config
         w = self.windows[(strategy, group)]
-        acc = w.total()
-        ts = thresholds(acc.sums(), acc.n, cfg.grid, cfg.alphas, cfg.guarantee, cfg.delta)
-        return GroupResult(strategy, group, acc.n, w.span(), tuple(ts))
+        return _result(self.config, strategy, group, w.total(), w.span())
 
     def results(self) -> list[GroupResult]:
         return [self.result(s, g) for (s, g) in self.windows]
 
-    def partials(self) -> dict[tuple[str, str, int], CurveAccumulator]:
-        """Every live bucket, keyed (strategy, group, bucket): what a partition publishes."""
-        return {(s, g, b): acc for (s, g), w in self.windows.items() for b, acc in w.items()}
-
-    def merge_partials(self, parts: Iterable[tuple[tuple[str, str, int], CurveAccumulator]]) -> None:
-        """Set buckets from partitions' partial sums (adds into existing buckets)."""
-        for (s, g, b), acc in parts:
-            w = self.windows[(s, g)]
-            current = dict(w.items()).get(b)
-            w.set_bucket(b, acc.copy() if current is None else current.copy().merge(acc))
+    def snapshot(self) -> dict[tuple[str, str], CurveAccumulator]:
+        """This partition's window totals per (strategy, group): what it sends the aggregator."""
+        return {key: w.total() for key, w in self.windows.items()}
 
 
-def user_result(state: UserState, config: EngineConfig, strategy: str) -> GroupResult | None:
-    """λ̂ for ``user:<id>`` from the user's own recent holdout slates, if there are ``min_slates``."""
-    if len(state.recent) < config.min_slates:
-        return None
-    acc = CurveAccumulator(len(config.grid)).add(_batch(state.recent), config.grid, strategy, config.loss)
+def _result(config: EngineConfig, strategy: str, group: str, acc: CurveAccumulator, span) -> GroupResult:
     ts = thresholds(acc.sums(), acc.n, config.grid, config.alphas, config.guarantee, config.delta)
-    span = (state.recent[0].ts, state.recent[-1].ts)
-    return GroupResult(strategy, user_group(state.user_id), acc.n, span, tuple(ts))
+    return GroupResult(strategy, group, acc.n, span, tuple(ts))
+
+
+def combine(config: EngineConfig, snapshots: Iterable[dict[tuple[str, str], CurveAccumulator]],
+            span: tuple[float, float] | None = None) -> list[GroupResult]:
+    """λ̂ for every (strategy, shared group) from partitions' snapshots: the aggregator's sum."""
+    size = len(config.grid)
+    totals = {(s, g): CurveAccumulator(size) for s in config.strategies for g in SHARED_GROUPS}
+    for snap in snapshots:
+        for key, acc in snap.items():
+            if key in totals:
+                totals[key].merge(acc)
+    return [_result(config, s, g, acc, span) for (s, g), acc in totals.items()]
+
+
+def user_result(state: UserState, config: EngineConfig, strategy: str, horizon: float = float("-inf")) -> GroupResult | None:
+    """λ̂ for ``user:<id>`` from the user's own live holdout slates, if there are ``min_slates``."""
+    recent = state.live_recent(horizon)
+    if len(recent) < config.min_slates:
+        return None
+    acc = CurveAccumulator(len(config.grid)).add(_batch(recent), config.grid, strategy, config.loss)
+    return _result(config, strategy, user_group(state.user_id), acc, (recent[0].ts, recent[-1].ts))
 
 
 @dataclass
@@ -203,34 +229,61 @@ class Monitors:
 
 
 class Engine:
-    """One partition's processing in memory: the replay's engine and the stream's reference."""
+    """One partition's processing: the replay's engine and, per partition, the stream's.
 
-    def __init__(self, config: EngineConfig):
+    ``users`` is any mutable mapping of user id to :class:`UserState`: a dict for
+    the replay, a write-back view of a Faust table in the stream.
+    """
+
+    def __init__(self, config: EngineConfig, users=None, max_ts: float | None = None):
         self.config = config
-        self.users: dict[str, UserState] = {}
+        self.users = {} if users is None else users
         self.calibrator = Calibrator(config)
         self.monitors = Monitors()
-        self.max_ts: float | None = None
+        self.max_ts = max_ts
         self.counts: dict[tuple[str, str], int] = defaultdict(int)  # (event type, outcome) -> count
         self._due: list[tuple[float, str]] = []  # heap of (maturity time, user_id); stale entries are skipped
         self.matured: list[MatureSlate] = []  # holdout slates folded, kept when `keep_matured`
         self.keep_matured = False
+        self.changed: set[str] = set()  # users touched since the caller last cleared this
+        self.forgotten: set[str] = set()
 
     @property
     def watermark(self) -> float:
         return float("-inf") if self.max_ts is None else self.max_ts - self.config.allowed_lateness
 
+    def rebuild(self) -> None:
+        """Re-derive windows and the maturity queue from ``users`` (after a restart or rebalance)."""
+        self.calibrator = Calibrator(self.config)
+        if self.max_ts is not None:
+            self.calibrator.advance(self.watermark)
+        self._due = []
+        live = []
+        for uid, state in self.users.items():
+            live.extend(state.live_recent(self.calibrator.horizon()))
+            due = state.next_maturity(self.config.label_window)
+            if due is not None:
+                self._due.append((due, uid))
+        heapq.heapify(self._due)
+        self.calibrator.add(live)
+        self.calibrator.refused = 0
+
     def process(self, ev: Event) -> str:
         """Apply one validated event; returns its outcome. Maturity is advanced after it."""
         kind = type(ev).__name__.lower()
         if isinstance(ev, Forget):
-            self.users.pop(ev.user_id, None)
+            state = self.users.get(ev.user_id)
+            if state is not None:
+                self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
+                del self.users[ev.user_id]
+            self.forgotten.add(ev.user_id)
+            self.changed.discard(ev.user_id)
             outcome = "ok"
         else:
             wm = self.watermark
             state = self.users.get(ev.user_id)
             if state is None:
-                state = self.users[ev.user_id] = UserState(ev.user_id)
+                state = UserState(ev.user_id)
             lim = self.config.limits
             if isinstance(ev, Impression):
                 violations = state.violations(ev)
@@ -248,36 +301,53 @@ class Engine:
                 outcome = state.on_constraints(ev, wm, lim)
             else:  # pragma: no cover - Event is a closed union
                 raise TypeError(f"unknown event {ev!r}")
-            if outcome != "duplicate" and (self.max_ts is None or ev.ts > self.max_ts):
-                self.max_ts = ev.ts
+            if outcome != "duplicate":
+                self.users[ev.user_id] = state
+                self.changed.add(ev.user_id)
+                self.forgotten.discard(ev.user_id)
+                if self.max_ts is None or ev.ts > self.max_ts:
+                    self.max_ts = ev.ts
         self.counts[(kind, outcome)] += 1
         self.advance()
         return outcome
 
     def advance(self) -> list[MatureSlate]:
-        """Mature every due slate at the current watermark and fold the holdout ones."""
+        """Move the windows to the watermark, then mature and fold every due slate."""
+        if self.max_ts is None:
+            return []
         wm = self.watermark
         cfg = self.config
+        self.calibrator.advance(wm)
+        horizon = self.calibrator.horizon()
         matured: list[MatureSlate] = []
+        evicted: list[MatureSlate] = []
         while self._due and self._due[0][0] <= wm:
             _, uid = heapq.heappop(self._due)
             state = self.users.get(uid)
             if state is None:
                 continue  # forgotten
-            ms = state.mature(wm, cfg.label_window, cfg.window, cfg.limits)
+            ms, ev = state.mature(wm, cfg.label_window, horizon, cfg.limits)
+            if not ms:
+                continue  # a stale queue entry
             matured.extend(ms)
+            evicted.extend(ev)
+            self.users[uid] = state
+            self.changed.add(uid)
             due = state.next_maturity(cfg.label_window)
-            if due is not None and due > wm:
+            if due is not None:
                 heapq.heappush(self._due, (due, uid))
         if matured:
             for m in matured:
                 self.monitors.on_mature(m)
             self.calibrator.add(matured)
+            self.calibrator.subtract(evicted)
             if self.keep_matured:
-                self.matured.extend(m for m in matured if not m.policy_applied)
-        if self.max_ts is not None:
-            self.calibrator.advance(wm)
+                self.matured.extend(m for m in matured if not m.policy_applied and m.ts >= horizon)
         return matured
+
+    @property
+    def pending(self) -> int:
+        return len(self._due)
 
     def results(self) -> list[GroupResult]:
         return self.calibrator.results()
@@ -286,4 +356,5 @@ class Engine:
         state = self.users.get(user_id)
         if state is None:
             return []
-        return [r for s in self.config.strategies if (r := user_result(state, self.config, s)) is not None]
+        horizon = self.calibrator.horizon()
+        return [r for s in self.config.strategies if (r := user_result(state, self.config, s, horizon)) is not None]

@@ -180,9 +180,19 @@ class UserState:
     def next_maturity(self, label_window: float) -> float | None:
         return self.pending[0].ts + label_window if self.pending else None
 
-    def mature(self, watermark: float, label_window: float, window: float, limits: Limits) -> list[MatureSlate]:
-        """Pop every pending slate with ``ts + label_window ≤ watermark`` and label it."""
-        out: list[MatureSlate] = []
+    def mature(
+        self, watermark: float, label_window: float, horizon: float, limits: Limits
+    ) -> tuple[list[MatureSlate], list[MatureSlate]]:
+        """Pop every pending slate with ``ts + label_window ≤ watermark`` and label it.
+
+        Holdout slates served at or after ``horizon`` (the start of the oldest live
+        window bucket) join :attr:`recent`, the user's share of every calibration
+        window. Returns ``(matured, evicted)``: ``evicted`` are live slates pushed
+        out of :attr:`recent` by ``user_window_max``, which the caller must take
+        back out of the shared windows so that those stay the sum of the users'
+        ``recent`` slates.
+        """
+        matured: list[MatureSlate] = []
         band = self.band
         while self.pending and self.pending[0].ts + label_window <= watermark:
             p = self.pending.pop(0)
@@ -193,14 +203,20 @@ class UserState:
                 flags.append(bool(h is not None and h.flag_ts is not None and h.flag_ts <= cutoff))
             m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, p.pool, band, p.policy_applied, p.alpha,
                             p.scores, tuple(flags), p.replacement, p.repeat_pct)
-            out.append(m)
-            if not p.policy_applied:
+            matured.append(m)
+            if not p.policy_applied and p.ts >= horizon:
                 self.recent.append(m)
-        # The user's own calibration window: slates served within `window` of the watermark.
-        horizon = watermark - window
-        if self.recent and (self.recent[0].ts < horizon or len(self.recent) > limits.user_window_max):
-            self.recent = [m for m in self.recent if m.ts >= horizon][-limits.user_window_max:]
-        return out
+        evicted: list[MatureSlate] = []
+        if self.recent and self.recent[0].ts < horizon:
+            self.recent = [m for m in self.recent if m.ts >= horizon]  # their buckets are gone already
+        if len(self.recent) > limits.user_window_max:
+            cut = len(self.recent) - limits.user_window_max
+            evicted, self.recent = self.recent[:cut], self.recent[cut:]
+        return matured, evicted
+
+    def live_recent(self, horizon: float) -> list[MatureSlate]:
+        """The user's holdout slates still inside the window."""
+        return [m for m in self.recent if m.ts >= horizon]
 
     # -- housekeeping ------------------------------------------------------
     def _insert_pending(self, p: PendingSlate) -> None:

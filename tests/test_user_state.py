@@ -27,8 +27,8 @@ def test_labels_use_flags_up_to_maturity_only():
     s.on_impression(imp("e1", "s1", 100.0, [item("a"), item("b"), item("c")]), 0.0, LIM)
     s.on_flag(Flag("f1", "u1", "a", "report", 150.0), 0.0, LIM)
     s.on_flag(Flag("f2", "u1", "b", "not_interested", 250.0), 0.0, LIM)  # after ts + label_window
-    assert s.mature(199.0, 100.0, 1e9, LIM) == []  # not yet: 100 + 100 > 199
-    (m,) = s.mature(200.0, 100.0, 1e9, LIM)
+    assert s.mature(199.0, 100.0, 0.0, LIM) == ([], [])  # not yet: 100 + 100 > 199
+    (m,), _ = s.mature(200.0, 100.0, 0.0, LIM)
     assert m.flags == (True, False, False)
     assert s.pending == []
 
@@ -40,7 +40,7 @@ def test_flag_before_impression_counts_and_earliest_flag_time_wins():
     assert s.history["a"].flag_ts == 90.0 and s.flagged == 1
     s.on_impression(imp("e1", "s1", 100.0, [item("a", rank=7.0, tags=("x",))]), 0.0, LIM)
     assert s.history["a"].first_rank_score == 7.0 and s.history["a"].tags == ("x",)  # impression fills in
-    (m,) = s.mature(1000.0, 100.0, 1e9, LIM)
+    (m,), _ = s.mature(1000.0, 100.0, 0.0, LIM)
     assert m.flags == (True,)
 
 
@@ -92,7 +92,7 @@ def test_history_is_bounded_and_keeps_flags_longest():
     s.on_flag(Flag("f0", "u1", "bad", "report", 1.0), 0.0, lim)
     for j in range(20):
         s.on_impression(imp(f"e{j}", f"s{j}", 10.0 + j, [item(f"i{j}")]), 0.0, lim)
-        s.mature(1e9, 1.0, 1e12, lim)  # nothing pending keeps items alive
+        s.mature(1e9, 1.0, 0.0, lim)  # nothing pending keeps items alive
     assert len(s.history) == 5 and "bad" in s.history
 
 
@@ -102,7 +102,7 @@ def test_state_round_trips_through_dict():
     s.on_watch(Watch("w1", "u1", "a", 0, 0, 101.0), 0.0, LIM)
     s.on_flag(Flag("f1", "u1", "b", "report", 102.0), 0.0, LIM)
     s.on_constraints(Constraints("c1", "u1", 103.0, block_tags=("t",)), 0.0, LIM)
-    s.mature(1e9, 1.0, 1e12, LIM)
+    s.mature(1e9, 1.0, 0.0, LIM)
     s.on_impression(imp("e2", "s2", 200.0, [item("c")]), 0.0, LIM)
     import orjson
 
@@ -146,3 +146,53 @@ def test_engine_forget_removes_user():
     assert "u1" not in eng.users
     eng.process(imp("e2", "s2", 1e6, [item("b")], user="u2"))  # stale maturity entry is skipped
     assert set(eng.users) == {"u2"}
+
+
+def _random_stream(seed, n=600, users=9):
+    rng = np.random.default_rng(seed)
+    events, ts = [], 0.0
+    for j in range(n):
+        ts += float(rng.exponential(20.0))
+        u = f"u{rng.integers(users)}"
+        items = [item(f"i{rng.integers(200)}", float(rng.random()), float(rng.random())) for _ in range(4)]
+        events.append(imp(f"e{j}", f"s{j}", ts, items, user=u, applied=bool(rng.random() < 0.3), k=4))
+        for it in items:
+            r = rng.random()
+            if r < 0.3 * (1 - it.score):
+                events.append(Flag(f"f{j}{it.item_id}", u, it.item_id, "report", ts + float(rng.uniform(0, 50))))
+            elif r < 0.6:
+                events.append(Watch(f"w{j}{it.item_id}", u, it.item_id, float(rng.integers(0, 100)), 100.0,
+                                    ts + float(rng.uniform(0, 30))))
+        if rng.random() < 0.02:
+            events.append(Forget(f"x{j}", u, ts + 1))
+    events.sort(key=lambda e: e.ts)
+    return events
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_windows_always_equal_the_fold_of_the_users_recent_slates(seed):
+    # Small windows, buckets and per-user caps so eviction, ageing and forgetting all happen.
+    cfg = EngineConfig(label_window=60.0, allowed_lateness=10.0, window=2400.0, buckets=6, grid=make_grid(0, 1, 51),
+                       limits=Limits(user_window_max=7))
+    eng = Engine(cfg)
+    for k, ev in enumerate(_random_stream(seed)):
+        eng.process(ev)
+        if k % 150 == 0 or k == 0:
+            again = Engine(cfg, users=eng.users, max_ts=eng.max_ts)
+            again.rebuild()
+            assert again.calibrator.snapshot() == eng.calibrator.snapshot()
+    assert eng.calibrator.result("replace", "global").n > 0
+    assert eng.counts[("forget", "ok")] > 0
+
+
+def test_forget_takes_the_users_slates_out_of_the_windows():
+    cfg = EngineConfig(label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11))
+    eng = Engine(cfg)
+    for j, u in enumerate(["a", "b", "a"]):
+        eng.process(imp(f"e{j}", f"s{j}", 100.0 + j, [item("x", 0.3)], user=u))
+    eng.process(Flag("f", "a", "x", "report", 103.0))
+    eng.process(imp("late-tick", "s9", 200.0, [item("y")], user="c"))
+    assert eng.calibrator.result("remove", "global").n == 3
+    eng.process(Forget("x1", "a", 201.0))
+    assert eng.calibrator.result("remove", "global").n == 1
+    assert "a" not in eng.users and "a" in eng.forgotten
