@@ -162,7 +162,7 @@ def convert_rows(rows: Iterable[Mapping[str, Any] | Row], config: KuaiRandConfig
     >>> rows = [{"user_id": 1, "video_id": v, "time_ms": 1_000_000 + 10_000 * v, "play_time_ms": 5000,
     ...          "duration_ms": 10000, "is_hate": int(v == 2), "is_rand": 0} for v in range(3)]
     >>> [t for t, _ in convert_rows(rows)]
-    ['impressions', 'watch', 'flags', 'watch', 'watch']
+    ['impressions', 'watch', 'watch', 'flags', 'watch']
     """
     return _Converter(config).run(rows)
 
