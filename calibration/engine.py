@@ -245,6 +245,7 @@ class Engine:
         self._due: list[tuple[float, str]] = []  # heap of (maturity time, user_id); stale entries are skipped
         self.matured: list[MatureSlate] = []  # holdout slates folded, kept when `keep_matured`
         self.keep_matured = False
+        self.matured_counts = {"holdout": 0, "applied": 0}
         self.changed: set[str] = set()  # users touched since the caller last cleared this
         self.forgotten: set[str] = set()
 
@@ -339,6 +340,7 @@ class Engine:
         if matured:
             for m in matured:
                 self.monitors.on_mature(m)
+                self.matured_counts["applied" if m.policy_applied else "holdout"] += 1
             self.calibrator.add(matured)
             self.calibrator.subtract(evicted)
             if self.keep_matured:

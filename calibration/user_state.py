@@ -88,6 +88,7 @@ class UserState:
     pending: list[PendingSlate] = field(default_factory=list)
     recent: list[MatureSlate] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
+    version: int = 0  # of this user's own published thresholds; only grows, kept with the state
 
     # -- derived views -----------------------------------------------------
     @property
@@ -252,6 +253,7 @@ class UserState:
             "pending": [_slate_to_list(p) for p in self.pending],
             "recent": [_mature_to_list(m) for m in self.recent],
             "seen": list(self.seen.items()),
+            "version": self.version,
         }
 
     @classmethod
@@ -268,6 +270,7 @@ class UserState:
             pending=[_slate_from_list(x) for x in d["pending"]],
             recent=[_mature_from_list(x, d["user_id"]) for x in d["recent"]],
             seen={k: v for k, v in d["seen"]},
+            version=int(d.get("version", 0)),
         )
 
 
