@@ -1,0 +1,68 @@
+"""The aggregator: partitions' window totals in, one λ̂ per (strategy, group) out.
+
+Each worker sends the totals of its partitions' windows to the one-partition
+``riskgate-partials`` topic; whichever worker owns that partition runs this
+logic. It keeps the latest totals of every partition, sums them
+(:func:`calibration.engine.combine`) and decides what to publish: a key whose
+result changed is published at most once per ``recompute_interval``, and every
+key at least once per ``heartbeat``. Versions come from a durable mapping (a
+Faust table), so they keep growing across restarts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import MutableMapping
+
+from calibration.engine import EngineConfig, GroupResult, combine
+from calibration.window import CurveAccumulator
+
+__all__ = ["Aggregator", "Publication"]
+
+
+@dataclass(frozen=True)
+class Publication:
+    key: str
+    version: int
+    result: GroupResult
+
+
+@dataclass
+class Aggregator:
+    config: EngineConfig
+    recompute_interval: float
+    heartbeat: float
+    versions: MutableMapping[str, int] = field(default_factory=dict)
+    snapshots: dict[int, tuple] = field(default_factory=dict)  # partition -> (watermark, span, totals)
+    _last: dict[str, tuple[object, float]] = field(default_factory=dict)  # key -> (fingerprint, published at)
+
+    def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator]) -> None:
+        self.snapshots[partition] = (watermark, span, totals)
+
+    def span(self):
+        spans = [s for _, s, _ in self.snapshots.values() if s]
+        if not spans:
+            return None
+        return (min(s[0] for s in spans), max(s[1] for s in spans))
+
+    def results(self) -> list[GroupResult]:
+        return combine(self.config, (t for _, _, t in self.snapshots.values()), self.span())
+
+    def due(self, now: float) -> list[Publication]:
+        """What to publish at wall time ``now``; records it as published."""
+        out = []
+        for r in self.results():
+            key = f"{r.strategy}:{r.group}"
+            fingerprint = (r.n, r.window, r.thresholds)
+            last = self._last.get(key)
+            if last is None:
+                publish = True
+            else:
+                changed = last[0] != fingerprint
+                publish = (changed and now - last[1] >= self.recompute_interval) or now - last[1] >= self.heartbeat
+            if publish:
+                version = int(self.versions.get(key, 0)) + 1
+                self.versions[key] = version
+                self._last[key] = (fingerprint, now)
+                out.append(Publication(key, version, r))
+        return out

@@ -1,0 +1,100 @@
+"""Topic names and the wire formats riskgate writes (SPEC §2, §7).
+
+Inputs (JSON values, key = user_id): ``impressions``, ``watch``, ``flags``,
+``constraints``, ``forget``. Outputs: ``risk-thresholds`` (key
+``strategy:group``), ``safe-pools`` (compacted, key ``user_id``),
+``riskgate-dlq``. Internal: ``riskgate-partials`` (one partition: each
+partition's window totals, read by the single aggregator).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Iterable, Mapping
+
+import orjson
+
+from calibration.engine import EngineConfig, GroupResult
+from calibration.safe_pool import SafeItem
+from calibration.window import CurveAccumulator
+
+__all__ = [
+    "INPUT_TOPICS",
+    "THRESHOLDS",
+    "SAFE_POOLS",
+    "DLQ",
+    "PARTIALS",
+    "threshold_message",
+    "safe_pool_message",
+    "encode_snapshot",
+    "decode_snapshot",
+]
+
+INPUT_TOPICS = ("impressions", "watch", "flags", "constraints", "forget")
+THRESHOLDS = "risk-thresholds"
+SAFE_POOLS = "safe-pools"
+DLQ = "riskgate-dlq"
+PARTIALS = "riskgate-partials"
+
+
+def threshold_key(strategy: str, group: str) -> str:
+    return f"{strategy}:{group}"
+
+
+def threshold_message(result: GroupResult, config: EngineConfig, version: int, computed_at: float | None = None) -> bytes:
+    """One ``risk-thresholds`` value, as SPEC §7 shows it (plus the loss it was computed with)."""
+    start, end = result.window if result.window is not None else (None, None)
+    return orjson.dumps(
+        {
+            "version": version,
+            "computed_at": time.time() if computed_at is None else computed_at,
+            "strategy": result.strategy,
+            "guarantee": config.guarantee,
+            "delta": config.delta if config.guarantee == "high_probability" else None,
+            "loss": config.loss,
+            "group": result.group,
+            "window": {"start": start, "end": end},
+            "n": result.n,
+            "thresholds": [t.to_dict() for t in result.thresholds],
+        }
+    )
+
+
+def safe_pool_message(user_id: str, pool: Iterable[SafeItem], blocked: Iterable[str],
+                      user_thresholds: Iterable[GroupResult] = (), version: int = 0, band: str = "low") -> bytes:
+    """One ``safe-pools`` value: the pool with rank scores, blocked tags, band, the user's own λ̂ if any."""
+    return orjson.dumps(
+        {
+            "user_id": user_id,
+            "band": band,
+            "safe_pool": [{"item_id": p.item_id, "rank_score": p.rank_score, "tags": list(p.tags)} for p in pool],
+            "blocked_tags": sorted(blocked),
+            "thresholds": {
+                r.strategy: {"group": r.group, "n": r.n, "version": version,
+                             "thresholds": [t.to_dict() for t in r.thresholds]}
+                for r in user_thresholds
+            },
+        }
+    )
+
+
+def encode_snapshot(partition: int, watermark: float | None, span, totals: Mapping[tuple[str, str], CurveAccumulator]) -> bytes:
+    """A partition's window totals for the aggregator (fixed-point sums, base64)."""
+    return orjson.dumps(
+        {
+            "partition": partition,
+            "watermark": watermark,
+            "span": list(span) if span else None,
+            "totals": {f"{s}|{g}": base64.b64encode(acc.to_bytes()).decode() for (s, g), acc in totals.items()},
+        }
+    )
+
+
+def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator]]:
+    d = orjson.loads(raw)
+    totals = {}
+    for key, b64 in d["totals"].items():
+        s, g = key.split("|", 1)
+        totals[(s, g)] = CurveAccumulator.from_bytes(base64.b64decode(b64))
+    return int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals

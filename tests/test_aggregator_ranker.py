@@ -1,0 +1,79 @@
+"""The aggregator's publish rule and the ranker's threshold resolution, without Kafka."""
+
+import orjson
+
+from calibration.engine import Engine, EngineConfig, combine
+from calibration.events import Flag, Impression, ShownItem
+from calibration.grid import make_grid
+from calibration.policy import Candidate
+from streams.aggregator import Aggregator
+from streams.ranker import ThresholdBook
+from streams.topics import decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
+
+CFG = EngineConfig(alphas=(0.1, 0.3), label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11))
+
+
+def _engine(user_prefix, n):
+    eng = Engine(CFG)
+    for j in range(n):
+        u = f"{user_prefix}{j % 3}"
+        eng.process(Impression(f"e{user_prefix}{j}", u, f"s{j}", 100.0 + j, 2, False,
+                               (ShownItem(f"a{j}", 0.2, 1.0), ShownItem(f"b{j}", 0.8, 1.0))))
+        if j % 2:
+            eng.process(Flag(f"f{user_prefix}{j}", u, f"a{j}", "report", 101.0 + j))
+    eng.process(Impression("tick", "zz", "tick", 500.0, 1, False, (ShownItem("t", 0.5, 1.0),)))
+    return eng
+
+
+def test_snapshots_round_trip_and_sum_to_one_engine():
+    e1, e2 = _engine("x", 40), _engine("y", 30)
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0)
+    for p, e in ((0, e1), (1, e2)):
+        agg.update(*decode_snapshot(encode_snapshot(p, e.watermark, e.calibrator._clock.span(), e.calibrator.snapshot())))
+    got = {(r.strategy, r.group): r for r in agg.results()}
+    want = {(r.strategy, r.group): r for r in combine(CFG, [e1.calibrator.snapshot(), e2.calibrator.snapshot()])}
+    assert {k: (r.n, r.thresholds) for k, r in got.items()} == {k: (r.n, r.thresholds) for k, r in want.items()}
+    assert got[("remove", "global")].n == 70
+
+
+def test_publish_rule_interval_heartbeat_and_growing_versions():
+    versions = {"remove:global": 41}
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, versions=versions)
+    e = _engine("x", 40)
+    agg.update(0, e.watermark, None, e.calibrator.snapshot())
+    first = {p.key: p.version for p in agg.due(1000.0)}
+    assert first["remove:global"] == 42 and first["replace:band:low"] == 1  # continues a stored version
+    assert agg.due(1001.0) == []  # nothing changed
+    agg.update(1, None, None, _engine("y", 30).calibrator.snapshot())
+    assert agg.due(1005.0) == []  # changed, but within recompute_interval
+    changed = {p.key for p in agg.due(1010.0)}
+    assert "remove:global" in changed
+    beat = agg.due(1071.0)
+    assert {p.key for p in beat} == {f"{s}:{g}" for s in CFG.strategies for g in ("global", "band:low", "band:high")}
+    assert versions["remove:global"] == 44
+
+
+def test_ranker_resolves_user_then_band_then_global_and_fails_closed():
+    book = ThresholdBook()
+    assert book.resolve("u1", 0.1, "replace") == (None, None, None)  # nothing known: filter everything
+    e = _engine("x", 40)
+    for r in e.results():
+        book.on_threshold(f"{r.strategy}:{r.group}", threshold_message(r, CFG, 7))
+    g, lam, v = book.resolve("u1", 0.1, "replace")
+    assert g == "band:low" and v == 7  # band published, user unknown -> band low
+    book.on_pool("u1", safe_pool_message("u1", [], [], [], band="high"))
+    assert book.resolve("u1", 0.1, "replace")[0] == "band:high"
+    older = orjson.loads(threshold_message(e.results()[0], CFG, 3))
+    book.on_threshold("remove:global", orjson.dumps(older))
+    assert book.thresholds["remove:global"]["version"] == 7  # an older version never replaces a newer one
+    from calibration.safe_pool import SafeItem
+    from calibration.engine import GroupResult
+    from calibration.threshold import Threshold
+
+    fixed = GroupResult("replace", "band:high", 500, (0.0, 1.0), (Threshold(0.3, 0.5, False, 0.2),))
+    book.on_threshold("replace:band:high", threshold_message(fixed, CFG, 99))
+    book.on_pool("u1", safe_pool_message("u1", [SafeItem("old", 3.0)], ["guns"], [], band="high"))
+    cands = [Candidate("c1", 0.95, 2.0), Candidate("c2", 0.01, 1.0), Candidate("c3", 0.9, 0.5, ("guns",))]
+    d = book.apply("u1", cands, 3, 0.3, "replace")
+    assert (d.group, d.lam, d.version) == ("band:high", 0.5, 99)
+    assert [(x.item_id, x.replacement) for x in d.slate] == [("c1", False), ("old", True)]
