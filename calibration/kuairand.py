@@ -242,7 +242,7 @@ class _Converter:
             self.opened.popleft()
         horizon = min(rows[0].t, self.opened[0][0]) if self.opened else rows[0].t
         while self.pending and self.pending[0][0] < horizon - c.impression_lead:
-            _, _, video, hate = heapq.heappop(self.pending)
+            _, video, _, hate = heapq.heappop(self.pending)
             cnt = self.item_counts.setdefault(video, [0, 0])
             cnt[0] += hate
             cnt[1] += 1
