@@ -66,6 +66,7 @@ generator is pure (numpy, scipy.special); file writing lives in
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -424,7 +425,16 @@ class _Engine:
         carry: list[tuple[str, dict]] = []
         for b0 in range(0, c.n_slates, c.batch_slates):
             nb = min(c.batch_slates, c.n_slates - b0)
-            keys, events = self._batch(b0, nb)
+            # the batch's ~10^4 new dicts are acyclic: pausing the cyclic GC while they are built
+            # (reference counting still frees them) saves ~40% of the time; the previous state
+            # is restored before anything is yielded
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                keys, events = self._batch(b0, nb)
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
             keys = np.concatenate([carry_keys, keys])
             events = carry + events
             order = np.argsort(keys, kind="stable")
@@ -552,34 +562,39 @@ class _Engine:
         self.hist_ptr = (self.hist_ptr + nf) % H
         self.hist_len = np.minimum(self.hist_len + nf, H)
 
-        # ---- impressions (object arrays of names turn ids into strings without a Python loop)
+        # ---- impressions: one flat pass over shown slots (row-major, so each slate's shown
+        # items are a contiguous run) and object arrays of names avoid per-item Python lookups
+        rows, cols = np.nonzero(shown)
+        flat_items = items[rows, cols]
+        names_flat = self.item_names[flat_items].tolist()
+        item_dicts = [
+            {"item_id": n, "score": sc, "rank_score": rs, "tags": [*tg], "replacement": False}
+            for n, sc, rs, tg in zip(names_flat, score[rows, cols].tolist(), rank_score[rows, cols].tolist(),
+                                     self.item_tag_objs[flat_items].tolist())
+        ]
+        bounds = np.r_[0, np.cumsum(shown.sum(axis=1))].tolist()
         slate_ids = [f"s-{c.seed}-{n}" for n in slate_no.tolist()]
         imp_ids = self._ids(nb)
-        n_shown = shown.sum(axis=1).tolist()
-        name_rows = self.item_names[items].tolist()
-        tag_rows = self.item_tag_objs[items].tolist()
-        sc_l, rs_l = score.tolist(), rank_score.tolist()
         unames = self.user_names[users].tolist()
-        for r, (eid, sid, un, t, pol, m) in enumerate(zip(imp_ids, slate_ids, unames, ts.tolist(), policy.tolist(), n_shown)):
-            events.append(("impressions", {
-                "event_id": eid, "user_id": un, "slate_id": sid, "ts": t, "k": k, "policy_applied": pol,
-                "items": [{"item_id": n, "score": sc, "rank_score": rs, "tags": [*tg], "replacement": False}
-                          for n, sc, rs, tg, _ in zip(name_rows[r], sc_l[r], rs_l[r], tag_rows[r], range(m))],
-            }))
+        events.extend(
+            ("impressions", {"event_id": eid, "user_id": un, "slate_id": sid, "ts": t, "k": k, "policy_applied": pol,
+                             "items": item_dicts[a:b]})
+            for eid, un, sid, t, pol, a, b in zip(imp_ids, unames, slate_ids, ts.tolist(), policy.tolist(),
+                                                  bounds[:-1], bounds[1:])
+        )
         keys.append(ts)
 
         # ---- watch events (every shown item is viewed, possibly for 0 ms)
-        rows, cols = np.nonzero(shown)
         wts = watch_ts[rows, cols]
         wkey = wts.copy()
         if c.out_of_order_share > 0:
             late = rng.random(len(wkey)) < c.out_of_order_share
             wkey[late] += rng.random(int(late.sum())) * c.out_of_order_lag
         ids = self._ids(len(rows))
-        wu, wi = self.user_names[users[rows]].tolist(), self.item_names[items[rows, cols]].tolist()
-        events.extend(("watch", {"event_id": eid, "user_id": u, "item_id": i, "watch_ms": wm, "duration_ms": d, "ts": t})
-                      for eid, u, i, wm, d, t in zip(ids, wu, wi, watch_ms[rows, cols].tolist(),
-                                                      dur[rows, cols].tolist(), wts.tolist()))
+        wu = self.user_names[users[rows]].tolist()
+        events.extend([("watch", {"event_id": eid, "user_id": u, "item_id": i, "watch_ms": wm, "duration_ms": d, "ts": t})
+                       for eid, u, i, wm, d, t in zip(ids, wu, names_flat, watch_ms[rows, cols].tolist(),
+                                                      dur[rows, cols].tolist(), wts.tolist())])
         keys.append(wkey)
 
         # ---- flag events
