@@ -16,9 +16,10 @@ Rules (the logs carry neither slates nor filter scores, so these are choices):
   ``k`` consecutive views; a slate also ends at a gap of more than
   ``session_gap`` seconds, when it has spanned ``max_slate_span`` seconds, when
   ``is_rand`` changes (so a slate is either all random exposure or none), and
-  before a video already in it (slates list distinct items). The impression is
-  stamped ``impression_lead`` seconds before the slate's first view; items are
-  listed in rank-score order.
+  before a video already in it (slates list distinct items); ``is_rand``
+  cuts slates only under ``holdout="auto"``. The impression is stamped
+  ``impression_lead`` seconds before the slate's first view; items are listed
+  in rank-score order.
 * **Watch.** One ``watch`` per row: ``watch_ms = play_time_ms``,
   ``duration_ms = duration_ms`` (negative values, which would be malformed,
   are clipped to 0), stamped at the end of the view, t + play_time_ms / 1000
@@ -26,11 +27,13 @@ Rules (the logs carry neither slates nor filter scores, so these are choices):
 * **Flags.** A hated row (``is_hate == 1``; ``label == 0`` in the slice) gives
   a ``not_interested`` flag stamped midway through the view,
   t + play_time_ms / 2000, so it may precede the watch event, as live flags do.
-* **Holdout.** With an ``is_rand`` column, a slate is a holdout
-  (``policy_applied`` false) iff its views were random exposures
-  (``is_rand == 1``) — KuaiRand's randomly inserted videos are exactly
-  "served without the policy". Without it, a seeded share ``holdout_share``
-  of slates, decided by a hash of (seed, user, slate ordinal).
+* **Holdout** (``holdout``). ``"auto"`` (default): with an ``is_rand``
+  column, a slate is a holdout (``policy_applied`` false) iff its views were
+  random exposures (``is_rand == 1``) — KuaiRand's randomly inserted videos
+  are exactly "served without the policy"; without the column, ``"share"``.
+  ``"share"``: a seeded share ``holdout_share`` of slates, decided by a hash
+  of (seed, user, slate ordinal). ``"all"``: every slate is a holdout (the
+  paper's offline setting, where any logged interaction may calibrate).
 * **Filter score** s in [0, 1] (higher = safer), by ``score_model``:
 
   - ``"noisy_label"`` (default): s = Φ((η + ρ·δ·(½ − h)) / √(1 + (ρδ/2)²)),
@@ -69,9 +72,10 @@ from scipy.special import ndtr
 
 from .synthetic import pair_normal
 
-__all__ = ["KuaiRandConfig", "Row", "parse_row", "convert_rows", "SCORE_MODELS"]
+__all__ = ["KuaiRandConfig", "Row", "parse_row", "convert_rows", "SCORE_MODELS", "HOLDOUT_RULES"]
 
 SCORE_MODELS = ("noisy_label", "causal_item_rate")
+HOLDOUT_RULES = ("auto", "share", "all")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class KuaiRandConfig:
     separation: float = 4.0
     prior_hates: float = 1.0  # a of the Beta(a, b) prior
     prior_views: float = 99.0  # b of the Beta(a, b) prior
+    holdout: str = "auto"
     holdout_share: float = 0.1
     seed: int = 0
     id_prefix: str = "kr-"
@@ -94,6 +99,8 @@ class KuaiRandConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError("k must be >= 1")
+        if self.holdout not in HOLDOUT_RULES:
+            raise ValueError(f"holdout must be one of {HOLDOUT_RULES}")
         if self.score_model not in SCORE_MODELS:
             raise ValueError(f"score_model must be one of {SCORE_MODELS}")
         for name in ("informativeness", "holdout_share"):
@@ -202,7 +209,7 @@ class _Converter:
             if cur is not None and (
                 len(cur) >= c.k
                 or r.t - cur[-1].t > c.session_gap
-                or r.rand != cur[0].rand
+                or (r.rand != cur[0].rand and c.holdout == "auto")
                 or any(x.video == r.video for x in cur)
             ):
                 self._close(r.user)
@@ -259,7 +266,9 @@ class _Converter:
         serial = self.serial.pop(u)
         ordinal = self.user_slates.get(u, 0)
         self.user_slates[u] = ordinal + 1
-        if rows[0].rand is not None:
+        if c.holdout == "all":
+            policy = False
+        elif c.holdout == "auto" and rows[0].rand is not None:
             policy = not rows[0].rand
         else:
             x = pair_normal(self.key ^ 0x5A5A, np.array([u]), np.array([ordinal]))[0]

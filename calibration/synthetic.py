@@ -117,7 +117,32 @@ def band_index(rate: np.ndarray | float) -> np.ndarray:
 class WorldConfig:
     """Every knob of the synthetic world; the defaults mimic the paper's section 3.
 
-    Rates and shares are fractions in [0, 1]; times are seconds.
+    Rates and shares are fractions in [0, 1]; times are seconds. The model each
+    knob enters is stated in the module docstring.
+
+    Attributes
+    ----------
+    seed : the only source of randomness (world and stream are pure functions of the config).
+    n_users, n_items, n_slates, k : world size, stream length (slates) and slate size.
+    start_ts, slates_per_second : event time of slate n is ``start_ts + n / slates_per_second``.
+    holdout_share : share of slates with ``policy_applied`` false (1.0 for calibration demos).
+    policy_lambda : if set, policy-applied slates drop items with s < λ (no replacement).
+    band_shares, rate_floor, rate_cap : Table-1 band probabilities and the outer rate bounds.
+    activity_sigma : log-normal spread of user activity (who gets the slates).
+    informativeness : ρ in s = Φ(−(ρ z̃ + √(1−ρ²) η)); 0 = random score, 1 = monotone in z.
+    harm_concentration : γ in p ∝ exp(γ z); larger = flags concentrated on few pairs.
+    item_harm_sd, pair_harm_sd, sensitive_harm_shift, aversion_strength, averse_tag_rate :
+        the terms of z = b_i + A·[averse tag] + ε_ui and who is averse to what.
+    report_share : share of flags of kind ``report`` (the rest ``not_interested``).
+    zero_watch_share, zero_duration_share, duration_median_ms, duration_sigma,
+    watch_ratio_median, engagement_sd, watch_noise_sd, repeat_watch_boost :
+        watch-time model (zero-inflated log-normal W%).
+    repeat_share, reflag_unflagged, reflag_scale, reflag_flagged, history_max :
+        repeat views and Property 1; history is a ring of ``history_max`` items per user.
+    label_delay, flag_lag, session_cap : flags land within ``label_delay`` of the impression.
+    out_of_order_share, out_of_order_lag : deliberately late watch/flag events.
+    constraint_user_share, declared_share, unblock_share, forget_share : constraints and forget.
+    batch_slates : slates per vectorised batch (memory vs speed); id_prefix : event id prefix.
     """
 
     seed: int = 0

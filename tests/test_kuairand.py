@@ -169,6 +169,11 @@ def test_holdout_follows_is_rand_else_a_seeded_share():
     assert len(imps) == 4_000
     held = sum(not ev["policy_applied"] for ev in imps)
     assert abs(held - 1_200) <= Z * math.sqrt(4_000 * 0.3 * 0.7)
+    # "share" also overrides an is_rand column that is present (here all zero)
+    with_rand = _single_view_rows(4_000, 0.0, seed=2, with_rand=True)
+    share = [ev["policy_applied"] for t, ev in convert_rows(with_rand, KuaiRandConfig(holdout="share", holdout_share=0.3, seed=5))
+             if t == "impressions"]
+    assert share == [ev["policy_applied"] for ev in imps]
     again = [ev for t, ev in convert_rows(rows, KuaiRandConfig(holdout_share=0.3, seed=5)) if t == "impressions"]
     assert [e["policy_applied"] for e in again] == [e["policy_applied"] for e in imps]
     rand_rows = _single_view_rows(200, 0.0, seed=2, with_rand=True)
@@ -176,6 +181,11 @@ def test_holdout_follows_is_rand_else_a_seeded_share():
         r["is_rand"] = 1
     imps = [ev for t, ev in convert_rows(rand_rows, KuaiRandConfig(holdout_share=0.3)) if t == "impressions"]
     assert sum(not ev["policy_applied"] for ev in imps) == len(rand_rows[::3])
+    assert [not ev["policy_applied"] for ev in imps] == [r["is_rand"] == 1 for r in rand_rows]
+    imps = [ev for t, ev in convert_rows(rand_rows, KuaiRandConfig(holdout="all")) if t == "impressions"]
+    assert len(imps) == 200 and not any(ev["policy_applied"] for ev in imps)
+    with pytest.raises(ValueError):
+        KuaiRandConfig(holdout="sometimes")
 
 
 def test_causal_item_rate_uses_only_earlier_labels():

@@ -437,3 +437,17 @@ def test_jsonl_round_trip(tmp_path):
     bad.write_bytes(b'{"topic": "watch", "value": {}}\n\n[1, 2]\n')
     with pytest.raises(EventFileError, match=":3:"):
         list(read_jsonl(bad))
+
+
+def test_command_line_writes_a_stream_with_overrides(tmp_path):
+    from streams.synthetic_io import main
+
+    out = tmp_path / "demo.jsonl"
+    assert main([str(out), "--slates", "300", "--seed", "4", "--set", "holdout_share=1.0",
+                 "--set", "n_users=40", "--quiet"]) == 0
+    events = list(read_jsonl(out))
+    imps = [ev for t, ev in events if t == "impressions"]
+    assert len(imps) == 300 and not any(ev["policy_applied"] for ev in imps)
+    assert events == list(generate_events(WorldConfig(seed=4, n_slates=300, holdout_share=1.0, n_users=40)))
+    with pytest.raises(SystemExit):
+        main([str(out), "--set", "no_such_field=1"])
