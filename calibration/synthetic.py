@@ -12,8 +12,9 @@ The world is shaped by the statistics of section 3 of the paper:
   an item effect, A = ``aversion_strength`` and ε_ui ~ N(0, σ_ε²) drawn from a
   hash of (seed, user, item), so a repeat view of the pair sees the same z
   without any per-pair state. A first view is flagged with probability
-  p = min(1, r_u · exp(γ z) / E_i[exp(γ z)]), γ = ``harm_concentration``; the
-  per-user normaliser E_i is exact over the catalogue, so E[p] = r_u.
+  p = min(1, c_u · exp(γ z)), γ = ``harm_concentration``, where the per-user
+  scale c_u solves E[p] = r_u over the catalogue and ε (cap included), so a
+  user's expected flags / items shown is r_u (times ``rate_multiplier``).
 * **Filter score.** s = Φ(−(ρ z̃ + √(1−ρ²) η)), η ~ N(0, 1), z̃ the standardised z
   and ρ = ``informativeness``: s is marginally ≈ U(0, 1), independent of flags
   at ρ = 0 and a monotone (safest-highest) function of z at ρ = 1.
@@ -128,6 +129,8 @@ class WorldConfig:
     holdout_share : share of slates with ``policy_applied`` false (1.0 for calibration demos).
     policy_lambda : if set, policy-applied slates drop items with s < λ (no replacement).
     band_shares, rate_floor, rate_cap : Table-1 band probabilities and the outer rate bounds.
+    rate_multiplier : multiplies every r_u when flags are drawn (Table 1 holds only at 1.0);
+        with the paper's rates a slate's flagged share is ~0.25 %, so demos of α = 0.05 need ~20.
     activity_sigma : log-normal spread of user activity (who gets the slates).
     informativeness : ρ in s = Φ(−(ρ z̃ + √(1−ρ²) η)); 0 = random score, 1 = monotone in z.
     harm_concentration : γ in p ∝ exp(γ z); larger = flags concentrated on few pairs.
@@ -158,6 +161,7 @@ class WorldConfig:
     band_shares: tuple[float, float, float, float] = (0.601, 0.251, 0.109, 0.039)
     rate_floor: float = 1e-4
     rate_cap: float = 0.05
+    rate_multiplier: float = 1.0
     activity_sigma: float = 1.0
     # unwantedness and scores
     informativeness: float = 0.8
@@ -222,6 +226,8 @@ class WorldConfig:
             raise ValueError("n_slates must be >= 0")
         if self.n_items < 2 * self.k:
             raise ValueError("n_items must be at least 2k")
+        if not self.rate_multiplier >= 0:
+            raise ValueError("rate_multiplier must be >= 0")
         if not self.slates_per_second > 0:
             raise ValueError("slates_per_second must be > 0")
         for name in ("label_delay", "flag_lag", "session_cap", "out_of_order_lag"):
@@ -247,7 +253,7 @@ class World:
     user_band: np.ndarray  # Table-1 band index of r_u
     user_activity: np.ndarray  # probability that a slate goes to the user
     user_averse: np.ndarray  # uint32 tag mask the user dislikes
-    user_norm: np.ndarray  # E_i[exp(γ (b_i + A·averse))] over the catalogue
+    user_log_scale: np.ndarray  # log c_u with E[min(1, c_u exp(γ z))] = multiplier · r_u
     user_walk_offset: np.ndarray
     user_walk_stride: np.ndarray
     constraint_at: np.ndarray  # slate ordinal at which the user blocks tags, -1 = never
@@ -308,6 +314,34 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
     return out
 
 
+def _flag_scales(c: WorldConfig, harm: np.ndarray, tags: np.ndarray, masks: np.ndarray,
+                 inverse: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """log c_u solving E_{i,ε}[min(1, c_u · exp(γ z_ui))] = target_u, exactly up to binning.
+
+    With a = c·exp(γ v), v = b_i + A·[averse hit], and Y = exp(γ σ_ε ε) log-normal(0, s²),
+    E[min(1, aY)] = a·e^{s²/2}·Φ((−ln a − s²)/s) + Φ(ln a / s). The expectation over
+    the catalogue is taken on a 256-bin histogram of γv per distinct aversion mask,
+    tabulated on a grid of ln c and inverted by interpolation (it is increasing in c).
+    Targets at or above the attainable maximum get the largest grid value.
+    """
+    g = c.harm_concentration
+    sd = max(g * c.pair_harm_sd, 1e-9)
+    log_c = np.linspace(-35.0, 15.0, 601)
+    out = np.empty(len(target))
+    for j, m in enumerate(masks.tolist()):
+        v = g * (harm + c.aversion_strength * ((tags & m) != 0))
+        w, edges = np.histogram(v, bins=256)
+        keep = w > 0
+        centre = 0.5 * (edges[:-1] + edges[1:])[keep]
+        w = w[keep] / len(v)
+        la = log_c[:, None] + centre[None, :]
+        e = np.exp(np.minimum(la + 0.5 * sd * sd, 700.0)) * ndtr((-la - sd * sd) / sd) + ndtr(la / sd)
+        F = e @ w
+        users = inverse == j
+        out[users] = np.interp(target[users], F, log_c)
+    return out
+
+
 def build_world(config: WorldConfig) -> World:
     """Draw the catalogue and the users of ``config`` (deterministic in ``config.seed``).
 
@@ -349,19 +383,6 @@ def build_world(config: WorldConfig) -> World:
     averse |= np.where(n_av >= 2, np.uint32(1) << av2.astype(np.uint32), np.uint32(0))
     averse = averse.astype(np.uint32)
 
-    # exact per-user normaliser over the catalogue, one pass per distinct averse mask
-    g = c.harm_concentration
-    base = np.exp(g * harm)
-    boost = math.exp(g * c.aversion_strength)
-    eps_factor = math.exp(0.5 * (g * c.pair_harm_sd) ** 2)
-    masks, inverse = np.unique(averse, return_inverse=True)
-    norm_by_mask = np.array([np.mean(base * np.where((tags & m) != 0, boost, 1.0)) for m in masks.tolist()])
-    norm = norm_by_mask[inverse] * eps_factor
-    # moments of z over (user, fresh item) pairs, for standardising the score
-    hit = np.array([np.mean((tags & m) != 0) for m in masks.tolist()])[inverse]
-    z_mean = float(harm.mean() + c.aversion_strength * np.average(hit, weights=activity))
-    z_var = harm.var() + c.pair_harm_sd**2 + c.aversion_strength**2 * np.average(hit * (1 - hit), weights=activity)
-
     # catalogue walks: distinct fresh items per user (gcd(stride, N) = 1)
     offset = rng.integers(0, c.n_items, c.n_users)
     stride = rng.integers(1, c.n_items, c.n_users)
@@ -378,15 +399,20 @@ def build_world(config: WorldConfig) -> World:
     # a constraint user with no averse tag blocks one sensitive tag
     no_av = is_c & (averse == 0)
     averse[no_av] = (np.uint32(1) << rng.integers(0, _N_SENSITIVE, int(no_av.sum())).astype(np.uint32))
-    if no_av.any():  # the normaliser must follow the (new) aversion
-        for j in np.flatnonzero(no_av).tolist():
-            norm[j] = np.mean(base * np.where((tags & averse[j]) != 0, boost, 1.0)) * eps_factor
 
-    for a in (tags, harm, dur, rate, band, activity, averse, norm, offset, stride, constraint_at, unblock_at):
-        a.setflags(write=False)
+    masks, inverse = np.unique(averse, return_inverse=True)
+    hit_by_mask = np.array([np.mean((tags & m) != 0) for m in masks.tolist()])
+    log_scale = _flag_scales(c, harm, tags, masks, inverse, rate * c.rate_multiplier)
+    # moments of z over (user, fresh item) pairs, for standardising the score
+    hit = hit_by_mask[inverse]
+    z_mean = float(harm.mean() + c.aversion_strength * np.average(hit, weights=activity))
+    z_var = harm.var() + c.pair_harm_sd**2 + c.aversion_strength**2 * np.average(hit * (1 - hit), weights=activity)
+
+    for arr in (tags, harm, dur, rate, band, activity, averse, log_scale, offset, stride, constraint_at, unblock_at):
+        arr.setflags(write=False)
     return World(
         config=c, item_tags=tags, item_duration_ms=dur, item_harm=harm, user_rate=rate,
-        user_band=band, user_activity=activity, user_averse=averse, user_norm=norm,
+        user_band=band, user_activity=activity, user_averse=averse, user_log_scale=log_scale,
         user_walk_offset=offset, user_walk_stride=stride, constraint_at=constraint_at,
         unblock_at=unblock_at, z_mean=z_mean, z_sd=float(math.sqrt(z_var)), item_tag_lists=tag_lists,
     )
@@ -563,7 +589,7 @@ class _Engine:
         wpct = np.where(dur > 0, 100.0 * watch_ms / np.maximum(dur, 1), np.nan)
 
         # ---- flags: first views by the user's rate, repeats by Property 1
-        p_first = np.minimum(1.0, (w.user_rate / w.user_norm)[uu] * np.exp(c.harm_concentration * z))
+        p_first = np.exp(np.minimum(0.0, w.user_log_scale[uu] + c.harm_concentration * z))
         h_w = self.hist_w[uu, ring]
         p_rep = np.where(self.hist_flag[uu, ring], c.reflag_flagged,
                          c.reflag_unflagged * np.exp(-np.nan_to_num(h_w, nan=0.0) / c.reflag_scale))
