@@ -188,3 +188,15 @@ def test_cli_replay_kuairand_csv(tmp_path):
     summary = orjson.loads(out.output.strip().splitlines()[-1])
     assert summary["evaluated_slates"] > 0 and summary["base_risk"] > 0
     assert (tmp_path / "rep" / "figures.json").exists()
+
+
+def test_fallback_groups_keep_the_bound():
+    """SPEC §8's chain user → band → global: bands get their own λ̂ and each stays calibrated."""
+    world = synthetic_world(seed=1, users=800, slates=2000)
+    res = replay(generate_events(world), _config(group_policy="fallback"))
+    assert res.groups_used.get("replace:band:high", 0) > 0
+    for strategy in ("remove", "replace"):
+        for alpha in ALPHAS:
+            r = res.main.row(strategy, alpha)
+            # as above, with the calibration noise taken as large as the evaluation noise (n_cal ≈ n_eval)
+            assert r["risk"] <= alpha + 3 * r["risk_se"] * math.sqrt(2), (strategy, alpha, r["risk"])
