@@ -36,7 +36,7 @@ class Limits:
 
     beta: float | None = 50.0
     history_max: int = 500
-    pending_max: int = 200
+    pending_max: int = 2000
     safe_pool_max: int = 100
     user_window_max: int = 1000
     dedup_max: int = 512
@@ -228,7 +228,9 @@ class UserState:
         self.pending.insert(i, p)
 
     def _trim(self, limits: Limits) -> None:
-        if len(self.history) > limits.history_max:
+        # Trim in steps of ~10%: sorting the history on every event past the cap
+        # cost more than all other per-event work together.
+        if len(self.history) > limits.history_max + max(1, limits.history_max // 10):
             keep_pending = {i for p in self.pending for i in p.item_ids}
             for item in trim_history(self.history, limits.history_max):
                 if item not in keep_pending:  # labels of pending slates need their items
