@@ -77,7 +77,8 @@ def event_from_dict(topic: str, d: dict) -> Event:
     """Build the record for an already *validated* event value of ``topic`` (SPEC §2 field names)."""
     if topic == "impressions":
         items = tuple(
-            ShownItem(str(i["item_id"]), float(i["score"]), float(i.get("rank_score", i["score"])),
+            ShownItem(str(i["item_id"]), float(i["score"]),
+                      float(i["score"] if i.get("rank_score") is None else i["rank_score"]),
                       tuple(i.get("tags") or ()), bool(i.get("replacement", False)))
             for i in d["items"]
         )

@@ -81,12 +81,67 @@ def calibrate(slates_path, alphas, strategy, guarantee, delta, loss, grid_min, g
 
 
 @main.command()
-@click.option("--duration", type=float, default=30.0, show_default=True, help="Wall-clock seconds to run.")
-def demo(duration) -> None:
-    """The embedded default: thresholds printed as they are published."""
-    from .demo import run_offline_demo
+@click.option("--duration", type=float, default=120.0, show_default=True, help="Wall-clock seconds to run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rate", type=float, default=2000.0, show_default=True, help="Synthetic events per second.")
+@click.option("--offline", is_flag=True, help="No broker: run the core on toy slates only.")
+def demo(duration, seed, rate, offline) -> None:
+    """The embedded default: local broker, worker, synthetic traffic, thresholds printed as published."""
+    if offline:
+        from .demo import run_offline_demo
 
-    run_offline_demo(duration=duration)
+        run_offline_demo(duration=duration)
+        return
+    from .live import run_live_demo
+
+    run_live_demo(duration=duration, seed=seed, rate=rate)
+
+
+@main.command()
+@click.option("--loglevel", "-l", type=click.Choice(["crit", "error", "warn", "info", "debug"]), default="info",
+              show_default=True)
+def worker(loglevel) -> None:
+    """Run the Faust worker; settings come from RISKGATE_* variables (see docs/operations.md)."""
+    from .settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        click.echo(f"riskgate worker: bad configuration: {e}", err=True)
+        sys.exit(2)
+    import faust
+
+    from .app import RiskgateApp
+
+    rg = RiskgateApp(settings)
+    faust.Worker(rg.app, loglevel=loglevel).execute_from_commandline()
+
+
+@main.command()
+@click.option("--broker", required=True, help="kafka://host:port of the broker.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--users", type=int, default=2000, show_default=True)
+@click.option("--slates", "n_slates", type=int, default=100_000, show_default=True)
+@click.option("--rate", type=float, default=0.0, show_default=True, help="Events per second (0 = unthrottled).")
+@click.option("--events", "events_path", type=click.Path(exists=True, dir_okay=False),
+              help="Produce this JSONL event file instead of a synthetic world.")
+def produce(broker, seed, users, n_slates, rate, events_path) -> None:
+    """Produce a seeded synthetic event stream (or an event file) to the input topics."""
+    import asyncio
+
+    from .producer import produce_events
+
+    if events_path:
+        from .synthetic_io import read_jsonl
+
+        events = read_jsonl(events_path)
+    else:
+        from calibration.synthetic import WorldConfig, generate_events
+
+        events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
+    bootstrap = broker.removeprefix("kafka://")
+    counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None))
+    _dump({"produced": dict(counts)})
 
 
 @main.group()

