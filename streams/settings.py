@@ -2,21 +2,26 @@
 
 Every field below is ``RISKGATE_<NAME>`` in the environment (e.g. ``alphas`` is
 ``RISKGATE_ALPHAS=0.05,0.1``). A file can supply defaults: ``RISKGATE_CONFIG``
-names a ``.env``-style file of the same variables; the environment wins over it.
-Lists are plain comma-separated strings. A bad value fails at start with the
-variable's name: ``load_settings`` raises :class:`SettingsError`, e.g.
+names a ``.toml`` or ``.json`` file of ``name = value`` pairs (names with or
+without the ``RISKGATE_`` prefix, any case; lists as arrays or comma strings),
+or any other file as ``.env``-style ``RISKGATE_NAME=value`` lines. The
+environment wins over the file. Lists are plain comma-separated strings.
+Numbers must be finite. A bad value fails at start with the variable's name:
+``load_settings`` raises :class:`SettingsError`, e.g.
 ``RISKGATE_ALPHAS: 1.5 is not in (0, 1)``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import ssl
+import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "SettingsError", "load_settings", "ENV_PREFIX"]
@@ -35,7 +40,8 @@ def _split(v):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # allow_inf_nan=False: "inf"/"nan" in a float variable is a typo, never a setting.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False)
 
     # Kafka and the app
     broker: str = "kafka://127.0.0.1:9092"
@@ -81,9 +87,9 @@ class Settings(BaseSettings):
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    ssl_cafile: FilePath | None = None  # must exist: a missing CA file fails at start, not at first connect
+    ssl_certfile: FilePath | None = None
+    ssl_keyfile: FilePath | None = None
 
     @field_validator("alphas", "strategies", "grid_values", mode="before")
     @classmethod
@@ -124,8 +130,8 @@ class Settings(BaseSettings):
     @field_validator("beta")
     @classmethod
     def _beta_range(cls, v):
-        if v is not None and not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{v} must be a watch percentage >= 0, or 'none'")
+        if v is not None and not (math.isfinite(v) and 0 <= v <= 100):
+            raise ValueError(f"{v} must be a watch percentage in [0, 100], or 'none'")
         return v
 
     @field_validator("broker")
@@ -139,12 +145,27 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if not self.grid_max > self.grid_min and self.grid_values is None and self.grid_size > 1:
-            raise ValueError("grid_max must exceed grid_min")
+        # Rules across fields: the messages name the variables, since the
+        # error has no single field to point at.
+        p = ENV_PREFIX
+        if self.grid_values is None and self.grid_size > 1 and not self.grid_max > self.grid_min:
+            raise ValueError(f"{p}GRID_MAX ({self.grid_max}) must exceed {p}GRID_MIN ({self.grid_min})")
+        if self.grid_values is not None:
+            from calibration.grid import make_grid
+
+            try:
+                make_grid(values=self.grid_values)
+            except ValueError as e:
+                raise ValueError(f"{p}GRID_VALUES: {e}") from None
         if self.heartbeat < self.recompute_interval:
-            raise ValueError("heartbeat must be at least recompute_interval")
+            raise ValueError(f"{p}HEARTBEAT ({self.heartbeat}) must be at least "
+                             f"{p}RECOMPUTE_INTERVAL ({self.recompute_interval})")
+        if self.window / self.buckets < 1.0:
+            raise ValueError(f"{p}WINDOW / {p}BUCKETS must give buckets of at least 1 s "
+                             f"(got {self.window} / {self.buckets})")
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
-            raise ValueError("SASL needs sasl_username and sasl_password")
+            raise ValueError(f"{p}SECURITY_PROTOCOL={self.security_protocol} needs {p}SASL_USERNAME "
+                             f"and {p}SASL_PASSWORD")
         return self
 
     @property
@@ -193,19 +214,56 @@ def _env_name(loc) -> str:
     return f"{ENV_PREFIX}{field.upper()}" if field else "settings"
 
 
-def load_settings(**overrides) -> Settings:
-    """Read settings (env, then ``RISKGATE_CONFIG`` file); raise :class:`SettingsError` naming bad variables."""
-    env_file = os.environ.get(f"{ENV_PREFIX}CONFIG")
-    if env_file and not Path(env_file).is_file():
-        raise SettingsError(f"{ENV_PREFIX}CONFIG: no such file {env_file!r}")
+def _file_values(path: Path) -> dict | None:
+    """The ``name -> value`` pairs of a TOML/JSON config file (None for a .env file).
+
+    Names may carry the ``RISKGATE_`` prefix and any case; an unknown name is
+    an error (a typo in a file would otherwise silently keep the default).
+    """
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        return None
     try:
-        return Settings(_env_file=env_file, **overrides)
+        data = tomllib.loads(path.read_text()) if suffix == ".toml" else json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SettingsError(f"{ENV_PREFIX}CONFIG: cannot read {str(path)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{ENV_PREFIX}CONFIG: {str(path)!r} must hold a table of settings")
+    out = {}
+    for name, value in data.items():
+        field = str(name).lower().removeprefix(ENV_PREFIX.lower())
+        if field not in Settings.model_fields:
+            raise SettingsError(f"{ENV_PREFIX}CONFIG: unknown setting {name!r} in {str(path)!r}")
+        out[field] = value
+    return out
+
+
+def load_settings(**overrides) -> Settings:
+    """Read settings (env, then ``RISKGATE_CONFIG`` file); raise :class:`SettingsError` naming bad variables.
+
+    ``overrides`` (field names) win over both; the CLI and tests use them.
+    """
+    config = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    env_file, from_file = None, {}
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise SettingsError(f"{ENV_PREFIX}CONFIG: no such file {config!r}")
+        values = _file_values(path)
+        if values is None:
+            env_file = config
+        else:  # init values beat the environment in pydantic-settings: keep only what the env does not set
+            env = {k.upper() for k in os.environ}
+            from_file = {k: v for k, v in values.items() if f"{ENV_PREFIX}{k.upper()}" not in env}
+    try:
+        return Settings(_env_file=env_file, **{**from_file, **overrides})
     except ValidationError as e:
         problems = []
         for err in e.errors():
             msg = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
-                problems.append(f"{_env_name(err['loc'])}: {msg} (got {err.get('input')!r})")
+                where = f" (from {config})" if err["loc"][0] in from_file else ""
+                problems.append(f"{_env_name(err['loc'])}: {msg} (got {err.get('input')!r}){where}")
             else:
                 problems.append(msg)
         raise SettingsError("; ".join(problems)) from None
