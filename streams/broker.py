@@ -9,6 +9,8 @@ client (idempotently: an existing topic is fine).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -40,7 +42,7 @@ async def _metadata_ok(bootstrap: str) -> bool:
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
     try:
-        await client.bootstrap()
+        await client.bootstrap()  # a Metadata request answered: the broker speaks Kafka, not just TCP
         return True
     except Exception:
         return False
@@ -48,16 +50,38 @@ async def _metadata_ok(bootstrap: str) -> bool:
         await client.close()
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Refused connections are expected while a broker boots; keep them out of the log."""
+    log = logging.getLogger(logger_name)
+    before = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Block until ``bootstrap`` answers a Kafka metadata request, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"broker exited with status {proc.returncode}")
-        if asyncio.run(_metadata_ok(bootstrap)):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout} s")
+    """Block until ``bootstrap`` answers a Kafka metadata request, or raise TimeoutError.
+
+    Polls every 0.1 s up to ``timeout``; fails at once if ``proc`` (the
+    broker's process) has exited, so a bad command line does not cost the
+    whole deadline.
+    """
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"broker exited with status {proc.returncode}")
+            if await _metadata_ok(bootstrap):
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout} s")
+
+    with _quiet("aiokafka"):
+        asyncio.run(poll())
 
 
 class LocalBroker:
@@ -76,13 +100,13 @@ class LocalBroker:
         if self._log_path is None:
             self._tmp = tempfile.mkdtemp(prefix="riskgate-tansu-")
             self._log_path = os.path.join(self._tmp, "tansu.log")
-        log = open(self._log_path, "ab")
         listen = f"tcp://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
-             "--storage-engine", "memory://tansu/", *self._extra],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self._log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+                 "--storage-engine", "memory://tansu/", *self._extra],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         try:
             wait_for_broker(self.bootstrap, proc=self.proc)
         except BaseException:
@@ -110,10 +134,25 @@ class LocalBroker:
         self.stop()
 
 
+_TOPIC_ALREADY_EXISTS = 36
+
+
 async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: int,
                               compacted: Iterable[str] = (), **client_kwargs) -> None:
+    """Create missing topics; raise RuntimeError naming each topic the broker refused.
+
+    aiokafka's admin client returns per-topic error codes instead of raising,
+    so they are checked here; "already exists" (36, a race with another
+    creator) is success. Topics must be created before use: tansu and Kafka
+    with auto-creation would otherwise make them on first produce or metadata
+    request with the broker's default partition count (4 on tansu) and no
+    compaction.
+    """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
+
+    if partitions < 1:  # checked here: tansu accepts 0 or negative partition counts and makes an unusable topic
+        raise ValueError(f"a topic needs at least 1 partition, got {partitions}")
 
     compact = set(compacted)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
@@ -126,9 +165,14 @@ async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: 
         ]
         if new:
             try:
-                await admin.create_topics(new)
+                response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                pass
+                return
+            failed = [(t[0], t[1], t[2] if len(t) > 2 else None) for t in response.topic_errors
+                      if t[1] not in (0, _TOPIC_ALREADY_EXISTS)]
+            if failed:
+                raise RuntimeError("could not create topics: " + ", ".join(
+                    f"{name} (error {code}: {msg})" for name, code, msg in failed))
     finally:
         await admin.close()
 

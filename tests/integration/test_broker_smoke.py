@@ -45,7 +45,8 @@ pytestmark = pytest.mark.integration
 TANSU_NOTES = """
 * Topics: CreateTopics works (with cleanup.policy=compact, which DescribeConfigs
   then reports); an existing topic answers error 36 in the response (aiokafka's
-  admin does not raise). Producing to, or asking metadata for, an unknown topic
+  admin does not raise). Tansu validates nothing there: 0 or negative
+  partitions, names with spaces, cleanup.policy=banana are all "created". Producing to, or asking metadata for, an unknown topic
   AUTO-CREATES it with 4 partitions: create topics explicitly first.
 * Compaction is not performed by the memory engine: a compacted topic keeps
   every record (consumers must take the latest value per key themselves).
@@ -169,6 +170,34 @@ def test_fetch_highwater_counts_every_record_of_a_batch(kafka_bootstrap, unique_
     assert (n, highwater) == (10, 10)
     # end_offsets is 10 on Kafka and 1 on tansu 0.6.0 (see TANSU_NOTES): recorded, not asserted.
     print(f"end_offsets={end_offset} highwater={highwater}")
+
+
+def test_create_topics_is_idempotent_and_sets_compaction(kafka_bootstrap, unique_name):
+    from streams.broker import create_topics
+
+    plain, compact = unique_name("plain"), unique_name("compact")
+    create_topics(kafka_bootstrap, [plain, compact], 3, compacted=[compact])
+    create_topics(kafka_bootstrap, [plain, compact], 3, compacted=[compact])  # again: nothing to do, no error
+
+    async def describe():
+        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            topics = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics([plain, compact])}
+            (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, compact)])
+            entries = {e[0]: e[1] for e in resp.resources[0][4]}
+            return topics, entries.get("cleanup.policy")
+        finally:
+            await admin.close()
+
+    topics, policy = asyncio.run(describe())
+    assert topics == {plain: 3, compact: 3}
+    assert policy == "compact"
+    with pytest.raises(ValueError, match="at least 1 partition"):
+        create_topics(kafka_bootstrap, [unique_name("zero")], 0)  # tansu would accept it (see TANSU_NOTES)
 
 
 # --------------------------------------------------------------------------- Faust
