@@ -1,0 +1,235 @@
+"""Writes alerts_test.yml (the promtool unit tests of alerts.yml) from the cases below.
+
+promtool compares annotations exactly, so this fills ``exp_annotations`` by
+rendering the alert templates with the expected labels and value. After
+changing alerts.yml or a case: ``python deploy/prometheus/make_alerts_test.py``
+(tests/test_deploy.py checks the committed file is up to date).
+"""
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ALERTS = HERE / "alerts.yml"
+rules = {r["alert"]: r for g in yaml.safe_load(open(ALERTS))["groups"] for r in g["rules"]}
+
+def render(alert, labels, value):
+    out = {}
+    for k, v in rules[alert]["annotations"].items():
+        v = re.sub(r"\{\{ \$value \| humanizePercentage \}\}", value or "", v)
+        v = re.sub(r"\{\{ \$value \| humanize \}\}", value or "", v)
+        v = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: labels.get(m.group(1), ""), v)
+        assert "{{" not in v, v
+        out[k] = v
+    return out
+
+W = 'job="riskgate"'
+def s(name, labels, values):
+    lab = ",".join([W] + [f'{k}="{v}"' for k, v in labels.items()])
+    return {"series": f"{name}{{{lab}}}", "values": values}
+
+tests = []
+def case(comment, series, checks):
+    t = {"name": comment, "interval": "1m", "input_series": series, "alert_rule_test": []}
+    for at, alert, expected in checks:
+        exp = []
+        for labels, value in expected:
+            exp.append({"exp_labels": {"severity": rules[alert]["labels"]["severity"], **labels},
+                        "exp_annotations": render(alert, labels, value)})
+        t["alert_rule_test"].append({"eval_time": at, "alertname": alert, "exp_alerts": exp})
+    tests.append(t)
+
+RR, CV, P1 = "RiskgateRealisedRiskAboveAlpha", "RiskgateConstraintViolation", "RiskgateProperty1ReflagRateHigh"
+ST, MI, FA = "RiskgateThresholdsStale", "RiskgateThresholdsMissing", "RiskgateFilterAllPublished"
+DL, LG, UH = "RiskgateDLQRateHigh", "RiskgateConsumerLagGrowing", "RiskgateWorkerUnhealthy"
+i1, i2, i3 = {"instance": "w1"}, {"instance": "w2"}, {"instance": "w3"}
+
+case("realised risk above alpha, weighted over two workers, sustained 30m", [
+    s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x60"),
+    s("riskgate_target_risk", {**i2, "alpha": "0.05"}, "0.05x60"),
+    s("riskgate_target_risk", {**i1, "alpha": "0.1"}, "0.1x60"),
+    s("riskgate_target_risk", {**i2, "alpha": "0.1"}, "0.1x60"),
+    # alpha 0.05: 300 slates at 0.08 and 300 at 0.06 -> 0.07 > 0.05
+    s("riskgate_realised_risk", {**i1, "alpha": "0.05"}, "0.08x60"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "300x60"),
+    s("riskgate_realised_risk", {**i2, "alpha": "0.05"}, "0.06x60"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.05"}, "300x60"),
+    # alpha 0.1: one worker above (0.12, 100 slates), weighted mean 0.096 <= 0.1
+    s("riskgate_realised_risk", {**i1, "alpha": "0.1"}, "0.12x60"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.1"}, "100x60"),
+    s("riskgate_realised_risk", {**i2, "alpha": "0.1"}, "0.09x60"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.1"}, "400x60"),
+], [
+    ("20m", RR, []),  # pending, not yet 30m
+    ("35m", RR, [({"alpha": "0.05"}, "7%")]),
+])
+
+case("realised risk: too few slates, or above alpha only briefly", [
+    s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x60"),
+    s("riskgate_target_risk", {**i1, "alpha": "0.2"}, "0.2x60"),
+    # far above alpha but under 500 mature slates (300 at 60m): noise, not evidence
+    s("riskgate_realised_risk", {**i1, "alpha": "0.05"}, "0.3x60"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "0+5x60"),
+    # above alpha for 20 minutes, then back under
+    s("riskgate_realised_risk", {**i1, "alpha": "0.2"}, "0.25x20 0.15x40"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.2"}, "1000+10x60"),
+], [
+    ("40m", RR, []),
+    ("60m", RR, []),
+])
+
+case("constraint violation fires at once on any increase", [
+    s("riskgate_constraint_violations_total", i1, "0 0 0 1 1 1 1"),
+    s("riskgate_constraint_violations_total", i2, "0x6"),
+], [
+    ("2m", CV, []),
+    ("5m", CV, [({}, "1")]),
+])
+
+case("constraint violation: none, a worker restart, one that aged out", [
+    s("riskgate_constraint_violations_total", i1, "0x30"),
+    s("riskgate_constraint_violations_total", i2, "5 5 5 0x30"),
+], [
+    ("6m", CV, []),
+    ("25m", CV, []),
+])
+
+case("Property 1: 2% of replacements re-flagged for 30m", [
+    s("riskgate_replacements_shown_total", i1, "0+10x120"),
+    s("riskgate_replacements_flagged_total", i1, "0+0.2x120"),
+], [
+    ("30m", P1, []),
+    ("90m", P1, [({}, "2%")]),
+])
+
+case("Property 1: rate under the bound, or too few replacements shown", [
+    s("riskgate_replacements_shown_total", i1, "0+10x120"),
+    s("riskgate_replacements_flagged_total", i1, "0+0.05x120"),
+    s("riskgate_replacements_shown_total", i2, "0x120"),
+    s("riskgate_replacements_flagged_total", i2, "0x120"),
+], [
+    ("90m", P1, []),
+])
+
+case("Property 1: high rate on a trickle of replacements", [
+    s("riskgate_replacements_shown_total", i1, "0+1x120"),
+    s("riskgate_replacements_flagged_total", i1, "0+0.5x120"),
+], [
+    ("90m", P1, []),
+])
+
+case("thresholds stale: one key stops, another moves to a new aggregator owner", [
+    s("up", i1, "1x40"),
+    s("up", i2, "1x40"),
+    # replace:global last published at 10m by w1, never again
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "replace", "group": "global"},
+      "0+60x10 600x30"),
+    # remove:global: w1 lost the aggregator at 10m (its gauge lingers), w2 took over
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "remove", "group": "global"},
+      "0+60x10 600x30"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i2, "strategy": "remove", "group": "global"},
+      "_x10 660+60x30"),
+], [
+    ("18m", ST, []),  # stale since 15m, pending for 5m
+    ("25m", ST, [({"strategy": "replace", "group": "global"}, None)]),
+    ("25m", MI, []),
+])
+
+case("thresholds missing: workers up, nothing ever published", [
+    s("up", i1, "1x30"),
+    s("riskgate_healthy", i1, "1x30"),
+], [
+    ("10m", MI, []),
+    ("20m", MI, [({}, None)]),
+    ("20m", ST, []),
+])
+
+case("thresholds missing: no worker up (WorkerUnhealthy covers it)", [
+    s("up", i1, "0x30"),
+], [
+    ("20m", MI, []),
+])
+
+case("filter_all published for 15m on a fresh key", [
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "replace", "group": "global"},
+      "0+60x40"),
+    s("riskgate_threshold_filter_all", {**i1, "strategy": "replace", "group": "global", "alpha": "0.05"}, "1x40"),
+    s("riskgate_threshold_filter_all", {**i1, "strategy": "replace", "group": "global", "alpha": "0.1"}, "0x40"),
+], [
+    ("10m", FA, []),
+    ("20m", FA, [({"strategy": "replace", "group": "global", "alpha": "0.05"}, None)]),
+])
+
+case("filter_all: lingering gauge of a former owner, user groups, a short spell", [
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "remove", "group": "global"},
+      "0+60x10 600x30"),
+    s("riskgate_threshold_filter_all", {**i1, "strategy": "remove", "group": "global", "alpha": "0.05"}, "1x40"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i2, "strategy": "remove", "group": "global"},
+      "_x10 660+60x30"),
+    s("riskgate_threshold_filter_all", {**i2, "strategy": "remove", "group": "global", "alpha": "0.05"},
+      "_x10 0x30"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i2, "strategy": "remove", "group": "user:u1"},
+      "0+60x40"),
+    s("riskgate_threshold_filter_all", {**i2, "strategy": "remove", "group": "user:u1", "alpha": "0.05"}, "1x40"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i2, "strategy": "replace", "group": "band:low"},
+      "0+60x40"),
+    s("riskgate_threshold_filter_all", {**i2, "strategy": "replace", "group": "band:low", "alpha": "0.05"},
+      "1x10 0x30"),
+], [
+    ("35m", FA, []),
+])
+
+case("DLQ: 2% of events rejected for 10m", [
+    s("riskgate_events_total", {**i1, "type": "impression", "outcome": "ok"}, "0+100x30"),
+    s("riskgate_events_total", {**i1, "type": "impression", "outcome": "invalid"}, "0+2x30"),
+    s("riskgate_dlq_total", {**i1, "topic": "impressions", "reason": "schema"}, "0+2x30"),
+], [
+    ("5m", DL, []),
+    ("20m", DL, [({}, "1.961%")]),
+])
+
+case("DLQ: half a percent rejected", [
+    s("riskgate_events_total", {**i1, "type": "watch", "outcome": "ok"}, "0+200x30"),
+    s("riskgate_events_total", {**i1, "type": "watch", "outcome": "invalid"}, "0+1x30"),
+    s("riskgate_dlq_total", {**i1, "topic": "watch", "reason": "bad_json"}, "0+1x30"),
+], [
+    ("20m", DL, []),
+])
+
+case("consumer lag: high and growing fires; high but flat, growing but small, lingering gauge do not", [
+    s("riskgate_consumer_lag", {**i1, "topic": "impressions", "partition": "0"}, "0+100x40"),
+    s("riskgate_consumer_lag", {**i1, "topic": "impressions", "partition": "1"}, "5000x40"),
+    s("riskgate_consumer_lag", {**i1, "topic": "watch", "partition": "2"}, "0+10x40"),
+    s("riskgate_consumer_lag", {**i1, "topic": "flags", "partition": "3"}, "5000x40"),
+    s("riskgate_consumer_lag", {**i2, "topic": "flags", "partition": "3"}, "0x40"),
+], [
+    ("20m", LG, []),
+    ("30m", LG, [({"topic": "impressions", "partition": "0"}, None)]),
+])
+
+case("worker unhealthy or not scraped for 5m", [
+    s("up", i1, "1x30"),
+    s("riskgate_healthy", i1, "1x5 0x25"),
+    s("up", i2, "1x10 0x20"),
+    s("riskgate_healthy", i2, "1x10 _x20"),
+    s("up", i3, "1x30"),
+    s("riskgate_healthy", i3, "1 0 0 1x27"),  # a short broker hiccup
+], [
+    ("8m", UH, []),
+    ("20m", UH, [({"job": "riskgate", "instance": "w1"}, None), ({"job": "riskgate", "instance": "w2"}, None)]),
+])
+
+
+doc = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
+header = ("# Unit tests of alerts.yml: every alert fires on a bad stream and stays quiet on\n"
+          "# a healthy or borderline one. Run: promtool test rules deploy/prometheus/alerts_test.yml\n"
+          "# (tests/test_deploy.py does). exp_annotations are the rendered templates, so a\n"
+          "# broken template fails here too.\n")
+TEXT = header + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=120)
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(0 if (HERE / "alerts_test.yml").read_text() == TEXT else 1)
+    (HERE / "alerts_test.yml").write_text(TEXT)
