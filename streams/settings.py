@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     pending_max: int = Field(2000, ge=1)
     safe_pool_max: int = Field(100, ge=0)
     max_items: int = Field(200, ge=1)
+    holdout_share: float = Field(0.05, ge=0, le=1)  # ranker: share of slates served unfiltered (SPEC §8)
     user_cache: int = Field(100_000, ge=1)
     batch_max: int = Field(2000, ge=1)
     batch_within: float = Field(0.05, gt=0)

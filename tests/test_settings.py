@@ -103,6 +103,7 @@ def test_a_bad_alpha_names_the_variable(monkeypatch):
     ({"web_port": "70000"}, "RISKGATE_WEB_PORT"),
     ({"history_max": "0"}, "RISKGATE_HISTORY_MAX"),
     ({"max_items": "-5"}, "RISKGATE_MAX_ITEMS"),
+    ({"holdout_share": "1.5"}, "RISKGATE_HOLDOUT_SHARE"),
     ({"broker": "localhost:9092"}, "RISKGATE_BROKER"),
     ({"broker": "kafka://a:1,b"}, "RISKGATE_BROKER"),
     ({"security_protocol": "TLS"}, "RISKGATE_SECURITY_PROTOCOL"),
