@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -228,6 +229,48 @@ class Monitors:
         return self.violations / self.served_items if self.served_items else None
 
 
+def erasure_key(user_id: str) -> str:
+    """What is kept of a forgotten user: a hash of the id, never the id itself."""
+    return hashlib.sha256(user_id.encode()).hexdigest()
+
+
+class Watermark:
+    """Event-time watermark of one partition: largest ``ts`` seen minus the allowed lateness.
+
+    With several sources (the input topics, consumed concurrently), a source
+    that still has unread records holds the watermark back to the largest ``ts``
+    read from it, so a topic consumed ahead of another (say ``watch`` ahead of
+    ``flags`` while catching up) cannot mature slates before their flags are
+    read. A source with nothing left to read does not hold it back. The value
+    never decreases. With one source this is exactly SPEC's rule.
+    """
+
+    def __init__(self, lateness: float, value: float = float("-inf"), max_ts: dict | None = None):
+        self.lateness = float(lateness)
+        self.value = float(value)
+        self.max_ts: dict[str, float] = dict(max_ts or {})
+        self.lagging: set[str] = set()
+
+    def observe(self, source: str, ts: float) -> None:
+        if ts > self.max_ts.get(source, float("-inf")):
+            self.max_ts[source] = ts
+
+    def set_lagging(self, source: str, lagging: bool) -> None:
+        (self.lagging.add if lagging else self.lagging.discard)(source)
+
+    def update(self) -> float:
+        if self.lagging:
+            if any(s not in self.max_ts for s in self.lagging):
+                return self.value  # a source with unread records we know nothing of yet
+            base = min(self.max_ts[s] for s in self.lagging)
+        elif self.max_ts:
+            base = max(self.max_ts.values())
+        else:
+            return self.value
+        self.value = max(self.value, base - self.lateness)
+        return self.value
+
+
 class Engine:
     """One partition's processing: the replay's engine and, per partition, the stream's.
 
@@ -235,28 +278,37 @@ class Engine:
     the replay, a write-back view of a Faust table in the stream.
     """
 
-    def __init__(self, config: EngineConfig, users=None, max_ts: float | None = None):
+    def __init__(self, config: EngineConfig, users=None, max_ts: float | None = None, clock: Watermark | None = None,
+                 erased=None):
         self.config = config
         self.users = {} if users is None else users
         self.calibrator = Calibrator(config)
         self.monitors = Monitors()
         self.max_ts = max_ts
+        self.clock = clock or Watermark(config.allowed_lateness)
+        if max_ts is not None and not self.clock.max_ts:
+            self.clock.observe("events", max_ts)
+            self.clock.update()
         self.counts: dict[tuple[str, str], int] = defaultdict(int)  # (event type, outcome) -> count
         self._due: list[tuple[float, str]] = []  # heap of (maturity time, user_id); stale entries are skipped
         self.matured: list[MatureSlate] = []  # holdout slates folded, kept when `keep_matured`
         self.keep_matured = False
         self.matured_counts = {"holdout": 0, "applied": 0}
+        # Forgotten users, by a hash of the id: event time of the forget. Events of
+        # theirs up to then that arrive later (another topic read behind) belong
+        # to the erased past and are dropped, so a forget is not undone by them.
+        self.erased = {} if erased is None else erased
         self.changed: set[str] = set()  # users touched since the caller last cleared this
         self.forgotten: set[str] = set()
 
     @property
     def watermark(self) -> float:
-        return float("-inf") if self.max_ts is None else self.max_ts - self.config.allowed_lateness
+        return self.clock.value
 
     def rebuild(self) -> None:
         """Re-derive windows and the maturity queue from ``users`` (after a restart or rebalance)."""
         self.calibrator = Calibrator(self.config)
-        if self.max_ts is not None:
+        if self.watermark > float("-inf"):
             self.calibrator.advance(self.watermark)
         self._due = []
         live = []
@@ -269,17 +321,23 @@ class Engine:
         self.calibrator.add(live)
         self.calibrator.refused = 0
 
-    def process(self, ev: Event) -> str:
-        """Apply one validated event; returns its outcome. Maturity is advanced after it."""
+    def process(self, ev: Event, source: str = "events") -> str:
+        """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it."""
         kind = type(ev).__name__.lower()
+        erased_at = self.erased.get(erasure_key(ev.user_id))
         if isinstance(ev, Forget):
             state = self.users.get(ev.user_id)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
-                del self.users[ev.user_id]
+            # Delete even when nothing is held here: a store may still need its
+            # tombstones (a changelog written before a rebalance, an output topic).
+            self.users.pop(ev.user_id, None)
+            self.erased[erasure_key(ev.user_id)] = max(ev.ts, erased_at or ev.ts)
             self.forgotten.add(ev.user_id)
             self.changed.discard(ev.user_id)
             outcome = "ok"
+        elif erased_at is not None and ev.ts <= erased_at:
+            outcome = "erased"
         else:
             wm = self.watermark
             state = self.users.get(ev.user_id)
@@ -308,15 +366,17 @@ class Engine:
                 self.forgotten.discard(ev.user_id)
                 if self.max_ts is None or ev.ts > self.max_ts:
                     self.max_ts = ev.ts
+                self.clock.observe(source, ev.ts)
+        self.clock.update()
         self.counts[(kind, outcome)] += 1
         self.advance()
         return outcome
 
     def advance(self) -> list[MatureSlate]:
         """Move the windows to the watermark, then mature and fold every due slate."""
-        if self.max_ts is None:
-            return []
         wm = self.watermark
+        if wm == float("-inf"):
+            return []
         cfg = self.config
         self.calibrator.advance(wm)
         horizon = self.calibrator.horizon()
@@ -346,6 +406,11 @@ class Engine:
             if self.keep_matured:
                 self.matured.extend(m for m in matured if not m.policy_applied and m.ts >= horizon)
         return matured
+
+    def push_watermark(self, ts: float) -> list[MatureSlate]:
+        """Move the watermark to at least ``ts`` (end of a finite log) and mature what is due."""
+        self.clock.value = max(self.clock.value, float(ts))
+        return self.advance()
 
     @property
     def pending(self) -> int:

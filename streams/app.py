@@ -28,10 +28,14 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import weakref
+
 import faust
 import orjson
+from faust.streams import _current_event
+from faust.types import TP
 
-from calibration.engine import Engine, EngineConfig, user_result
+from calibration.engine import Engine, EngineConfig, Watermark, user_result
 from calibration.events import event_from_dict
 from calibration.grid import make_grid
 from calibration.user_state import Limits
@@ -40,9 +44,8 @@ from .aggregator import Aggregator
 from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode
 from .settings import Settings
-from .state import TableUsers
-from .topics import DLQ, INPUT_TOPICS, PARTIALS, SAFE_POOLS, THRESHOLDS, decode_snapshot, encode_snapshot, \
-    safe_pool_message, threshold_message
+from .state import TableErased, TableUsers
+from .topics import Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
 
 __all__ = ["RiskgateApp", "engine_config"]
 
@@ -75,6 +78,7 @@ class _Partition:
     dirty: bool = True  # window changed since the last snapshot was sent
     sent_at: float = 0.0
     pools: dict = field(default_factory=dict)  # user_id -> last safe-pools payload sent
+    own: dict = field(default_factory=dict)  # user_id -> fingerprint of the own thresholds last sent
 
 
 class RiskgateApp:
@@ -115,13 +119,19 @@ class RiskgateApp:
             broker_rebalance_timeout=s.rebalance_timeout,
             broker_session_timeout=max(6.0, 2 * s.rebalance_timeout),
             broker_heartbeat_interval=1.0,
+            # tansu under-reports a partition's end offset (ListOffsets answers with
+            # the last batch's base offset + 1), so the persisted changelog offset
+            # can be "ahead" of it; Faust's check would then refuse to start.
+            recovery_consistency_check=s.recovery_consistency_check,
+            producer_max_batch_size=s.producer_max_batch_size,
         )
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-        self.inputs = app.topic(*INPUT_TOPICS, partitions=s.topic_partitions, **raw)
-        self.thresholds_topic = app.topic(THRESHOLDS, partitions=1, **raw)
-        self.pools_topic = app.topic(SAFE_POOLS, partitions=s.topic_partitions, compacting=True, **raw)
-        self.dlq_topic = app.topic(DLQ, partitions=1, **raw)
-        self.partials_topic = app.topic(PARTIALS, partitions=1, internal=True, **raw)
+        self.names = names = Topics(s.topic_prefix)
+        self.inputs = app.topic(*names.inputs, partitions=s.topic_partitions, **raw)
+        self.thresholds_topic = app.topic(names.thresholds, partitions=1, **raw)
+        self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
+        self.dlq_topic = app.topic(names.dlq, partitions=1, **raw)
+        self.partials_topic = app.topic(names.partials, partitions=1, internal=True, **raw)
         table_args = dict(key_type=bytes, value_type=bytes)  # raw bytes: the app's serializers are "raw"
         self.users_table = app.Table("users", partitions=s.topic_partitions, **table_args)
         self.meta_table = app.Table("partition-meta", partitions=s.topic_partitions, **table_args)
@@ -150,7 +160,7 @@ class RiskgateApp:
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.
-        keep = {tp.partition for tp in assigned if tp.topic in INPUT_TOPICS}
+        keep = {tp.partition for tp in assigned if tp.topic in self.names.inputs}
         for p in list(self.partitions):
             if p not in keep:
                 del self.partitions[p]
@@ -160,8 +170,11 @@ class RiskgateApp:
         if part is None:
             users = TableUsers(self.users_table, p, self.settings.user_cache)
             meta = self.meta_table.get(str(p).encode())
-            max_ts = orjson.loads(meta)["max_ts"] if meta else None
-            engine = Engine(self.config, users=users, max_ts=max_ts)
+            meta = orjson.loads(meta) if meta else {}
+            clock = Watermark(self.config.allowed_lateness, meta.get("watermark", float("-inf")) or float("-inf"),
+                              meta.get("max_ts_by_topic"))
+            engine = Engine(self.config, users=users, max_ts=meta.get("max_ts"), clock=clock,
+                            erased=TableErased(self.users_table))
             engine.rebuild()
             part = self.partitions[p] = _Partition(engine, users)
         return part
@@ -173,73 +186,107 @@ class RiskgateApp:
             by_partition: dict[int, list] = defaultdict(list)
             for event in events:
                 msg = event.message
+                topic = self.names.base(msg.topic)
                 try:
-                    model = decode(msg.topic, msg.value, msg.key, s.max_items)
-                    rec = event_from_dict(msg.topic, model.model_dump())
+                    model = decode(topic, msg.value, msg.key, s.max_items)
+                    rec = event_from_dict(topic, model.model_dump())
                 except InvalidEvent as e:
-                    await self._dead_letter(msg, e)
+                    self._dead_letter(msg, e)
                     continue
                 by_partition[msg.partition].append((event, rec))
             for p, items in by_partition.items():
                 # Table writes go to the RocksDB and changelog partition of the current event.
-                stream._set_current_event(items[-1][0])
+                _in_event_of(items[-1][0])
                 self._run_partition(p, items)
-            stream._set_current_event(None)
             self.metrics.pending.set(sum(x.engine.pending for x in self.partitions.values()))
 
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)
         eng = part.engine
+        for event, _ in items:
+            msg = event.message
+            part.last_offsets[msg.topic] = max(part.last_offsets.get(msg.topic, -1), msg.offset)
+        self._mark_lagging(p, part)
         for event, rec in items:
-            outcome = eng.process(rec)
-            self.metrics.events.labels(_KIND[event.message.topic], outcome).inc()
-            part.last_offsets[event.message.topic] = event.message.offset
+            topic = self.names.base(event.message.topic)
+            outcome = eng.process(rec, source=topic)
+            self.metrics.events.labels(_KIND[topic], outcome).inc()
         part.dirty = True
+        outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
         written, deleted = part.users.flush()
-        self.meta_table[str(p).encode()] = orjson.dumps({"max_ts": eng.max_ts})
-        if eng.max_ts is not None:
-            self.metrics.watermark.labels(str(p)).set(eng.watermark)
-        self._publish_user_state(part, written, deleted)
+        eng.erased.flush()
+        self.meta_table[str(p).encode()] = orjson.dumps(
+            {"max_ts": eng.max_ts, "watermark": eng.clock.value if eng.clock.value > float("-inf") else None,
+             "max_ts_by_topic": eng.clock.max_ts})
+        if eng.clock.value > float("-inf"):
+            self.metrics.watermark.labels(str(p)).set(eng.clock.value)
+        for topic, key, value in outgoing:
+            topic.send_soon(key=key, value=value)
+        for uid in deleted:
+            part.pools.pop(uid, None)
+            part.own.pop(uid, None)
+            self.pools_topic.send_soon(key=uid.encode(), value=None)
+            for st in self.config.strategies:
+                self.thresholds_topic.send_soon(key=f"{st}:user:{uid}".encode(), value=None)
         eng.changed.clear()
         eng.forgotten.clear()
 
-    def _publish_user_state(self, part: _Partition, written, deleted) -> None:
-        eng = part.engine
-        horizon = eng.calibrator.horizon()
-        for uid in written:
+    def _user_outputs(self, part: _Partition, changed) -> list:
+        """``safe-pools`` values and the users' own thresholds that changed since last sent.
+
+        A user's own λ̂ (SPEC §5: only with ``min_slates`` slates of their own) is
+        published to ``risk-thresholds`` under ``strategy:user:<id>`` with the
+        user's own version, bumped here so the flush that follows persists it.
+        """
+        out = []
+        horizon = part.engine.calibrator.horizon()
+        for uid in changed:
             state = part.users.get(uid)
             if state is None:
                 continue
             own = [r for st in self.config.strategies if (r := user_result(state, self.config, st, horizon))]
+            fingerprint = [(r.strategy, r.n, r.thresholds) for r in own]
+            if own and part.own.get(uid) != fingerprint:
+                state.version += 1
+                part.users[uid] = state
+                part.own[uid] = fingerprint
+                for r in own:
+                    out.append((self.thresholds_topic, f"{r.strategy}:{r.group}".encode(),
+                                threshold_message(r, self.config, state.version)))
             payload = safe_pool_message(uid, state.safe_pool(self.config.limits), state.blocked_tags, own,
                                         state.version, state.band)
-            if part.pools.get(uid) == payload:
-                continue
-            if own:
-                state.version += 1
-                part.users[uid] = state  # persisted with the next flush
-                for r in own:
-                    msg = threshold_message(r, self.config, state.version)
-                    self.thresholds_topic.send_soon(key=f"{r.strategy}:{r.group}".encode(), value=msg)
-            part.pools[uid] = payload
-            self.pools_topic.send_soon(key=uid.encode(), value=payload)
-        for uid in deleted:
-            part.pools.pop(uid, None)
-            self.pools_topic.send_soon(key=uid.encode(), value=None)
-            for st in self.config.strategies:
-                self.thresholds_topic.send_soon(key=f"{st}:user:{uid}".encode(), value=None)
+            if part.pools.get(uid) != payload:
+                part.pools[uid] = payload
+                out.append((self.pools_topic, uid.encode(), payload))
+        return out
 
-    async def _dead_letter(self, msg, err: InvalidEvent) -> None:
-        self.metrics.events.labels(_KIND.get(msg.topic, msg.topic), "invalid").inc()
-        self.metrics.dlq.labels(msg.topic, err.code).inc()
-        await self.dlq_topic.send(key=msg.key, value=dead_letter(msg.topic, msg.partition, msg.offset, msg.value,
-                                                                  err.reason, msg.key))
+    def _mark_lagging(self, p: int, part: _Partition) -> None:
+        """Tell the partition's watermark which input topics still have unread records."""
+        consumer = self.app.consumer
+        for topic in self.names.inputs:
+            tp = TP(topic, p)
+            try:
+                hw = consumer.highwater(tp)
+            except Exception:
+                hw = None
+            last = part.last_offsets.get(topic)
+            position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
+            part.engine.clock.set_lagging(self.names.base(topic), hw is None or position < hw)
+
+    def _dead_letter(self, msg, err: InvalidEvent) -> None:
+        topic = self.names.base(msg.topic)
+        self.metrics.events.labels(_KIND.get(topic, topic), "invalid").inc()
+        self.metrics.dlq.labels(topic, err.code).inc()
+        # send_soon: no await inside a batch (offsets are committed only after the
+        # producer buffer is flushed, so the record is not lost on a crash).
+        self.dlq_topic.send_soon(key=msg.key, value=dead_letter(msg.topic, msg.partition, msg.offset, msg.value,
+                                                                 err.reason, msg.key))
 
     # -- snapshots and the aggregator ----------------------------------------
     async def _send_snapshots(self) -> None:
         now = time.time()
         for tp in self.app.assignor.assigned_actives():
-            if tp.topic == INPUT_TOPICS[0]:
+            if tp.topic == self.names.inputs[0]:
                 self._partition(tp.partition)  # build engines for assigned partitions with no events yet
         for p, part in list(self.partitions.items()):
             if not part.dirty and now - part.sent_at < self.settings.heartbeat / 2:
@@ -257,7 +304,7 @@ class RiskgateApp:
             for event in events:
                 p, wm, span, totals = decode_snapshot(event.message.value)
                 self.aggregator.update(p, wm, span, totals)
-            stream._set_current_event(events[-1])  # version table writes
+            _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
             pubs = self.aggregator.due(time.time())
             for pub in pubs:
@@ -265,7 +312,6 @@ class RiskgateApp:
                                                  value=threshold_message(pub.result, self.config, pub.version))
                 self._record(pub)
             self.metrics.recompute.observe(time.perf_counter() - t0)
-            stream._set_current_event(None)
 
     def _record(self, pub) -> None:
         r, m = pub.result, self.metrics
@@ -282,19 +328,26 @@ class RiskgateApp:
 
     # -- health and lag -------------------------------------------------------
     async def _check_health(self) -> None:
-        tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in INPUT_TOPICS]
+        tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs]
+        consumer = self.app.consumer
         try:
-            highwaters = await asyncio.wait_for(self.app.consumer.highwaters(*tps), timeout=5.0) if tps else {}
+            # A round trip to the broker: fails (or times out) while it is unreachable.
+            if tps:
+                await asyncio.wait_for(consumer.highwaters(*tps), timeout=5.0)
         except Exception:  # broker unreachable: keep state, report unhealthy, retry on the next tick
             self.healthy = False
             self.metrics.healthy.set(0)
             return
-        for tp, hw in highwaters.items():
+        for tp in tps:
+            # Lag from the high watermark of the last fetch response: some brokers
+            # (tansu) answer ListOffsets with stale numbers, fetches are exact.
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
             part = self.partitions.get(tp.partition)
             last = part.last_offsets.get(tp.topic) if part else None
-            committed = self.app.consumer._committed_offset.get(tp)
-            position = last + 1 if last is not None else (committed or 0)
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, hw - position))
+            position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
+            self.metrics.lag.labels(self.names.base(tp.topic), str(tp.partition)).set(max(0, hw - position))
         self.healthy = True
         self.metrics.healthy.set(1)
         self._export_monitors()
@@ -342,6 +395,18 @@ class RiskgateApp:
         for b, n in p1_seen.items():
             if n:
                 m.property1.labels(str(b)).set(p1_flag[b] / n)
+
+
+def _in_event_of(event) -> None:
+    """Make ``event`` the current event *of this task* for Faust's table writes.
+
+    Faust picks a table write's RocksDB partition and changelog partition from the
+    current event. Only the context variable is set: ``Stream._set_current_event``
+    would also overwrite the stream's own attribute, which ``take_events`` reads
+    to pair buffered values with their events, and a write there while the
+    buffer is filling loses one event and duplicates another.
+    """
+    _current_event.set(weakref.ref(event))
 
 
 class _IntTable:

@@ -25,7 +25,7 @@ from calibration.synthetic import WorldConfig, generate_events
 
 from .producer import produce_events
 from .ranker import RankerClient
-from .topics import DLQ, INPUT_TOPICS, PARTIALS, SAFE_POOLS, THRESHOLDS
+from .topics import THRESHOLDS, Topics
 
 __all__ = ["run_live_demo", "start_worker", "worker_env"]
 
@@ -40,6 +40,8 @@ def worker_env(bootstrap: str, data_dir: str, **overrides) -> dict[str, str]:
         "RISKGATE_TOPIC_PARTITIONS": "4",
         "RISKGATE_WEB_PORT": "0",
         "RISKGATE_REBALANCE_TIMEOUT": "3",
+        "RISKGATE_PRODUCER_MAX_BATCH_SIZE": "1",  # tansu: exact end offsets for table recovery
+        "RISKGATE_RECOVERY_CONSISTENCY_CHECK": "false",
     })
     env.update({f"RISKGATE_{k.upper()}": str(v) for k, v in overrides.items()})
     return env
@@ -88,14 +90,12 @@ async def _follow(bootstrap: str, console: Console, deadline: float, produced, s
 
 def run_live_demo(duration: float = 60.0, seed: int = 0, rate: float = 2000.0, console: Console | None = None) -> int:
     """Run the whole pipeline on this machine for ``duration`` seconds; returns threshold updates seen."""
-    from .broker import LocalBroker, create_topics
+    from .broker import LocalBroker
 
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="riskgate-demo-") as tmp, LocalBroker() as broker:
         console.print(f"[bold]riskgate demo[/bold]: broker {broker.bootstrap}, data in {tmp}")
-        create_topics(broker.bootstrap, list(INPUT_TOPICS), partitions=4)
-        create_topics(broker.bootstrap, [THRESHOLDS, DLQ, PARTIALS], partitions=1)
-        create_topics(broker.bootstrap, [SAFE_POOLS], partitions=4, compacted=[SAFE_POOLS])
+        Topics().create(broker.bootstrap, partitions=4)
         env = worker_env(broker.bootstrap, os.path.join(tmp, "data"), recompute_interval=2, heartbeat=10,
                          label_window=600, window=21600, buckets=6, min_slates=100, alphas="0.002,0.005,0.01")
         worker = start_worker(env, os.path.join(tmp, "worker.log"))

@@ -26,6 +26,7 @@ async def produce_events(
     in_flight: int = 5000,
     on_progress=None,
     producer_kwargs: dict | None = None,
+    prefix: str = "",
 ) -> Counter:
     """Send every event; ``rate`` caps events per second (None: as fast as the broker takes them).
 
@@ -43,7 +44,7 @@ async def produce_events(
     try:
         for topic, value in events:
             key = str(value.get("user_id", "")).encode()
-            pending.append(await producer.send(topic, orjson.dumps(value), key=key))
+            pending.append(await producer.send(prefix + topic, orjson.dumps(value), key=key))
             counts[topic] += 1
             sent += 1
             if len(pending) >= in_flight:

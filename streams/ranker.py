@@ -92,8 +92,9 @@ class ThresholdBook:
 class RankerClient:
     """Follows ``risk-thresholds`` and ``safe-pools`` into a :class:`ThresholdBook`."""
 
-    def __init__(self, bootstrap: str, book: ThresholdBook | None = None, **consumer_kwargs):
+    def __init__(self, bootstrap: str, book: ThresholdBook | None = None, prefix: str = "", **consumer_kwargs):
         self.bootstrap = bootstrap
+        self.thresholds_topic, self.pools_topic = prefix + THRESHOLDS, prefix + SAFE_POOLS
         self.book = book or ThresholdBook()
         self.consumer_kwargs = consumer_kwargs
         self._task: asyncio.Task | None = None
@@ -104,7 +105,7 @@ class RankerClient:
         from aiokafka import AIOKafkaConsumer
 
         self._consumer = AIOKafkaConsumer(
-            THRESHOLDS, SAFE_POOLS, bootstrap_servers=self.bootstrap, group_id=None,
+            self.thresholds_topic, self.pools_topic, bootstrap_servers=self.bootstrap, group_id=None,
             auto_offset_reset="earliest", enable_auto_commit=False, **self.consumer_kwargs,
         )
         await self._consumer.start()
@@ -112,7 +113,7 @@ class RankerClient:
 
     async def _run(self) -> None:
         async for msg in self._consumer:
-            if msg.topic == THRESHOLDS:
+            if msg.topic == self.thresholds_topic:
                 self.book.on_threshold(msg.key, msg.value)
             else:
                 self.book.on_pool(msg.key, msg.value)

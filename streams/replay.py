@@ -447,8 +447,7 @@ def replay(events: Iterable[tuple[str, dict]], config: ReplayConfig = ReplayConf
         for ai, arm in enumerate(arms):
             eng = arm.engine
             if eng.max_ts is not None:
-                eng.max_ts += ecfg.label_window + ecfg.allowed_lateness + 1.0
-                eng.advance()
+                eng.push_watermark(eng.max_ts + ecfg.label_window + 1.0)
                 for m in arm.drain():
                     on_mature(ai, arm, m)
     counts["unresolved_slates"] = len(pending)

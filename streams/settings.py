@@ -47,9 +47,14 @@ class Settings(BaseSettings):
     broker: str = "kafka://127.0.0.1:9092"
     app_id: str = "riskgate"
     data_dir: Path = Path("./.riskgate/data")
+    topic_prefix: str = Field("", max_length=100, pattern=r"^[A-Za-z0-9._-]*$")
     topic_partitions: int = Field(8, ge=1, le=10_000)
     topic_replication_factor: int = Field(1, ge=1)
     rebalance_timeout: float = Field(10.0, gt=0)
+    # Broker quirks: see docs/operations.md ("tansu"). One-record producer batches
+    # make tansu's reported end offsets exact, which table recovery relies on.
+    recovery_consistency_check: bool = True
+    producer_max_batch_size: int = Field(16384, ge=1)
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=0, le=65535)
     web_token: SecretStr | None = None

@@ -18,7 +18,10 @@ import orjson
 
 from calibration.user_state import UserState
 
-__all__ = ["TableUsers", "encode_user", "decode_user", "partition_items"]
+__all__ = ["TableUsers", "TableErased", "encode_user", "decode_user", "partition_items", "ERASED_PREFIX"]
+
+#: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
+ERASED_PREFIX = b"\x00erased:"
 
 
 def encode_user(state: UserState) -> bytes:
@@ -87,6 +90,11 @@ class TableUsers:
         self._dirty.discard(user_id)
         self._deleted.add(user_id)
 
+    def pop(self, user_id: str, default=None):
+        state = self.get(user_id)
+        self.__delitem__(user_id)
+        return default if state is None else state
+
     def items(self) -> Iterator[tuple[str, UserState]]:
         """Every user of the partition (the table as flushed, overlaid with the cache)."""
         seen = set()
@@ -94,6 +102,8 @@ class TableUsers:
             seen.add(uid)
             yield uid, state
         for raw_key, raw in partition_items(self.table, self.partition):
+            if raw_key.startswith(ERASED_PREFIX):
+                continue
             uid = raw_key.decode()
             if uid not in seen and uid not in self._deleted:
                 yield uid, decode_user(raw)
@@ -115,3 +125,30 @@ class TableUsers:
         while len(self._cache) > self.cache_max:
             self._cache.popitem(last=False)
         return written, deleted
+
+
+class TableErased:
+    """Forget markers (hash of the user id -> forget ts) in the same table, written at flush."""
+
+    def __init__(self, table):
+        self.table = table
+        self._cache: dict[str, float] = {}
+        self._dirty: set[str] = set()
+
+    def get(self, key: str, default=None):
+        if key in self._cache:
+            return self._cache[key]
+        raw = self.table.get(ERASED_PREFIX + key.encode())
+        if raw is None:
+            return default
+        self._cache[key] = float(raw)
+        return self._cache[key]
+
+    def __setitem__(self, key: str, ts: float) -> None:
+        self._cache[key] = ts
+        self._dirty.add(key)
+
+    def flush(self) -> None:
+        for key in self._dirty:
+            self.table[ERASED_PREFIX + key.encode()] = repr(self._cache[key]).encode()
+        self._dirty = set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import orjson
@@ -20,6 +21,7 @@ from calibration.safe_pool import SafeItem
 from calibration.window import CurveAccumulator
 
 __all__ = [
+    "Topics",
     "INPUT_TOPICS",
     "THRESHOLDS",
     "SAFE_POOLS",
@@ -36,6 +38,51 @@ THRESHOLDS = "risk-thresholds"
 SAFE_POOLS = "safe-pools"
 DLQ = "riskgate-dlq"
 PARTIALS = "riskgate-partials"
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topic names with an optional prefix (``RISKGATE_TOPIC_PREFIX``, empty by default).
+
+    A prefix lets several riskgate deployments (or test runs) share one cluster.
+    """
+
+    prefix: str = ""
+
+    def __getattr__(self, name: str) -> str:  # pragma: no cover - only for unknown names
+        raise AttributeError(name)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(self.prefix + t for t in INPUT_TOPICS)
+
+    @property
+    def thresholds(self) -> str:
+        return self.prefix + THRESHOLDS
+
+    @property
+    def safe_pools(self) -> str:
+        return self.prefix + SAFE_POOLS
+
+    @property
+    def dlq(self) -> str:
+        return self.prefix + DLQ
+
+    @property
+    def partials(self) -> str:
+        return self.prefix + PARTIALS
+
+    def base(self, topic: str) -> str:
+        """The spec name of a (prefixed) topic: ``acme.flags`` -> ``flags``."""
+        return topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
+
+    def create(self, bootstrap: str, partitions: int, **client_kwargs) -> None:
+        """Create every topic riskgate uses (inputs and safe-pools with ``partitions``)."""
+        from .broker import create_topics
+
+        create_topics(bootstrap, self.inputs, partitions, **client_kwargs)
+        create_topics(bootstrap, [self.thresholds, self.dlq, self.partials], 1, **client_kwargs)
+        create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], **client_kwargs)
 
 
 def threshold_key(strategy: str, group: str) -> str:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["register_views"]
 
-_PROM = "text/plain; version=0.0.4; charset=utf-8"
+_PROM = "text/plain; version=0.0.4"  # aiohttp adds the charset itself
 
 
 def _authorised(rg: "RiskgateApp", request) -> bool:
@@ -44,6 +44,25 @@ def register_views(rg: "RiskgateApp") -> None:
     @app.page("/thresholds")
     async def thresholds(web, request):
         return web.json({"thresholds": rg.latest})
+
+    @app.page("/debug/window-slates")
+    async def window_slates(web, request):
+        """Every slate in this worker's calibration windows, in ``riskgate calibrate`` input form.
+
+        Lets an operator (and the tests) recompute λ̂ offline from exactly what the
+        worker holds. Personal data: token required like ``/users``.
+        """
+        if not _authorised(rg, request):
+            return web.json({"error": "forbidden"}, status=403)
+        out = []
+        for p, part in sorted(rg.partitions.items()):
+            horizon = part.engine.calibrator.horizon()
+            for uid, state in part.users.items():
+                for m in state.live_recent(horizon):
+                    out.append({"partition": p, "user_id": uid, "slate_id": m.slate_id, "band": m.band,
+                                "k": m.k, "safe_pool_size": m.pool,
+                                "items": [{"score": sc, "flagged": fl} for sc, fl in zip(m.scores, m.flags)]})
+        return web.json({"slates": out})
 
     @app.page("/users/{user_id}")
     async def user(web, request, user_id):
