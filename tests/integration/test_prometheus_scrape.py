@@ -1,0 +1,146 @@
+"""A real Prometheus scrapes a running ``riskgate worker`` (issue 5).
+
+The worker (tests/integration/harness.py, the same ``riskgate worker`` process
+the stream tests use) runs against the test broker; a seeded synthetic stream
+is produced; a Prometheus server (Debian package, installed by
+deploy/ensure-prometheus.sh when missing) bound to loopback on a free port,
+with a temporary TSDB, scrapes the worker's ``/metrics``. The test then reads
+``riskgate_`` series back through Prometheus's HTTP API: events processed,
+the configured α, the worker's health, and only metric names the worker
+declares in ``streams.metrics.METRIC_NAMES``. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from calibration.synthetic import WorldConfig, generate_events
+from streams.broker import free_port
+from streams.metrics import METRIC_NAMES
+from streams.producer import produce_events
+
+from .harness import Worker, make_topics, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+ALPHAS = (0.05, 0.1)
+
+
+def _prometheus_binary() -> str:
+    out = subprocess.run(["sh", str(REPO / "deploy" / "ensure-prometheus.sh")], capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode != 0:
+        pytest.fail(f"prometheus unavailable: {out.stderr.strip()}")
+    return str(Path(out.stdout.strip().splitlines()[-1]) / "prometheus")
+
+
+class Prometheus:
+    """``prometheus`` on 127.0.0.1:<free port> scraping ``targets`` every second, TSDB in ``tmp``."""
+
+    def __init__(self, binary: str, tmp: Path, targets: list[str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "riskgate", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": targets}]}],
+        }
+        (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+        self.log_path = tmp / "prometheus.log"
+        self.cmd = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Prometheus":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_for(self._ready, 30, what=f"prometheus ready on :{self.port} (log {self.log_path})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def _get(self, path: str):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                return r.status, r.read()
+        except OSError:
+            return None, b""
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return self._get("/-/ready")[0] == 200
+
+    def query(self, promql: str) -> list[dict]:
+        """Instant query through the HTTP API: the result vector (empty on errors, so callers can poll)."""
+        status, body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        if status != 200:
+            return []
+        data = json.loads(body)
+        return data["data"]["result"] if data.get("status") == "success" else []
+
+    def names(self) -> list[str]:
+        status, body = self._get("/api/v1/label/__name__/values")
+        return json.loads(body)["data"] if status == 200 else []
+
+
+def _events():
+    world = WorldConfig(seed=3, n_users=30, n_items=2000, n_slates=300, slates_per_second=1.0, holdout_share=0.5)
+    return list(generate_events(world))
+
+
+def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix, tmp_path):
+    binary = _prometheus_binary()
+    make_topics(kafka_bootstrap, topic_prefix, 2)
+    worker = Worker(kafka_bootstrap, app_id, tmp_path / "data", tmp_path, partitions=2, prefix=topic_prefix,
+                    alphas=",".join(map(str, ALPHAS)), label_window=60, allowed_lateness=5, min_slates=10)
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    worker.start()
+    try:
+        worker.wait_healthy(90)
+        sent = asyncio.run(produce_events(kafka_bootstrap, _events(), prefix=topic_prefix))
+        assert sum(sent.values()) > 0
+        wait_for(lambda: worker.metric("riskgate_events_total", outcome="ok") > 0, 60,
+                 what="the worker to count processed events")
+        with Prometheus(binary, prom_dir, [f"127.0.0.1:{worker.port}"]) as prom:
+            up = wait_for(lambda: prom.query('up{job="riskgate"} == 1'), 30, what="a successful scrape")
+            assert up[0]["metric"]["instance"] == f"127.0.0.1:{worker.port}"
+
+            # events processed, read back through PromQL
+            ok = wait_for(lambda: prom.query('sum(riskgate_events_total{job="riskgate", outcome="ok"}) > 0'), 30,
+                          what="riskgate_events_total in Prometheus")
+            assert float(ok[0]["value"][1]) > 0
+            impressions = prom.query('sum(riskgate_events_total{type="impression"})')
+            assert impressions and float(impressions[0]["value"][1]) > 0
+
+            # the configured α, one series each
+            targets = wait_for(lambda: prom.query("riskgate_target_risk"), 30, what="riskgate_target_risk")
+            assert sorted(float(r["value"][1]) for r in targets) == sorted(ALPHAS)
+            assert {r["metric"]["alpha"] for r in targets} == {str(a) for a in ALPHAS}
+
+            healthy = wait_for(lambda: prom.query("riskgate_healthy == 1"), 30, what="riskgate_healthy == 1")
+            assert healthy
+
+            # everything the worker exports is declared in METRIC_NAMES (what dashboards and alerts may use)
+            exported = {n for n in prom.names() if n.startswith("riskgate_")}
+            assert "riskgate_events_total" in exported
+            assert exported - METRIC_NAMES == set()
+    finally:
+        worker.stop()
