@@ -117,6 +117,19 @@ def worker(loglevel) -> None:
     faust.Worker(rg.app, loglevel=loglevel).execute_from_commandline()
 
 
+@main.command("example-ranker")
+@click.option("--broker", required=True, help="kafka://host:port of the broker.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--holdout-share", type=float, default=0.1, show_default=True)
+@click.option("--topic-prefix", default="", show_default=True)
+def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
+    """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
+    from .example_ranker import serve
+
+    serve(broker.removeprefix("kafka://"), port, host, topic_prefix, holdout_share)
+
+
 @main.command()
 @click.option("--broker", required=True, help="kafka://host:port of the broker.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -1,0 +1,53 @@
+"""The example ranker against a real broker: it follows riskgate's outputs and applies Algorithm 1."""
+
+import asyncio
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from calibration.engine import EngineConfig, GroupResult
+from calibration.safe_pool import SafeItem
+from calibration.threshold import Threshold
+from streams.example_ranker import make_app
+from streams.topics import safe_pool_message, threshold_message
+
+from .harness import make_topics, produce_raw, read_topic, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_bootstrap, topic_prefix):
+    names = make_topics(kafka_bootstrap, topic_prefix, 2)
+    cfg = EngineConfig(alphas=(0.1,))
+    result = GroupResult("replace", "global", 500, (0.0, 1.0), (Threshold(0.1, 0.5, False, 0.08),))
+    produce_raw(kafka_bootstrap, [
+        (names.thresholds, b"replace:global", threshold_message(result, cfg, 3)),
+        (names.safe_pools, b"u1", safe_pool_message("u1", [SafeItem("safe-1", 9.0)], ["guns"], band="low")),
+    ])
+    request = {"user_id": "u1", "slate_id": "s1", "k": 3, "alpha": 0.1, "strategy": "replace",
+               "candidates": [{"item_id": "a", "score": 0.9, "rank_score": 3.0},
+                              {"item_id": "b", "score": 0.2, "rank_score": 2.0},
+                              {"item_id": "c", "score": 0.8, "rank_score": 1.0, "tags": ["guns"]}]}
+
+    async def run():
+        app = make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0)
+        async with TestClient(TestServer(app)) as client:
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:  # until the ranker has read the published threshold
+                resp = await client.post("/rank", data=orjson.dumps(request))
+                body = await resp.json()
+                if body["lambda"] is not None or asyncio.get_running_loop().time() > deadline:
+                    return body
+                await asyncio.sleep(0.2)
+
+    body = asyncio.run(run())
+    assert (body["group"], body["lambda"], body["version"], body["policy_applied"]) == ("global", 0.5, 3, True)
+    assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), ("safe-1", True)]
+    imps = wait_for(lambda: [orjson.loads(v) for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])
+                             if orjson.loads(v)["slate_id"] == "s1"], 30, what="the impression")
+    assert imps[-1]["policy_applied"] is True and imps[-1]["alpha"] == 0.1
+    assert [i["item_id"] for i in imps[-1]["items"]] == ["a", "safe-1"]
+    from streams.schemas import decode
+
+    assert decode("impressions", orjson.dumps(imps[-1]), b"u1").policy_applied  # riskgate accepts it
