@@ -23,6 +23,7 @@ from rich.console import Console
 
 from calibration.synthetic import WorldConfig, generate_events
 
+from .broker import free_port
 from .producer import produce_events
 from .ranker import RankerClient
 from .topics import THRESHOLDS, Topics
@@ -38,7 +39,7 @@ def worker_env(bootstrap: str, data_dir: str, **overrides) -> dict[str, str]:
         "RISKGATE_APP_ID": "riskgate-demo",
         "RISKGATE_DATA_DIR": data_dir,
         "RISKGATE_TOPIC_PARTITIONS": "4",
-        "RISKGATE_WEB_PORT": "0",
+        "RISKGATE_WEB_PORT": str(free_port()),
         "RISKGATE_REBALANCE_TIMEOUT": "3",
         "RISKGATE_PRODUCER_MAX_BATCH_SIZE": "1",  # tansu: exact end offsets for table recovery
         "RISKGATE_RECOVERY_CONSISTENCY_CHECK": "false",
@@ -71,11 +72,14 @@ def _line(msg: dict) -> str:
     return f"v{msg['version']:<4} {msg['strategy']:>7}:{msg['group']:<10} n={msg['n']:<7} {ts}"
 
 
-async def _follow(bootstrap: str, console: Console, deadline: float, produced, stats) -> None:
+async def _follow(bootstrap: str, console: Console, deadline: float, produced, stats, worker, log_path) -> None:
     client = RankerClient(bootstrap)
     await client.start()
     try:
         while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                tail = open(log_path, errors="replace").read()[-3000:]
+                raise RuntimeError(f"the worker exited with status {worker.returncode}:\n{tail}")
             try:
                 topic, key, value = await asyncio.wait_for(client.updates.get(), timeout=1.0)
             except asyncio.TimeoutError:
@@ -98,7 +102,8 @@ def run_live_demo(duration: float = 60.0, seed: int = 0, rate: float = 2000.0, c
         Topics().create(broker.bootstrap, partitions=4)
         env = worker_env(broker.bootstrap, os.path.join(tmp, "data"), recompute_interval=2, heartbeat=10,
                          label_window=600, window=21600, buckets=6, min_slates=100, alphas="0.002,0.005,0.01")
-        worker = start_worker(env, os.path.join(tmp, "worker.log"))
+        log_path = os.path.join(tmp, "worker.log")
+        worker = start_worker(env, log_path)
         console.print(f"worker pid {worker.pid}; producing synthetic traffic at {rate:,.0f} events/s for {duration:.0f} s")
         world = WorldConfig(seed=seed, n_users=500, n_slates=10**7, slates_per_second=1.0, holdout_share=0.5,
                             rate_multiplier=20.0, label_delay=120.0)
@@ -107,7 +112,7 @@ def run_live_demo(duration: float = 60.0, seed: int = 0, rate: float = 2000.0, c
 
         async def main() -> None:
             deadline = time.monotonic() + duration
-            follower = asyncio.create_task(_follow(broker.bootstrap, console, deadline, produced, stats))
+            follower = asyncio.create_task(_follow(broker.bootstrap, console, deadline, produced, stats, worker, log_path))
 
             def events():
                 for ev in generate_events(world):

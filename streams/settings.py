@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     recovery_consistency_check: bool = True
     producer_max_batch_size: int = Field(16384, ge=1)
     web_host: str = "127.0.0.1"
-    web_port: int = Field(6066, ge=0, le=65535)
+    web_port: int = Field(6066, ge=1, le=65535)
     web_token: SecretStr | None = None
 
     # calibration (SPEC §4–6)

@@ -56,11 +56,11 @@ def test_comma_lists_parse_from_plain_strings(monkeypatch):
 
 def test_scalars_parse_from_env(monkeypatch):
     s = load(monkeypatch, broker="kafka://k1:9092,kafka://k2:9093", app_id="rg", window="3600", buckets="12",
-             guarantee="high_probability", delta="0.05", loss="per_slot", beta="30", web_port="0",
+             guarantee="high_probability", delta="0.05", loss="per_slot", beta="30", web_port="7001",
              topic_partitions="3")
     assert s.bootstrap == "k1:9092,k2:9093"
     assert (s.app_id, s.window, s.buckets, s.guarantee, s.delta, s.loss, s.beta, s.web_port, s.topic_partitions) == (
-        "rg", 3600, 12, "high_probability", 0.05, "per_slot", 30, 0, 3)
+        "rg", 3600, 12, "high_probability", 0.05, "per_slot", 30, 7001, 3)
 
 
 def test_settings_are_immutable(monkeypatch):
@@ -101,6 +101,7 @@ def test_a_bad_alpha_names_the_variable(monkeypatch):
     ({"grid_values": "0.1,inf"}, "RISKGATE_GRID_VALUES"),
     ({"topic_partitions": "0"}, "RISKGATE_TOPIC_PARTITIONS"),
     ({"web_port": "70000"}, "RISKGATE_WEB_PORT"),
+    ({"web_port": "0"}, "RISKGATE_WEB_PORT"),  # Faust refuses port 0: fail at start, by name
     ({"history_max": "0"}, "RISKGATE_HISTORY_MAX"),
     ({"max_items": "-5"}, "RISKGATE_MAX_ITEMS"),
     ({"holdout_share": "1.5"}, "RISKGATE_HOLDOUT_SHARE"),
