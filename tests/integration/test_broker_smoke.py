@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import wait_for  # noqa: E402  (one polling helper for all integration tests)
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
@@ -89,18 +91,6 @@ TANSU_NOTES = """
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition, timeout: float, interval: float = 0.2, what: str = "condition"):
-    """Poll ``condition()`` until truthy; fail naming ``what`` and the last value after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def _free_port() -> int:
