@@ -27,7 +27,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-import numpy as np
 
 from .events import Constraints, Event, Flag, Forget, Impression, Watch
 from .grid import Grid, make_grid

@@ -20,8 +20,7 @@ for item i is "the user flagged i at or before ``ts + label_window``".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Iterable
+from dataclasses import dataclass, field
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from typing import Iterable
 
 __all__ = ["LocalBroker", "create_topics", "free_port", "tansu_binary", "wait_for_broker"]

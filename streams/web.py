@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING
 
-from .state import partition_items  # noqa: F401 - re-exported for operators' scripts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import RiskgateApp
