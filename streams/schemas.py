@@ -30,7 +30,8 @@ __all__ = ["InvalidEvent", "decode", "dead_letter", "MODELS", "MAX_BYTES"]
 #: Largest value accepted, in bytes (a 200-item slate with tags is ~40 kB).
 MAX_BYTES = 1_000_000
 
-Id = Annotated[str, Field(min_length=1, max_length=256)]
+# No NUL: the users table keeps forget markers under keys that start with one.
+Id = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
 Tag = Annotated[str, Field(min_length=1, max_length=128)]
 Tags = Annotated[tuple[Tag, ...], Field(max_length=32)]
 

@@ -318,3 +318,13 @@ def test_mutated_valid_events_are_valid_or_invalid_event(topic, data):
     for item in getattr(ev, "items", ()):
         assert isinstance(item.score, float) and math.isfinite(item.score)
         assert isinstance(item.replacement, bool)
+
+
+def test_ids_with_a_nul_byte_are_rejected():
+    # The users table keeps forget markers under keys starting with NUL: no user id may collide with them.
+    import orjson
+
+    from streams.schemas import InvalidEvent, decode
+
+    with pytest.raises(InvalidEvent, match="user_id"):
+        decode("forget", orjson.dumps({"event_id": "x", "user_id": "\x00erased:abc", "ts": 5.0}), None)
