@@ -91,9 +91,13 @@ class Calibrator:
         self._clock = next(iter(self.windows.values()))  # all windows advance together
         self.refused = 0  # mature holdout slates whose bucket had already left the window
 
+    def span(self) -> tuple[float, float] | None:
+        """Event-time span of the windows, once they have a watermark."""
+        return self._clock.span()
+
     def horizon(self) -> float:
         """Start of the oldest live bucket (-inf before the first watermark)."""
-        span = self._clock.span()
+        span = self.span()
         return float("-inf") if span is None else span[0]
 
     def accepts(self, ts: float) -> bool:
@@ -257,6 +261,11 @@ class Watermark:
     def set_lagging(self, source: str, lagging: bool) -> None:
         (self.lagging.add if lagging else self.lagging.discard)(source)
 
+    @property
+    def known(self) -> float | None:
+        """The watermark, or None before any event."""
+        return None if self.value == float("-inf") else self.value
+
     def update(self) -> float:
         if self.lagging:
             if any(s not in self.max_ts for s in self.lagging):
@@ -277,17 +286,12 @@ class Engine:
     the replay, a write-back view of a Faust table in the stream.
     """
 
-    def __init__(self, config: EngineConfig, users=None, max_ts: float | None = None, clock: Watermark | None = None,
-                 erased=None):
+    def __init__(self, config: EngineConfig, users=None, clock: Watermark | None = None, erased=None):
         self.config = config
         self.users = {} if users is None else users
         self.calibrator = Calibrator(config)
         self.monitors = Monitors()
-        self.max_ts = max_ts
         self.clock = clock or Watermark(config.allowed_lateness)
-        if max_ts is not None and not self.clock.max_ts:
-            self.clock.observe("events", max_ts)
-            self.clock.update()
         self.counts: dict[tuple[str, str], int] = defaultdict(int)  # (event type, outcome) -> count
         self._due: list[tuple[float, str]] = []  # heap of (maturity time, user_id); stale entries are skipped
         self.matured: list[MatureSlate] = []  # holdout slates folded, kept when `keep_matured`
@@ -298,11 +302,15 @@ class Engine:
         # to the erased past and are dropped, so a forget is not undone by them.
         self.erased = {} if erased is None else erased
         self.changed: set[str] = set()  # users touched since the caller last cleared this
-        self.forgotten: set[str] = set()
 
     @property
     def watermark(self) -> float:
         return self.clock.value
+
+    @property
+    def max_ts(self) -> float | None:
+        """Largest event ``ts`` seen (over every source), None before any."""
+        return max(self.clock.max_ts.values()) if self.clock.max_ts else None
 
     def rebuild(self) -> None:
         """Re-derive windows and the maturity queue from ``users`` (after a restart or rebalance)."""
@@ -332,7 +340,6 @@ class Engine:
             # tombstones (a changelog written before a rebalance, an output topic).
             self.users.pop(ev.user_id, None)
             self.erased[erasure_key(ev.user_id)] = max(ev.ts, erased_at or ev.ts)
-            self.forgotten.add(ev.user_id)
             self.changed.discard(ev.user_id)
             outcome = "ok"
         elif erased_at is not None and ev.ts <= erased_at:
@@ -362,9 +369,6 @@ class Engine:
             if outcome != "duplicate":
                 self.users[ev.user_id] = state
                 self.changed.add(ev.user_id)
-                self.forgotten.discard(ev.user_id)
-                if self.max_ts is None or ev.ts > self.max_ts:
-                    self.max_ts = ev.ts
                 self.clock.observe(source, ev.ts)
         self.clock.update()
         self.counts[(kind, outcome)] += 1

@@ -171,10 +171,10 @@ class RiskgateApp:
             users = TableUsers(self.users_table, p, self.settings.user_cache)
             meta = self.meta_table.get(str(p).encode())
             meta = orjson.loads(meta) if meta else {}
-            clock = Watermark(self.config.allowed_lateness, meta.get("watermark", float("-inf")) or float("-inf"),
+            wm = meta.get("watermark")
+            clock = Watermark(self.config.allowed_lateness, float("-inf") if wm is None else wm,
                               meta.get("max_ts_by_topic"))
-            engine = Engine(self.config, users=users, max_ts=meta.get("max_ts"), clock=clock,
-                            erased=TableErased(self.users_table))
+            engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table))
             engine.rebuild()
             part = self.partitions[p] = _Partition(engine, users)
         return part
@@ -215,11 +215,10 @@ class RiskgateApp:
         outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
         written, deleted = part.users.flush()
         eng.erased.flush()
-        self.meta_table[str(p).encode()] = orjson.dumps(
-            {"max_ts": eng.max_ts, "watermark": eng.clock.value if eng.clock.value > float("-inf") else None,
-             "max_ts_by_topic": eng.clock.max_ts})
-        if eng.clock.value > float("-inf"):
-            self.metrics.watermark.labels(str(p)).set(eng.clock.value)
+        wm = eng.clock.known
+        self.meta_table[str(p).encode()] = orjson.dumps({"watermark": wm, "max_ts_by_topic": eng.clock.max_ts})
+        if wm is not None:
+            self.metrics.watermark.labels(str(p)).set(wm)
         for topic, key, value in outgoing:
             topic.send_soon(key=key, value=value)
         for uid in deleted:
@@ -229,7 +228,6 @@ class RiskgateApp:
             for st in self.config.strategies:
                 self.thresholds_topic.send_soon(key=f"{st}:user:{uid}".encode(), value=None)
         eng.changed.clear()
-        eng.forgotten.clear()
 
     def _user_outputs(self, part: _Partition, changed) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
@@ -292,9 +290,8 @@ class RiskgateApp:
             if not part.dirty and now - part.sent_at < self.settings.heartbeat / 2:
                 continue
             eng = part.engine
-            wm = eng.watermark if eng.max_ts is not None else None
             await self.partials_topic.send(key=str(p).encode(),
-                                           value=encode_snapshot(p, wm, eng.calibrator._clock.span(),
+                                           value=encode_snapshot(p, eng.clock.known, eng.calibrator.span(),
                                                                  eng.calibrator.snapshot()))
             part.dirty, part.sent_at = False, now
 

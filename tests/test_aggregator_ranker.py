@@ -29,7 +29,7 @@ def test_snapshots_round_trip_and_sum_to_one_engine():
     e1, e2 = _engine("x", 40), _engine("y", 30)
     agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0)
     for p, e in ((0, e1), (1, e2)):
-        agg.update(*decode_snapshot(encode_snapshot(p, e.watermark, e.calibrator._clock.span(), e.calibrator.snapshot())))
+        agg.update(*decode_snapshot(encode_snapshot(p, e.watermark, e.calibrator.span(), e.calibrator.snapshot())))
     got = {(r.strategy, r.group): r for r in agg.results()}
     want = {(r.strategy, r.group): r for r in combine(CFG, [e1.calibrator.snapshot(), e2.calibrator.snapshot()])}
     assert {k: (r.n, r.thresholds) for k, r in got.items()} == {k: (r.n, r.thresholds) for k, r in want.items()}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from calibration.engine import Engine, EngineConfig
+from calibration.engine import Engine, EngineConfig, Watermark, erasure_key
 from calibration.events import Constraints, Flag, Forget, Impression, ShownItem, Watch
 from calibration.grid import make_grid
 from calibration.slates import Slate, SlateBatch
@@ -178,7 +178,7 @@ def test_windows_always_equal_the_fold_of_the_users_recent_slates(seed):
     for k, ev in enumerate(_random_stream(seed)):
         eng.process(ev)
         if k % 150 == 0 or k == 0:
-            again = Engine(cfg, users=eng.users, max_ts=eng.max_ts)
+            again = Engine(cfg, users=eng.users, clock=Watermark(cfg.allowed_lateness, eng.clock.value, eng.clock.max_ts))
             again.rebuild()
             assert again.calibrator.snapshot() == eng.calibrator.snapshot()
     assert eng.calibrator.result("replace", "global").n > 0
@@ -195,4 +195,4 @@ def test_forget_takes_the_users_slates_out_of_the_windows():
     assert eng.calibrator.result("remove", "global").n == 3
     eng.process(Forget("x1", "a", 201.0))
     assert eng.calibrator.result("remove", "global").n == 1
-    assert "a" not in eng.users and "a" in eng.forgotten
+    assert "a" not in eng.users and erasure_key("a") in eng.erased
