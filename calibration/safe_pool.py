@@ -16,7 +16,7 @@ Decisions (SPEC is silent):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 __all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "record_view", "record_watch", "record_flag", "trim_history"]
@@ -108,13 +108,18 @@ def record_view(
     history: Mapping[str, HistoryEntry], item_id: str, rank_score: float, tags: Iterable[str], ts: float
 ) -> HistoryEntry:
     """The entry after ``item_id`` is shown at ``ts``: first rank score and tags are kept."""
+    # Entries are built field by field, not with dataclasses.replace: this runs
+    # for every item shown and every watch, and replace() costs several times more.
     old = history.get(item_id)
+    ts = float(ts)
     if old is None:
-        return HistoryEntry(item_id, float(rank_score), tuple(tags), shown=True, last_seen=float(ts))
+        return HistoryEntry(item_id, float(rank_score), tuple(tags), None, False, True, False, ts, None)
+    last = old.last_seen if old.last_seen > ts else ts
     if not old.shown:  # created by an early watch or flag: fill in what the impression knows
-        return replace(old, first_rank_score=float(rank_score), tags=tuple(tags), shown=True,
-                       last_seen=max(old.last_seen, float(ts)))
-    return replace(old, last_seen=max(old.last_seen, float(ts)))
+        return HistoryEntry(item_id, float(rank_score), tuple(tags), old.first_watch_pct, old.watched, True,
+                            old.flagged, last, old.flag_ts)
+    return HistoryEntry(item_id, old.first_rank_score, old.tags, old.first_watch_pct, old.watched, old.shown,
+                        old.flagged, last, old.flag_ts)
 
 
 def record_watch(
@@ -125,10 +130,13 @@ def record_watch(
     A watch that arrives before its impression creates the entry (rank score 0,
     no tags) so the first view is not lost; the impression later fills them in.
     """
-    old = history.get(item_id) or HistoryEntry(item_id, 0.0, (), last_seen=float(ts))
-    if old.watched:
-        return replace(old, last_seen=max(old.last_seen, float(ts)))
-    return replace(old, watched=True, first_watch_pct=watch_pct(watch_ms, duration_ms), last_seen=max(old.last_seen, float(ts)))
+    ts = float(ts)
+    old = history.get(item_id)
+    if old is None:
+        return HistoryEntry(item_id, 0.0, (), watch_pct(watch_ms, duration_ms), True, False, False, ts, None)
+    last = old.last_seen if old.last_seen > ts else ts
+    pct = old.first_watch_pct if old.watched else watch_pct(watch_ms, duration_ms)
+    return HistoryEntry(item_id, old.first_rank_score, old.tags, pct, True, old.shown, old.flagged, last, old.flag_ts)
 
 
 def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) -> HistoryEntry:
@@ -137,9 +145,14 @@ def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) ->
     ``flag_ts`` keeps the earliest flag time, so labels do not depend on the
     order in which duplicate or out-of-order flags arrive.
     """
-    old = history.get(item_id) or HistoryEntry(item_id, 0.0, (), last_seen=float(ts))
-    first = float(ts) if old.flag_ts is None else min(old.flag_ts, float(ts))
-    return replace(old, flagged=True, flag_ts=first, last_seen=max(old.last_seen, float(ts)))
+    ts = float(ts)
+    old = history.get(item_id)
+    if old is None:
+        return HistoryEntry(item_id, 0.0, (), None, False, False, True, ts, ts)
+    first = ts if old.flag_ts is None else min(old.flag_ts, ts)
+    last = old.last_seen if old.last_seen > ts else ts
+    return HistoryEntry(item_id, old.first_rank_score, old.tags, old.first_watch_pct, old.watched, old.shown, True,
+                        last, first)
 
 
 def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:
