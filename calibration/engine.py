@@ -302,6 +302,7 @@ class Engine:
         # to the erased past and are dropped, so a forget is not undone by them.
         self.erased = {} if erased is None else erased
         self.changed: set[str] = set()  # users touched since the caller last cleared this
+        self._advanced_to = float("-inf")  # watermark of the last advance()
 
     @property
     def watermark(self) -> float:
@@ -331,8 +332,10 @@ class Engine:
     def process(self, ev: Event, source: str = "events") -> str:
         """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it."""
         kind = type(ev).__name__.lower()
-        erased_at = self.erased.get(erasure_key(ev.user_id))
-        if isinstance(ev, Forget):
+        forget = isinstance(ev, Forget)
+        # Hash only when someone was forgotten here: the common case costs nothing.
+        erased_at = self.erased.get(erasure_key(ev.user_id)) if (forget or self.erased) else None
+        if forget:
             state = self.users.get(ev.user_id)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
@@ -375,11 +378,19 @@ class Engine:
         self.advance()
         return outcome
 
+    def advance_clock(self) -> list[MatureSlate]:
+        """Recompute the watermark (after a source stopped lagging) and mature what is now due."""
+        self.clock.update()
+        return self.advance()
+
     def advance(self) -> list[MatureSlate]:
         """Move the windows to the watermark, then mature and fold every due slate."""
         wm = self.watermark
         if wm == float("-inf"):
             return []
+        if wm == self._advanced_to and not (self._due and self._due[0][0] <= wm):
+            return []  # nothing moved since the last call: most events
+        self._advanced_to = wm
         cfg = self.config
         self.calibrator.advance(wm)
         horizon = self.calibrator.horizon()
