@@ -25,6 +25,7 @@ class Publication:
     key: str
     version: int
     result: GroupResult
+    inputs_through: float | None = None
 
 
 @dataclass
@@ -35,9 +36,17 @@ class Aggregator:
     versions: MutableMapping[str, int] = field(default_factory=dict)
     snapshots: dict[int, tuple] = field(default_factory=dict)  # partition -> (watermark, span, totals)
     _last: dict[str, tuple[object, float]] = field(default_factory=dict)  # key -> (fingerprint, published at)
+    through: dict[int, float | None] = field(default_factory=dict)  # partition -> newest input applied (s)
 
-    def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator]) -> None:
+    def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator],
+               through: float | None = None) -> None:
         self.snapshots[partition] = (watermark, span, totals)
+        self.through[partition] = through
+
+    def inputs_through(self) -> float | None:
+        """Every partition had applied its inputs produced up to this time (None if one has none)."""
+        values = list(self.through.values())
+        return min(values) if values and None not in values else None
 
     def span(self):
         spans = [s for _, s, _ in self.snapshots.values() if s]
@@ -51,6 +60,7 @@ class Aggregator:
     def due(self, now: float) -> list[Publication]:
         """What to publish at wall time ``now``; records it as published."""
         out = []
+        through = self.inputs_through()
         for r in self.results():
             key = f"{r.strategy}:{r.group}"
             fingerprint = (r.n, r.window, r.thresholds)
@@ -64,5 +74,5 @@ class Aggregator:
                 version = int(self.versions.get(key, 0)) + 1
                 self.versions[key] = version
                 self._last[key] = (fingerprint, now)
-                out.append(Publication(key, version, r))
+                out.append(Publication(key, version, r, through))
         return out

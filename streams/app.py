@@ -36,13 +36,13 @@ from faust.streams import _current_event
 from faust.types import TP
 
 from calibration.engine import Engine, EngineConfig, Watermark, user_result
-from calibration.events import event_from_dict
 from calibration.grid import make_grid
 from calibration.user_state import Limits
 
 from .aggregator import Aggregator
+from .consumer import BatchingApp, MessageContext
 from .metrics import Metrics
-from .schemas import InvalidEvent, dead_letter, decode
+from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers
 from .topics import Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
@@ -79,6 +79,9 @@ class _Partition:
     sent_at: float = 0.0
     pools: dict = field(default_factory=dict)  # user_id -> last safe-pools payload sent
     own: dict = field(default_factory=dict)  # user_id -> fingerprint of the own thresholds last sent
+    unacked: list = field(default_factory=list)  # records applied since the last flush, acked by it
+    last_message: object = None  # a record of this partition: the table-write context of a flush
+    through: float | None = None  # producer timestamp (s) of the newest input record applied
 
 
 class RiskgateApp:
@@ -94,7 +97,11 @@ class RiskgateApp:
         self.latest: dict[str, dict] = {}  # risk-thresholds published by this worker, by key
         self.healthy = False
         self._exported: dict = {}
-        self.app = app = faust.App(
+        self._counts: dict = defaultdict(int)  # (topic, outcome) -> events since the last flush
+        self._unflushed = 0
+        self._flushed_at = time.monotonic()
+        self._first_batch_at: float | None = None
+        self.app = app = BatchingApp(
             s.app_id,
             broker=s.broker,
             broker_credentials=s.broker_credentials(),
@@ -138,7 +145,14 @@ class RiskgateApp:
         self.versions_table = app.Table("threshold-versions", partitions=1, **table_args)
         self.aggregator = Aggregator(self.config, s.recompute_interval, s.heartbeat, versions=_IntTable(self.versions_table))
 
-        app.agent(self.inputs, name="riskgate.process")(self._process)
+        # The input topics bypass Faust streams (streams/consumer.py): whole
+        # fetches go to _on_batch; the conductor only needs to subscribe them.
+        app.topics.add(self.inputs)
+        app.batch_topics = frozenset(names.inputs)
+        app.batch_max = s.batch_max
+        app.on_batch = self._on_batch
+        app.before_revoke = self._flush_all
+        app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
         app.agent(self.partials_topic, name="riskgate.aggregate")(self._aggregate)
         app.timer(s.recompute_interval, name="riskgate.snapshot")(self._send_snapshots)
         app.timer(2.0, name="riskgate.health")(self._check_health)
@@ -174,46 +188,108 @@ class RiskgateApp:
             wm = meta.get("watermark")
             clock = Watermark(self.config.allowed_lateness, float("-inf") if wm is None else wm,
                               meta.get("max_ts_by_topic"))
-            engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table))
+            engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table, p))
             engine.rebuild()
             part = self.partitions[p] = _Partition(engine, users)
         return part
 
-    # -- the processing agent ------------------------------------------------
-    async def _process(self, stream) -> None:
+    # -- the input path: whole fetches, flushed and acked together ------------
+    async def _on_batch(self, messages) -> None:
+        """Validate and fold one fetch of input records (called by :class:`BatchConsumer`).
+
+        Records are applied in offset order per partition, each partition by
+        its own engine. Their effects stay in the engines' write-back caches
+        until :meth:`_flush`, which writes every changed user once and only
+        then acks the records, so Faust never commits an offset whose effects
+        are not in the changelog.
+        """
         s = self.settings
-        async for events in stream.take_events(s.batch_max, within=s.batch_within):
-            by_partition: dict[int, list] = defaultdict(list)
-            for event in events:
-                msg = event.message
-                topic = self.names.base(msg.topic)
-                try:
-                    model = decode(topic, msg.value, msg.key, s.max_items)
-                    rec = event_from_dict(topic, model.model_dump())
-                except InvalidEvent as e:
-                    self._dead_letter(msg, e)
-                    continue
-                by_partition[msg.partition].append((event, rec))
-            for p, items in by_partition.items():
-                # Table writes go to the RocksDB and changelog partition of the current event.
-                _in_event_of(items[-1][0])
-                self._run_partition(p, items)
-            self.metrics.pending.set(sum(x.engine.pending for x in self.partitions.values()))
+        names = self.names
+        m = self.metrics
+        if self._first_batch_at is None:
+            self._first_batch_at = time.time()
+            m.first_record_at.set(self._first_batch_at)
+        by_partition: dict[int, list] = defaultdict(list)
+        for msg in messages:
+            topic = names.base(msg.topic)
+            try:
+                rec = decode_event(topic, msg.value, msg.key, s.max_items)
+            except InvalidEvent as e:
+                self._dead_letter(msg, e)
+                rec = None
+            by_partition[msg.partition].append((msg, topic, rec))
+        for p, items in by_partition.items():
+            self._run_partition(p, items)
+        m.pending.set(sum(x.engine.pending for x in self.partitions.values()))
+        m.applied.inc(len(messages))
+        m.last_applied_at.set(time.time())
+        self._unflushed += len(messages)
+        now = time.monotonic()
+        if self._unflushed >= s.flush_max_events or now - self._flushed_at >= s.flush_interval:
+            self._flush_all()
 
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)
         eng = part.engine
-        for event, _ in items:
-            msg = event.message
-            part.last_offsets[msg.topic] = max(part.last_offsets.get(msg.topic, -1), msg.offset)
-        self._mark_lagging(p, part)
-        for event, rec in items:
-            topic = self.names.base(event.message.topic)
-            outcome = eng.process(rec, source=topic)
-            self.metrics.events.labels(_KIND[topic], outcome).inc()
+        last = part.last_offsets
+        for msg, _, _ in items:
+            if msg.offset > last.get(msg.topic, -1):
+                last[msg.topic] = msg.offset
+        # A topic holds the watermark back while it has unread records beyond
+        # this batch (_mark_lagging) *or* records later in this batch: records
+        # are applied one by one, and a batch may hold the rest of `flags`
+        # after a run of `watch` whose ts would otherwise make them late.
+        behind = self._mark_lagging(p, part)
+        remaining: dict[str, int] = defaultdict(int)
+        for _, topic, _ in items:
+            remaining[topic] += 1
+        clock = eng.clock
+        for topic, n in remaining.items():
+            clock.set_lagging(topic, True)
+        counts = self._counts
+        for msg, topic, rec in items:
+            part.unacked.append(msg)
+            if rec is not None:
+                counts[(topic, eng.process(rec, source=topic))] += 1
+            remaining[topic] -= 1
+            if not remaining[topic] and topic not in behind:
+                clock.set_lagging(topic, False)
+                eng.advance_clock()  # the watermark may move now that this topic is read up to its end
+        part.last_message = items[-1][0]
+        newest = max(msg.timestamp or 0.0 for msg, _, _ in items)
+        if part.through is None or newest > part.through:
+            part.through = newest
         part.dirty = True
+
+    async def _flush_timer(self) -> None:
+        if self._unflushed and not self.app.rebalancing:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        """Flush every partition with unacked records (see :meth:`_flush`)."""
+        t0 = time.perf_counter()
+        for p, part in list(self.partitions.items()):
+            if part.unacked:
+                self._flush(p, part)
+        for (topic, outcome), n in self._counts.items():
+            self.metrics.events.labels(_KIND[topic], outcome).inc(n)
+        self._counts.clear()
+        self._unflushed = 0
+        self._flushed_at = time.monotonic()
+        self.metrics.flush.observe(time.perf_counter() - t0)
+
+    def _flush(self, p: int, part: _Partition) -> None:
+        """Write the partition's changed users once, send its outputs, then ack its records.
+
+        Order matters for crash safety: table writes (changelog records) and
+        output records are queued in the producer before the acks, and Faust
+        flushes the producer before it commits the acked offsets.
+        """
+        eng = part.engine
+        ctx = MessageContext(part.last_message)
+        _current_event.set(weakref.ref(ctx))  # table writes pick this partition
         outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
-        written, deleted = part.users.flush()
+        _, deleted = part.users.flush()
         eng.erased.flush()
         wm = eng.clock.known
         self.meta_table[str(p).encode()] = orjson.dumps({"watermark": wm, "max_ts_by_topic": eng.clock.max_ts})
@@ -228,6 +304,11 @@ class RiskgateApp:
             for st in self.config.strategies:
                 self.thresholds_topic.send_soon(key=f"{st}:user:{uid}".encode(), value=None)
         eng.changed.clear()
+        ack = self.app.consumer.ack
+        for msg in part.unacked:
+            ack(msg)
+        part.unacked = []
+        del ctx
 
     def _user_outputs(self, part: _Partition, changed) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
@@ -258,9 +339,10 @@ class RiskgateApp:
                 out.append((self.pools_topic, uid.encode(), payload))
         return out
 
-    def _mark_lagging(self, p: int, part: _Partition) -> None:
-        """Tell the partition's watermark which input topics still have unread records."""
+    def _mark_lagging(self, p: int, part: _Partition) -> set[str]:
+        """Tell the partition's watermark which input topics have unread records past this batch; returns them."""
         consumer = self.app.consumer
+        behind = set()
         for topic in self.names.inputs:
             tp = TP(topic, p)
             try:
@@ -269,7 +351,11 @@ class RiskgateApp:
                 hw = None
             last = part.last_offsets.get(topic)
             position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-            part.engine.clock.set_lagging(self.names.base(topic), hw is None or position < hw)
+            lagging = hw is None or position < hw
+            part.engine.clock.set_lagging(self.names.base(topic), lagging)
+            if lagging:
+                behind.add(self.names.base(topic))
+        return behind
 
     def _dead_letter(self, msg, err: InvalidEvent) -> None:
         topic = self.names.base(msg.topic)
@@ -292,21 +378,21 @@ class RiskgateApp:
             eng = part.engine
             await self.partials_topic.send(key=str(p).encode(),
                                            value=encode_snapshot(p, eng.clock.known, eng.calibrator.span(),
-                                                                 eng.calibrator.snapshot()))
+                                                                 eng.calibrator.snapshot(), part.through))
             part.dirty, part.sent_at = False, now
 
     async def _aggregate(self, stream) -> None:
         s = self.settings
         async for events in stream.take_events(1000, within=min(1.0, s.recompute_interval)):
             for event in events:
-                p, wm, span, totals = decode_snapshot(event.message.value)
-                self.aggregator.update(p, wm, span, totals)
+                self.aggregator.update(*decode_snapshot(event.message.value))
             _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
             pubs = self.aggregator.due(time.time())
             for pub in pubs:
                 await self.thresholds_topic.send(key=pub.key.encode(),
-                                                 value=threshold_message(pub.result, self.config, pub.version))
+                                                 value=threshold_message(pub.result, self.config, pub.version,
+                                                                         inputs_through=pub.inputs_through))
                 self._record(pub)
             self.metrics.recompute.observe(time.perf_counter() - t0)
 
@@ -314,6 +400,8 @@ class RiskgateApp:
         r, m = pub.result, self.metrics
         m.version.labels(r.strategy, r.group).set(pub.version)
         m.published_at.labels(r.strategy, r.group).set(time.time())
+        if pub.inputs_through is not None:
+            m.inputs_age.labels(r.strategy, r.group).set(time.time() - pub.inputs_through)
         m.window_slates.labels(r.strategy, r.group).set(r.n)
         for t in r.thresholds:
             labels = (r.strategy, r.group, str(t.alpha))

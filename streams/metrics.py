@@ -67,6 +67,18 @@ class Metrics:
                                     registry=r)
         self.violations = Counter("riskgate_constraint_violations", "Items served on policy-applied slates "
                                   "with a tag the user blocked (must stay 0).", registry=r)
+        # throughput and freshness (riskgate bench stream reads these)
+        self.applied = Counter("riskgate_records_applied", "Input records applied (valid or dead-lettered), "
+                               "counted when applied; they are acked at the next flush.", registry=r)
+        self.first_record_at = Gauge("riskgate_first_record_timestamp_seconds", "Wall time this process started "
+                                     "applying its first input batch.", registry=r)
+        self.last_applied_at = Gauge("riskgate_last_applied_timestamp_seconds", "Wall time this process finished "
+                                     "applying its latest input batch.", registry=r)
+        self.flush = Histogram("riskgate_flush_seconds", "Time to write changed users and ack their records.",
+                               registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.inputs_age = Gauge("riskgate_threshold_inputs_age_seconds", "computed_at minus inputs_through of the "
+                                "last publication: how old the newest inputs every partition had applied were.",
+                                ["strategy", "group"], registry=r)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

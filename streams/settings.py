@@ -85,8 +85,13 @@ class Settings(BaseSettings):
     max_items: int = Field(200, ge=1)
     holdout_share: float = Field(0.05, ge=0, le=1)  # ranker: share of slates served unfiltered (SPEC §8)
     user_cache: int = Field(100_000, ge=1)
-    batch_max: int = Field(2000, ge=1)
-    batch_within: float = Field(0.05, gt=0)
+    batch_max: int = Field(5000, ge=1)  # most input records per call of the batch callback
+    # Changed users are written (one changelog record each) and their records
+    # acked every FLUSH_INTERVAL seconds or FLUSH_MAX_EVENTS records, whichever
+    # comes first: a user with many events in that time is written once. A crash
+    # re-reads at most what was not flushed (at-least-once, idempotent folding).
+    flush_interval: float = Field(1.0, gt=0)
+    flush_max_events: int = Field(50_000, ge=1)
 
     # Kafka security
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

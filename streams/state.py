@@ -32,6 +32,15 @@ def decode_user(raw: bytes) -> UserState:
     return UserState.from_dict(orjson.loads(raw))
 
 
+def partition_db(table, partition: int):
+    """The RocksDB database of one partition of a RocksDB-backed table.
+
+    Reads go straight to it: through the table, a read outside an event's
+    context probes every partition's database in turn.
+    """
+    return table.data._db_for_partition(partition)
+
+
 def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
     """Raw (key, value) pairs of one partition of a RocksDB-backed table.
 
@@ -50,6 +59,7 @@ class TableUsers:
     def __init__(self, table, partition: int, cache_max: int = 100_000):
         self.table = table
         self.partition = partition
+        self._db = partition_db(table, partition)
         self.cache_max = cache_max
         self._cache: OrderedDict[str, UserState] = OrderedDict()
         self._dirty: set[str] = set()
@@ -63,7 +73,7 @@ class TableUsers:
             return state
         if user_id in self._deleted:
             return default
-        raw = self.table.get(user_id.encode())
+        raw = self._db.get(user_id.encode())
         if raw is None:
             return default
         state = decode_user(raw)
@@ -128,21 +138,29 @@ class TableUsers:
 
 
 class TableErased:
-    """Forget markers (hash of the user id -> forget ts) in the same table, written at flush."""
+    """Forget markers (hash of the user id -> forget ts) of one partition, in the users table.
 
-    def __init__(self, table):
+    Every marker of the partition is loaded once (they sort first: their keys
+    start with NUL), so the check made for every event is a dict lookup, never
+    a database read. Markers are few: one per forgotten user. New ones are
+    written at :meth:`flush`, inside the partition's event context.
+    """
+
+    def __init__(self, table, partition: int | None = None):
         self.table = table
         self._cache: dict[str, float] = {}
         self._dirty: set[str] = set()
+        if partition is not None:
+            for key, raw in partition_db(table, partition).items():
+                if not key.startswith(ERASED_PREFIX):
+                    break
+                self._cache[key[len(ERASED_PREFIX):].decode()] = float(raw)
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def get(self, key: str, default=None):
-        if key in self._cache:
-            return self._cache[key]
-        raw = self.table.get(ERASED_PREFIX + key.encode())
-        if raw is None:
-            return default
-        self._cache[key] = float(raw)
-        return self._cache[key]
+        return self._cache.get(key, default)
 
     def __setitem__(self, key: str, ts: float) -> None:
         self._cache[key] = ts

@@ -89,8 +89,11 @@ def threshold_key(strategy: str, group: str) -> str:
     return f"{strategy}:{group}"
 
 
-def threshold_message(result: GroupResult, config: EngineConfig, version: int, computed_at: float | None = None) -> bytes:
-    """One ``risk-thresholds`` value, as SPEC §7 shows it (plus the loss it was computed with)."""
+def threshold_message(result: GroupResult, config: EngineConfig, version: int, computed_at: float | None = None,
+                      inputs_through: float | None = None) -> bytes:
+    """One ``risk-thresholds`` value, as SPEC §7 shows it, plus the loss it was computed with and
+    ``inputs_through``: every partition had applied its input records produced up to this wall time
+    (the oldest partition's newest record; ``null`` when unknown, as for ``user:`` groups)."""
     start, end = result.window if result.window is not None else (None, None)
     return orjson.dumps(
         {
@@ -104,6 +107,7 @@ def threshold_message(result: GroupResult, config: EngineConfig, version: int, c
             "window": {"start": start, "end": end},
             "n": result.n,
             "thresholds": [t.to_dict() for t in result.thresholds],
+            "inputs_through": inputs_through,
         }
     )
 
@@ -126,11 +130,16 @@ def safe_pool_message(user_id: str, pool: Iterable[SafeItem], blocked: Iterable[
     )
 
 
-def encode_snapshot(partition: int, watermark: float | None, span, totals: Mapping[tuple[str, str], CurveAccumulator]) -> bytes:
-    """A partition's window totals for the aggregator (fixed-point sums, base64)."""
+def encode_snapshot(partition: int, watermark: float | None, span, totals: Mapping[tuple[str, str], CurveAccumulator],
+                    through: float | None = None) -> bytes:
+    """A partition's window totals for the aggregator (fixed-point sums, base64).
+
+    ``through``: producer timestamp (s) of the newest input record applied to them.
+    """
     return orjson.dumps(
         {
             "partition": partition,
+            "through": through,
             "watermark": watermark,
             "span": list(span) if span else None,
             "totals": {f"{s}|{g}": base64.b64encode(acc.to_bytes()).decode() for (s, g), acc in totals.items()},
@@ -138,10 +147,10 @@ def encode_snapshot(partition: int, watermark: float | None, span, totals: Mappi
     )
 
 
-def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator]]:
+def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator], float | None]:
     d = orjson.loads(raw)
     totals = {}
     for key, b64 in d["totals"].items():
         s, g = key.split("|", 1)
         totals[(s, g)] = CurveAccumulator.from_bytes(base64.b64decode(b64))
-    return int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals
+    return int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals, d.get("through")
