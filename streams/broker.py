@@ -89,8 +89,11 @@ class LocalBroker:
     """``with LocalBroker() as b: ...`` — a tansu broker on 127.0.0.1, ``b.bootstrap`` / ``b.url``."""
 
     def __init__(self, port: int | None = None, log_path: str | None = None, extra_args: Iterable[str] = (),
-                 client_kwargs: dict | None = None, timeout: float = 30.0):
+                 client_kwargs: dict | None = None, timeout: float = 30.0, advertised_port: int | None = None):
         self.port = port or free_port()
+        # The port clients are told to use in metadata (default: ``port``). Tests put a
+        # TLS / SASL gateway on another port in front of tansu, which has neither (docs/security.md).
+        self.advertised_port = advertised_port
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.url = f"kafka://{self.bootstrap}"
         self._log_path = log_path
@@ -105,9 +108,10 @@ class LocalBroker:
             self._tmp = tempfile.mkdtemp(prefix="riskgate-tansu-")
             self._log_path = os.path.join(self._tmp, "tansu.log")
         listen = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}" if self.advertised_port else listen
         with open(self._log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+                [tansu_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", advertised,
                  "--storage-engine", "memory://tansu/", *self._extra],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )

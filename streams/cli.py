@@ -24,6 +24,16 @@ def _alpha(ctx, param, values):
     return values
 
 
+def _kafka_kwargs() -> dict:
+    """SASL/TLS options from the RISKGATE_SECURITY_PROTOCOL, RISKGATE_SASL_*, RISKGATE_SSL_* settings."""
+    from .settings import SettingsError, load_settings
+
+    try:
+        return load_settings().kafka_kwargs()
+    except SettingsError as e:
+        raise click.UsageError(f"bad configuration: {e}") from None
+
+
 def _dump(obj) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")
     sys.stdout.flush()
@@ -113,8 +123,20 @@ def worker(loglevel) -> None:
 
     from .app import RiskgateApp
 
+    class Worker(faust.Worker):
+        def on_setup_root_logger(self, logger, level) -> None:
+            # No terminal spinner: at -l warn and above Faust's spinner sets the root
+            # logger to DEBUG to spin on every record, so every debug call (aiokafka
+            # and Faust log each message's key and value) built a record: ~6% of the
+            # worker's CPU, and user data passing through log records.
+            self.spinner = None
+
     rg = RiskgateApp(settings)
-    faust.Worker(rg.app, loglevel=loglevel).execute_from_commandline()
+    try:
+        # mode turns "crit" into the string "Level CRIT"; logging knows "critical".
+        Worker(rg.app, loglevel={"crit": "critical"}.get(loglevel, loglevel)).execute_from_commandline()
+    finally:
+        rg.mark_clean_stop()
 
 
 @main.command("example-ranker")
@@ -127,7 +149,7 @@ def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
     from .example_ranker import serve
 
-    serve(broker.removeprefix("kafka://"), port, host, topic_prefix, holdout_share)
+    serve(broker.removeprefix("kafka://"), port, host, topic_prefix, holdout_share, **_kafka_kwargs())
 
 
 @main.command()
@@ -153,7 +175,7 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
 
         events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
     bootstrap = broker.removeprefix("kafka://")
-    counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None))
+    counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None, producer_kwargs=_kafka_kwargs()))
     _dump({"produced": dict(counts)})
 
 
@@ -173,6 +195,39 @@ def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
     from .bench import bench_calibrate as run
 
     run(n_slates=n_slates, items=items, n_alphas=n_alphas, grid_size=grid_size, seed=seed)
+
+
+@bench.command("stream")
+@click.option("--events", "n_events", type=int, default=1_000_000, show_default=True,
+              help="Backlog size: synthetic events produced before the worker starts.")
+@click.option("--users", type=int, default=50_000, show_default=True)
+@click.option("--partitions", type=int, default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--broker", default=None, help="host:port of a broker to use instead of a local tansu.")
+@click.option("--live-seconds", type=float, default=0.0, show_default=True,
+              help="Then produce live traffic for this long (freshness, RSS, soak).")
+@click.option("--live-rate", type=float, default=20_000.0, show_default=True, help="Live events/s.")
+@click.option("--live-producers", type=int, default=1, show_default=True,
+              help="Producer processes sharing --live-rate (one tops out near 80k events/s here).")
+@click.option("--recompute-interval", type=float, default=5.0, show_default=True)
+@click.option("--profile", type=click.Path(dir_okay=False), default=None,
+              help="Record the worker with py-spy to this file and print where its time went.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
+@click.option("--worker-env", multiple=True, help="Extra RISKGATE_NAME=value for the worker; repeat.")
+def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_rate, live_producers,
+                 recompute_interval, profile, out, worker_env) -> None:
+    """One worker against a real broker: throughput vs. a bare consumer, lag, freshness, RSS, RocksDB size."""
+    from .bench_stream import StreamBenchConfig, bench_stream as run
+
+    env = {}
+    for kv in worker_env:
+        name, sep, value = kv.partition("=")
+        if not sep or not name.startswith("RISKGATE_"):
+            raise click.BadParameter(f"{kv!r} is not RISKGATE_NAME=value", param_hint="--worker-env")
+        env[name] = value
+    run(StreamBenchConfig(events=n_events, users=users, partitions=partitions, seed=seed, broker=broker,
+                          live_seconds=live_seconds, live_rate=live_rate, live_producers=live_producers,
+                          recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env))
 
 
 @main.command()

@@ -70,5 +70,7 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
     return app
 
 
-def serve(bootstrap: str, port: int, host: str = "127.0.0.1", prefix: str = "", holdout_share: float = 0.1) -> None:
-    web.run_app(make_app(bootstrap, prefix, holdout_share), host=host, port=port)
+def serve(bootstrap: str, port: int, host: str = "127.0.0.1", prefix: str = "", holdout_share: float = 0.1,
+          **kafka_kwargs) -> None:
+    """Run the example ranker; ``kafka_kwargs`` are aiokafka's security options (SASL/TLS)."""
+    web.run_app(make_app(bootstrap, prefix, holdout_share, **kafka_kwargs), host=host, port=port)

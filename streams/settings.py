@@ -54,10 +54,10 @@ class Settings(BaseSettings):
     # Broker quirks: see docs/operations.md ("tansu"). One-record producer batches
     # make tansu's reported end offsets exact, which table recovery relies on.
     recovery_consistency_check: bool = True
-    producer_max_batch_size: int = Field(16384, ge=1)
+    producer_max_batch_size: int = Field(512 * 1024, ge=1)  # bytes per partition batch; users are KBs each
     web_host: str = "127.0.0.1"
     web_port: int = Field(6066, ge=1, le=65535)
-    web_token: SecretStr | None = None
+    web_token: SecretStr | None = Field(None, min_length=1)  # unset: the user views are closed
 
     # calibration (SPEC §4–6)
     alphas: Annotated[tuple[float, ...], NoDecode] = (0.05, 0.1, 0.2)

@@ -25,7 +25,8 @@ def _authorised(rg: "RiskgateApp", request) -> bool:
         return False
     given = request.headers.get("Authorization", "")
     want = f"Bearer {token.get_secret_value()}"
-    return hmac.compare_digest(given.encode(), want.encode())
+    # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not a 500.
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), want.encode())
 
 
 def register_views(rg: "RiskgateApp") -> None:
