@@ -320,7 +320,9 @@ class Engine:
             self.calibrator.advance(self.watermark)
         self._due = []
         live = []
-        for uid, state in self.users.items():
+        # A store may offer the users without their history (all this needs).
+        users = self.users.cores() if hasattr(self.users, "cores") else self.users.items()
+        for uid, state in users:
             live.extend(state.live_recent(self.calibrator.horizon()))
             due = state.next_maturity(self.config.label_window)
             if due is not None:

@@ -8,7 +8,8 @@ flagged items are evicted last), tag rules from ``constraints``, reporting
 counts (items shown, distinct items flagged), pending holdout and
 policy-applied slates awaiting maturity (``pending_max``), the user's own recent
 mature holdout slates for the ``user:<id>`` group (``user_window_max``), and
-the ids of recent events for de-duplication (``dedup_max``).
+the ids of recent events for de-duplication (``dedup_max``; watch events are
+idempotent by themselves and are not remembered).
 
 Event time: the caller passes the watermark of the user's partition (largest
 event ``ts`` seen minus the allowed lateness). An event older than the
@@ -147,9 +148,9 @@ class UserState:
         return outcome
 
     def on_watch(self, ev: Watch, watermark: float, limits: Limits) -> str:
-        if self.is_duplicate(ev.event_id):
-            return "duplicate"
-        self._remember(ev.event_id, ev.ts, limits)
+        # Not remembered for de-duplication: a watch is idempotent by itself (only the
+        # first view sets W%, last_seen is a max), and remembering the ids of the
+        # most frequent event would change the user's stored core on every one.
         self.history[ev.item_id] = record_watch(self.history, ev.item_id, ev.watch_ms, ev.duration_ms, ev.ts)
         self._trim(limits)
         return "late" if ev.ts < watermark else "ok"

@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import weakref
 
 import faust
 import orjson
+from aiokafka.partitioner import DefaultPartitioner
 from faust.streams import _current_event
 from faust.types import TP
 
@@ -40,6 +43,7 @@ from calibration.grid import make_grid
 from calibration.user_state import Limits
 
 from .aggregator import Aggregator
+from .batch_send import send_records
 from .consumer import BatchingApp, MessageContext
 from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
@@ -50,6 +54,7 @@ from .topics import Topics, decode_snapshot, encode_snapshot, safe_pool_message,
 __all__ = ["RiskgateApp", "engine_config"]
 
 log = logging.getLogger("riskgate")
+_PARTITIONER = DefaultPartitioner()
 
 _KIND = {"impressions": "impression", "watch": "watch", "flags": "flag", "constraints": "constraints",
          "forget": "forget"}
@@ -98,6 +103,11 @@ class RiskgateApp:
         self.healthy = False
         self._exported: dict = {}
         self._counts: dict = defaultdict(int)  # (topic, outcome) -> events since the last flush
+        self._flush_lock = asyncio.Lock()
+        self._pool_parts = list(range(s.topic_partitions))
+        # One-record producer batches are the tansu settings (docs/operations.md): there the
+        # changelog's end offset is only exact if its last batch holds one record.
+        self._fence = s.producer_max_batch_size < 16 * 1024
         self._unflushed = 0
         self._flushed_at = time.monotonic()
         self._first_batch_at: float | None = None
@@ -162,6 +172,35 @@ class RiskgateApp:
         from .web import register_views
 
         register_views(self)
+        self._discard_local_state_after_a_crash()
+
+    # -- local state and crashes ---------------------------------------------
+    @property
+    def _clean_stop_marker(self):
+        return self.settings.data_dir / "riskgate-clean-stop"
+
+    def _discard_local_state_after_a_crash(self) -> None:
+        """Restore the tables from their changelogs unless the last stop was clean.
+
+        A flush writes the local RocksDB before its changelog records are on the
+        broker, so after a crash the local stores may hold what the changelog
+        never got; since replayed events are de-duplicated against that state,
+        it would never be sent. As Kafka Streams does after an unclean shutdown,
+        the local stores are dropped and Faust restores them from the changelogs.
+        The marker exists only between a clean stop and the next start.
+        """
+        tabledir = Path(self.app.conf.tabledir)
+        marker = self._clean_stop_marker
+        if tabledir.exists() and any(tabledir.iterdir()) and not marker.exists():
+            log.warning("the last stop was not clean: local table stores are dropped and restored from the changelogs")
+            shutil.rmtree(tabledir)
+        marker.unlink(missing_ok=True)
+
+    def mark_clean_stop(self) -> None:
+        """Called after the worker stopped: writes the marker if the stop flushed everything."""
+        if self.app.stopped_cleanly:
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            self._clean_stop_marker.write_text("the last stop flushed every table and the producer\n")
 
     # -- start-up and rebalancing -------------------------------------------
     async def _declare_topics(self) -> None:
@@ -226,7 +265,7 @@ class RiskgateApp:
         self._unflushed += len(messages)
         now = time.monotonic()
         if self._unflushed >= s.flush_max_events or now - self._flushed_at >= s.flush_interval:
-            self._flush_all()
+            await self._flush_all()
 
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)
@@ -262,53 +301,76 @@ class RiskgateApp:
         part.dirty = True
 
     async def _flush_timer(self) -> None:
-        if self._unflushed and not self.app.rebalancing:
-            self._flush_all()
+        # From the partitions themselves, not a counter: records applied while a
+        # flush awaits its sends belong to the next flush, whoever runs it.
+        if not self.app.rebalancing and any(part.unacked for part in self.partitions.values()):
+            await self._flush_all()
 
-    def _flush_all(self) -> None:
+    async def _flush_all(self) -> None:
         """Flush every partition with unacked records (see :meth:`_flush`)."""
-        t0 = time.perf_counter()
-        for p, part in list(self.partitions.items()):
-            if part.unacked:
-                self._flush(p, part)
-        for (topic, outcome), n in self._counts.items():
-            self.metrics.events.labels(_KIND[topic], outcome).inc(n)
-        self._counts.clear()
-        self._unflushed = 0
-        self._flushed_at = time.monotonic()
-        self.metrics.flush.observe(time.perf_counter() - t0)
+        async with self._flush_lock:  # the timer and the batch callback both flush
+            t0 = time.perf_counter()
+            for p, part in list(self.partitions.items()):
+                if part.unacked:
+                    await self._flush(p, part)
+            for (topic, outcome), n in self._counts.items():
+                self.metrics.events.labels(_KIND[topic], outcome).inc(n)
+            self._counts.clear()
+            self._unflushed = sum(len(part.unacked) for part in self.partitions.values())
+            self._flushed_at = time.monotonic()
+            self.metrics.flush.observe(time.perf_counter() - t0)
 
-    def _flush(self, p: int, part: _Partition) -> None:
+    async def _flush(self, p: int, part: _Partition) -> None:
         """Write the partition's changed users once, send its outputs, then ack its records.
 
-        Order matters for crash safety: table writes (changelog records) and
-        output records are queued in the producer before the acks, and Faust
-        flushes the producer before it commits the acked offsets.
+        Order matters for crash safety: changelog and output records are queued
+        in the producer before the acks, and Faust flushes the producer before
+        it commits the acked offsets. Everything up to the first await is taken
+        at once, so records applied while the batches are queued belong to the
+        next flush.
         """
         eng = part.engine
-        ctx = MessageContext(part.last_message)
-        _current_event.set(weakref.ref(ctx))  # table writes pick this partition
+        unacked, part.unacked = part.unacked, []
         outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
-        _, deleted = part.users.flush()
+        eng.changed.clear()
+        _, deleted, groups = part.users.flush()
+        ctx = MessageContext(part.last_message)
+        _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
         wm = eng.clock.known
         self.meta_table[str(p).encode()] = orjson.dumps({"watermark": wm, "max_ts_by_topic": eng.clock.max_ts})
+        del ctx
         if wm is not None:
             self.metrics.watermark.labels(str(p)).set(wm)
-        for topic, key, value in outgoing:
-            topic.send_soon(key=key, value=value)
         for uid in deleted:
             part.pools.pop(uid, None)
             part.own.pop(uid, None)
-            self.pools_topic.send_soon(key=uid.encode(), value=None)
+            outgoing.append((self.pools_topic, uid.encode(), None))
             for st in self.config.strategies:
-                self.thresholds_topic.send_soon(key=f"{st}:user:{uid}".encode(), value=None)
-        eng.changed.clear()
+                outgoing.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
+        changelog = self.users_table.changelog_topic.get_topic_name()
+        store = self.users_table.data
+        tp = TP(changelog, p)
+        await send_records(self.app, changelog, p, groups, on_sent=lambda off: _persisted(store, tp, off),
+                           fence=self._fence)
+        pools: dict[int, list] = defaultdict(list)
+        for t, k, v in outgoing:
+            if t is self.pools_topic:
+                pools[self._pool_partition(k)].append((k, v))
+        for partition, records in pools.items():
+            await send_records(self.app, self.names.safe_pools, partition, [[r] for r in records])
+        for topic, key, value in outgoing:
+            if topic is not self.pools_topic:
+                topic.send_soon(key=key, value=value)
         ack = self.app.consumer.ack
-        for msg in part.unacked:
+        for msg in unacked:
             ack(msg)
-        part.unacked = []
-        del ctx
+
+    def _pool_partition(self, key: bytes) -> int:
+        # The key's partition under Kafka's default (murmur2) partitioner, where
+        # send_soon put these records: compaction needs every record of a key in one.
+        parts = self._pool_parts
+        return _PARTITIONER(key, parts, parts)
 
     def _user_outputs(self, part: _Partition, changed) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
@@ -389,6 +451,11 @@ class RiskgateApp:
             _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
             pubs = self.aggregator.due(time.time())
+            if pubs:
+                # The new versions must be in the versions table's changelog before
+                # anyone sees them: a restart that restores the table from there
+                # must never hand out a version again.
+                await self.app.producer.flush()
             for pub in pubs:
                 await self.thresholds_topic.send(key=pub.key.encode(),
                                                  value=threshold_message(pub.result, self.config, pub.version,
@@ -480,6 +547,18 @@ class RiskgateApp:
         for b, n in p1_seen.items():
             if n:
                 m.property1.labels(str(b)).set(p1_flag[b] / n)
+
+
+def _persisted(store, tp, offset: int) -> None:
+    """Faust's bookkeeping of a changelog write (what ``Table._on_changelog_sent`` does).
+
+    The offset only lets a restart with a kept store skip replaying the changelog
+    up to it; once the partition is gone from this worker there is nothing to note.
+    """
+    try:
+        store.set_persisted_offset(tp, offset)
+    except KeyError:
+        pass
 
 
 def _in_event_of(event) -> None:

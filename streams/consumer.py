@@ -138,14 +138,14 @@ class BatchingApp(faust.App):
 
     Set :attr:`batch_topics` (topic names), :attr:`on_batch` (an async callable
     taking a list of messages), :attr:`batch_max` (most records per call) and,
-    optionally, :attr:`before_revoke` (called, synchronously, at the start of a
-    rebalance while every table partition is still writable).
+    optionally, :attr:`before_revoke` (awaited at the start of a rebalance, while
+    every table partition is still writable).
     """
 
     batch_topics: frozenset = frozenset()
     batch_max: int = 2000
     on_batch: BatchCallback | None = None
-    before_revoke: Callable[[], None] | None = None
+    before_revoke: Callable[[], Awaitable[None]] | None = None
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]
@@ -154,10 +154,26 @@ class BatchingApp(faust.App):
             raise ValueError(f"riskgate needs the aiokafka transport (kafka://), got {url}")
         return BatchTransport(self.conf.broker_consumer, self)
 
+    #: Set once a stop has flushed the batch callback's state and the producer.
+    stopped_cleanly: bool = False
+
+    async def on_stop(self) -> None:
+        # A stop flushes what the batch callback holds, like a rebalance, then
+        # Faust stops the consumer and flushes the producer.
+        flushed = True
+        if self.before_revoke is not None:
+            try:
+                await self.before_revoke()
+            except Exception:  # the broker may be gone: those records are re-read after a restart
+                self.log.exception("could not flush before stopping")
+                flushed = False
+        await super().on_stop()
+        self.stopped_cleanly = flushed
+
     async def _on_partitions_revoked(self, revoked) -> None:
         # Before Faust revokes table partitions and commits: whatever the batch
         # callback holds in memory is written and acked now, so the commit
         # that follows covers it and no record is read twice.
         if self.before_revoke is not None and not self.should_stop:
-            self.before_revoke()
+            await self.before_revoke()
         await super()._on_partitions_revoked(revoked)

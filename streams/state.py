@@ -1,12 +1,26 @@
 """Per-user state in a RocksDB-backed Faust table, seen through a write-back cache.
 
+Layout of the ``users`` table (raw bytes, one RocksDB per partition):
+
+* ``<user_id>`` → the user's *core* (msgpack): tag rules, reporting counts,
+  pending slates, recent mature slates, remembered event ids, version;
+* ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
+* ``NUL erased: <sha256>`` → a forget marker (:class:`TableErased`).
+
+History is by far the largest part of a user (up to ``history_max`` entries)
+and a watch event changes exactly one entry, so each entry is its own key: a
+flush writes the entries that changed (found by identity, since entries are
+immutable and every change makes a new one) and the core only when it changed.
+Rewriting the whole user on every change cost ~50 µs and ~4 kB of changelog
+per event; an entry costs ~60 bytes. Keys of one user are adjacent (user ids
+cannot contain NUL), so loading a user is one seek.
+
 :class:`TableUsers` is the mutable mapping an :class:`calibration.engine.Engine`
-works on for one partition. Reads go to the table once and are cached; writes
-stay in the cache and are marked dirty until :meth:`flush`, which writes each
-changed user once (one changelog record per user per batch, however many of
-their events the batch held) and tombstones forgotten users. ``flush`` must
-run inside an event of the partition, because Faust picks the RocksDB
-partition and the changelog partition from the current event.
+works on for one partition. Reads go to the partition's RocksDB once and are
+cached; writes stay in the cache until :meth:`TableUsers.flush`, which writes
+them in one RocksDB batch and returns the same records for the changelog
+(sent as produce batches: :mod:`streams.batch_send`), tombstoning forgotten
+users (every key of theirs). It needs no event context.
 """
 
 from __future__ import annotations
@@ -14,22 +28,72 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterator
 
+import msgspec
 import orjson
+from rocksdict import WriteBatch
 
-from calibration.user_state import UserState
+from calibration.safe_pool import HistoryEntry
+from calibration.user_state import MatureSlate, PendingSlate, UserState
 
-__all__ = ["TableUsers", "TableErased", "encode_user", "decode_user", "partition_items", "ERASED_PREFIX"]
+__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "partition_items",
+           "partition_db", "ERASED_PREFIX", "SEP"]
 
 #: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
 ERASED_PREFIX = b"\x00erased:"
+#: Between a user id and an item id in the keys of history entries.
+SEP = b"\x00"
+_FORMAT = 2  # the core's first element; cores of format 1 were JSON objects holding the history too
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
 
 
-def encode_user(state: UserState) -> bytes:
-    return orjson.dumps(state.to_dict())
+def encode_core(state: UserState) -> bytes:
+    """Everything of a user but the history, as one msgpack array."""
+    return _enc.encode((
+        _FORMAT,
+        [(t, b, ts) for t, (b, ts) in state.tag_rules.items()],
+        state.shown,
+        state.flagged,
+        [(p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
+          p.repeat_pct) for p in state.pending],
+        [(m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha, m.scores, m.flags, m.replacement,
+          m.repeat_pct) for m in state.recent],
+        list(state.seen.items()),
+        state.version,
+    ))
 
 
-def decode_user(raw: bytes) -> UserState:
-    return UserState.from_dict(orjson.loads(raw))
+def encode_entry(e: HistoryEntry) -> bytes:
+    return _enc.encode((e.first_rank_score, e.tags, e.first_watch_pct, e.watched, e.shown, e.flagged, e.last_seen,
+                        e.flag_ts))
+
+
+def _entry(item_id: str, raw: bytes) -> HistoryEntry:
+    rank, tags, pct, watched, shown, flagged, last_seen, flag_ts = _dec.decode(raw)
+    return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts)
+
+
+def decode_user(user_id: str, core: bytes, entries=()) -> UserState:
+    """A user from its core and its ``(item_id, raw entry)`` pairs (a format-1 JSON core holds its history)."""
+    if core[:1] == b"{":
+        return UserState.from_dict(orjson.loads(core))
+    fmt, rules, shown, flagged, pending, recent, seen, version = _dec.decode(core)
+    if fmt != _FORMAT:
+        raise ValueError(f"unknown user state format {fmt!r}")
+    return UserState(
+        user_id=user_id,
+        history={item: _entry(item, raw) for item, raw in entries},
+        tag_rules={t: (bool(b), float(ts)) for t, b, ts in rules},
+        shown=shown,
+        flagged=flagged,
+        pending=[PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]),
+                              tuple(x[9])) for x in pending],
+        recent=[MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], tuple(x[7]), tuple(x[8]),
+                            tuple(x[9]), tuple(x[10])) for x in recent],
+        seen={k: v for k, v in seen},
+        version=version,
+    )
 
 
 def partition_db(table, partition: int):
@@ -42,12 +106,7 @@ def partition_db(table, partition: int):
 
 
 def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
-    """Raw (key, value) pairs of one partition of a RocksDB-backed table.
-
-    Faust has no public per-partition iterator; this uses the RocksDB store's
-    own per-partition database and visibility filter (which hides Faust's
-    offset key). Read-only, so it needs no event context.
-    """
+    """Raw (key, value) pairs of one partition of a RocksDB-backed table (Faust's offset key hidden)."""
     store = table.data
     db = store._db_for_partition(partition)
     yield from store._visible_items(db)
@@ -59,11 +118,34 @@ class TableUsers:
     def __init__(self, table, partition: int, cache_max: int = 100_000):
         self.table = table
         self.partition = partition
-        self._db = partition_db(table, partition)
         self.cache_max = cache_max
+        self._db = partition_db(table, partition)
         self._cache: OrderedDict[str, UserState] = OrderedDict()
+        # What the table holds for each cached user: (core bytes, {item: entry object as written}).
+        self._stored: dict[str, tuple[bytes | None, dict[str, HistoryEntry]]] = {}
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
+
+    # -- reading ------------------------------------------------------------
+    def _entries(self, key: bytes) -> list[tuple[str, bytes]]:
+        prefix = key + SEP
+        out = []
+        for k, v in self._db.items(from_key=prefix):
+            if not k.startswith(prefix):
+                break
+            out.append((k[len(prefix):].decode(), v))
+        return out
+
+    def _load(self, user_id: str) -> UserState | None:
+        key = user_id.encode()
+        core = self._db.get(key)
+        if core is None:
+            return None
+        state = decode_user(user_id, core, self._entries(key))
+        legacy = core[:1] == b"{"
+        # A format-1 user is rewritten whole at its next flush (core and every entry).
+        self._stored[user_id] = (None if legacy else core, {} if legacy else dict(state.history))
+        return state
 
     # -- mapping interface used by the engine ---------------------------
     def get(self, user_id: str, default=None):
@@ -73,10 +155,9 @@ class TableUsers:
             return state
         if user_id in self._deleted:
             return default
-        raw = self._db.get(user_id.encode())
-        if raw is None:
+        state = self._load(user_id)
+        if state is None:
             return default
-        state = decode_user(raw)
         self._cache[user_id] = state
         return state
 
@@ -105,36 +186,84 @@ class TableUsers:
         self.__delitem__(user_id)
         return default if state is None else state
 
-    def items(self) -> Iterator[tuple[str, UserState]]:
-        """Every user of the partition (the table as flushed, overlaid with the cache)."""
-        seen = set()
-        for uid, state in list(self._cache.items()):
-            seen.add(uid)
-            yield uid, state
-        for raw_key, raw in partition_items(self.table, self.partition):
-            if raw_key.startswith(ERASED_PREFIX):
+    def _stored_ids(self) -> Iterator[tuple[str, bytes]]:
+        """(user id, core) of every user the partition's database holds: one seek per user."""
+        offset_key = self.table.data.offset_key
+        it = self._db.iter()
+        it.seek(b"\x01")  # past the forget markers
+        while it.valid():
+            key = it.key()
+            if key == offset_key:
+                it.next()
                 continue
-            uid = raw_key.decode()
-            if uid not in seen and uid not in self._deleted:
-                yield uid, decode_user(raw)
+            user, sep, _ = key.partition(SEP)
+            if not sep:  # a core
+                yield user.decode(), it.value()
+            # else entries whose core never reached the changelog (a crash cut a flush
+            # short): their events were not acked and are applied again, core and all.
+            it.seek(user + b"\x01")  # past this user's history entries
+
+    def items(self) -> Iterator[tuple[str, UserState]]:
+        """Every user of the partition, whole (the table as flushed, overlaid with the cache)."""
+        for uid, state in list(self._cache.items()):
+            yield uid, state
+        for uid, core in self._stored_ids():
+            if uid not in self._cache and uid not in self._deleted:
+                yield uid, decode_user(uid, core, self._entries(uid.encode()))
+
+    def cores(self) -> Iterator[tuple[str, UserState]]:
+        """Every user with its core only (history not read): what rebuilding the windows needs."""
+        for uid, state in list(self._cache.items()):
+            yield uid, state
+        for uid, core in self._stored_ids():
+            if uid not in self._cache and uid not in self._deleted:
+                yield uid, decode_user(uid, core)
 
     # -- persistence -------------------------------------------------------
-    def flush(self) -> tuple[set[str], set[str]]:
-        """Write dirty users and tombstone deleted ones; returns (written, deleted)."""
+    def flush(self) -> tuple[set[str], set[str], list[list[tuple[bytes, bytes | None]]]]:
+        """Write what changed of dirty users to the local database and delete forgotten ones.
+
+        Returns ``(written, deleted, groups)``: per user, the ``(key, value)`` records
+        (``None``: a tombstone) that the caller must send to the changelog, in
+        order and each group whole (:func:`streams.batch_send.send_records`),
+        before it acks the input records they came from.
+        """
         written, deleted = self._dirty, self._deleted
+        batch = WriteBatch(raw_mode=True)
+        groups: list[list[tuple[bytes, bytes | None]]] = []
         for uid in written:
-            self.table[uid.encode()] = encode_user(self._cache[uid])
+            state = self._cache[uid]
+            key = uid.encode()
+            core_before, entries_before = self._stored.get(uid) or (None, {})
+            history = state.history
+            group = [(key + SEP + item.encode(), encode_entry(e)) for item, e in history.items()
+                     if entries_before.get(item) is not e]
+            group.extend((key + SEP + item.encode(), None) for item in entries_before.keys() - history.keys())
+            core = encode_core(state)
+            if core != core_before:
+                group.append((key, core))  # last, with its entries in one batch (see send_records)
+            if group:
+                groups.append(group)
+            self._stored[uid] = (core, dict(history))
         for uid in deleted:
             key = uid.encode()
-            if key in self.table:
-                del self.table[key]  # deletes locally and writes the changelog tombstone
-            else:
-                # Tombstone anyway: the changelog may hold the user from before a rebalance.
-                self.table.send_changelog(self.partition, key, None, value_serializer="raw")
+            self._stored.pop(uid, None)
+            # Tombstones even for keys not held here: the changelog may hold the
+            # user from before a rebalance.
+            groups.append([(key + SEP + item.encode(), None) for item, _ in self._entries(key)] + [(key, None)])
+        for group in groups:
+            for key, value in group:
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+        if groups:
+            self._db.write(batch)
         self._dirty, self._deleted = set(), set()
         while len(self._cache) > self.cache_max:
-            self._cache.popitem(last=False)
-        return written, deleted
+            uid, _ = self._cache.popitem(last=False)
+            self._stored.pop(uid, None)
+        return written, deleted, groups
 
 
 class TableErased:
