@@ -197,3 +197,314 @@ def produce_raw(bootstrap: str, records) -> None:
 
 def json_of(raw: bytes):
     return orjson.loads(raw)
+
+
+class BrokerProxy:
+    """A ``tansu proxy`` child process in front of a broker: the way a test takes the broker away from a worker.
+
+    ``tansu proxy`` forwards the Kafka protocol request by request and rewrites
+    every broker address in Metadata and FindCoordinator answers to its own
+    ``--advertised-listener-url``, so a client bootstrapped at :attr:`bootstrap`
+    never learns the origin's address and sends everything through the proxy,
+    while the test's own clients keep talking to the origin directly.
+
+    :meth:`cut` kills the proxy process: every connection through it is closed
+    at once and new ones are refused (nothing listens on the port), which is what
+    a client sees when its broker is unreachable. :meth:`restore` starts a new
+    proxy on the same port and returns once it answers a Metadata request.
+    """
+
+    def __init__(self, origin: str, log_dir: Path, port: int | None = None, timeout: float = 30.0):
+        self.origin = origin
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"proxy-{self.port}.log"
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "BrokerProxy":
+        from streams.broker import tansu_binary, wait_for_broker
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [tansu_binary(), "proxy", "--listener-url", url, "--advertised-listener-url", url,
+                 "--origin-url", f"tcp://{self.origin}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_broker(self.bootstrap, self.timeout, proc=self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones until :meth:`restore`."""
+        self.stop()
+
+    def restore(self) -> "BrokerProxy":
+        return self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> "BrokerProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def tcp_peer_ports(pid: int) -> list[int]:
+    """Remote ports of the established TCP connections of process ``pid`` (Linux ``/proc``).
+
+    Lets a test check where a child process is really connected, e.g. that a
+    worker behind a :class:`BrokerProxy` holds no connection to the broker itself.
+    """
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # the process is gone
+        return []
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if cols[3] == "01" and cols[9] in inodes:  # 01 = ESTABLISHED
+                ports.append(int(cols[2].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def produce_pipelined(bootstrap: str, records, in_flight: int = 2000,
+                      max_request_size: int = 4 * 1024 * 1024) -> dict[tuple[str, int], int]:
+    """Send (topic, key, value-bytes-or-None) records as they are, pipelined through one producer.
+
+    Sends are queued without waiting for each acknowledgement and awaited in
+    groups of ``in_flight`` (like :func:`streams.producer.produce_events`); records
+    to one partition keep their order. ``max_request_size`` lets values over
+    the client's default 1 MiB through (to test the worker's own size limit).
+    Returns ``{(topic, partition): offset after the last record sent there}``,
+    what :func:`wait_committed` waits for.
+    """
+
+    async def run():
+        from aiokafka import AIOKafkaProducer
+
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024,
+                             max_request_size=max_request_size)
+        await p.start()
+        ends: dict[tuple[str, int], int] = {}
+
+        def note(done):
+            for md in done:
+                key = (md.topic, md.partition)
+                ends[key] = max(ends.get(key, 0), md.offset + 1)
+
+        try:
+            pending = []
+            for topic, key, value in records:
+                pending.append(await p.send(topic, value, key=key))
+                if len(pending) >= in_flight:
+                    note(await asyncio.gather(*pending))
+                    pending.clear()
+            note(await asyncio.gather(*pending))
+        finally:
+            await p.stop()
+        return ends
+
+    return asyncio.run(run())
+
+
+def committed_offsets(bootstrap: str, group: str, partitions) -> dict[tuple[str, int], int | None]:
+    """The consumer group's committed offsets for (topic, partition) pairs (None: nothing committed).
+
+    Asks the group coordinator (OffsetFetch) without joining the group, so the
+    group's members are not rebalanced.
+    """
+
+    async def run():
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await c.start()
+        try:
+            return {(t, p): await c.committed(TopicPartition(t, p)) for t, p in partitions}
+        finally:
+            await c.stop()
+
+    return asyncio.run(run())
+
+
+def wait_committed(bootstrap: str, group: str, ends: dict[tuple[str, int], int], timeout: float = 60.0) -> None:
+    """Wait until ``group`` has committed every offset in ``ends`` (as :func:`produce_pipelined` returns them).
+
+    A riskgate worker acks a record only once its effects (table changelog and
+    output records) are queued, and Faust flushes the producer before it
+    commits: once committed, every effect of those records is on the broker.
+    """
+    last = {}
+
+    def done():
+        last.update(committed_offsets(bootstrap, group, ends))
+        return all((last[tp] or 0) >= end for tp, end in ends.items())
+
+    try:
+        wait_for(done, timeout, interval=0.5, what="committed offsets")
+    except AssertionError:
+        behind = {f"{t}:{p}": (last.get((t, p)), end) for (t, p), end in ends.items()
+                  if (last.get((t, p)) or 0) < end}
+        raise AssertionError(f"{group} did not commit within {timeout} s; (committed, wanted): {behind}") from None
+
+
+def users_changelog(app_id: str) -> str:
+    """The changelog topic of a worker's ``users`` table (one record per user write, tombstones on forget)."""
+    return f"{app_id}-users-changelog"
+
+
+def published_thresholds(bootstrap: str, topic: str) -> dict:
+    """The latest ``risk-thresholds`` message per key (highest version), tombstoned keys left out."""
+    out: dict = {}
+    for key, value, _ in read_topic(bootstrap, topic):
+        k = key.decode()
+        if value is None:
+            out.pop(k, None)
+            continue
+        msg = orjson.loads(value)
+        if k not in out or msg["version"] > out[k]["version"]:
+            out[k] = msg
+    return out
+
+
+class HealthWatch:
+    """Polls a worker's ``/health`` from a background thread; ``failures`` lists every non-200 answer.
+
+    ``with HealthWatch(worker) as hw: ...`` then ``assert not hw.failures``.
+    ``polls`` counts the answers, to show the watch really ran.
+    """
+
+    def __init__(self, worker: "Worker", interval: float = 0.25):
+        self.worker, self.interval = worker, interval
+        self.failures: list[tuple[float, int | None]] = []
+        self.polls = 0
+        self._stop = None
+        self._thread = None
+
+    def __enter__(self) -> "HealthWatch":
+        import threading
+
+        self._stop = threading.Event()
+
+        def run():
+            while not self._stop.is_set():
+                status = self.worker.get("/health")[0]
+                self.polls += 1
+                if status != 200:
+                    self.failures.append((time.monotonic(), status))
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=run, name="health-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def metric_samples(worker: "Worker", *names: str) -> dict:
+    """Every sample of the named metrics: ``{(name, frozenset(label pairs)): value}`` (empty if unreachable)."""
+    status, body = worker.get("/metrics")
+    if status != 200:
+        return {}
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith("#") or not line:
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        if name not in names:
+            continue
+        pairs = []
+        for part in labels.rstrip("}").split('",'):
+            if part:
+                k, _, v = part.partition("=")
+                pairs.append((k, v.strip('"')))
+        out[(name, frozenset(pairs))] = float(value)
+    return out
+
+
+# -- events of SPEC §2, as dicts, for tests that write their own streams ----------------------
+
+def impression_event(uid: str, event_id: str, slate_id: str, ts: float, items, k: int | None = None,
+                     policy_applied: bool = False) -> dict:
+    """``items``: (item_id, score, rank_score, tags) tuples, in rank order."""
+    return {"event_id": event_id, "user_id": uid, "slate_id": slate_id, "ts": ts, "k": k or len(items),
+            "policy_applied": policy_applied,
+            "items": [{"item_id": i, "score": s, "rank_score": r, "tags": list(tags), "replacement": False}
+                      for i, s, r, tags in items]}
+
+
+def watch_event(uid: str, event_id: str, item_id: str, ts: float, watch_ms: float = 9000.0,
+                duration_ms: float = 10000.0) -> dict:
+    return {"event_id": event_id, "user_id": uid, "item_id": item_id, "watch_ms": watch_ms,
+            "duration_ms": duration_ms, "ts": ts}
+
+
+def flag_event(uid: str, event_id: str, item_id: str, ts: float, kind: str = "report") -> dict:
+    return {"event_id": event_id, "user_id": uid, "item_id": item_id, "kind": kind, "ts": ts}
+
+
+def constraints_event(uid: str, event_id: str, ts: float, block=("guns",), unblock=()) -> dict:
+    return {"event_id": event_id, "user_id": uid, "block_tags": list(block), "unblock_tags": list(unblock),
+            "source": "declared", "ts": ts}
+
+
+def forget_event(uid: str, event_id: str, ts: float) -> dict:
+    return {"event_id": event_id, "user_id": uid, "ts": ts}
+
+
+def send_events(bootstrap: str, prefix: str, events) -> dict[tuple[str, int], int]:
+    """(topic, value-dict) pairs, keyed by user_id like every producer of riskgate's inputs, pipelined."""
+    return produce_pipelined(bootstrap, [(prefix + t, v["user_id"].encode(), orjson.dumps(v)) for t, v in events])
+
+
+def users_in_partition(stem: str, partition: int, count: int, partitions: int) -> list[str]:
+    """``count`` user ids that the default partitioner (keys = user ids) puts in ``partition``."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    part, parts = DefaultPartitioner(), list(range(partitions))
+    out, j = [], 0
+    while len(out) < count:
+        u = f"{stem}-{j}"
+        if part(u.encode(), parts, parts) == partition:
+            out.append(u)
+        j += 1
+    return out
+
+
+def outcome_counts(worker: "Worker") -> dict | None:
+    """``{(type, outcome): n}`` of ``riskgate_events_total``, non-zero series only (None if unreachable)."""
+    samples = metric_samples(worker, "riskgate_events_total")
+    if not samples and worker.get("/metrics")[0] != 200:
+        return None
+    out = {}
+    for (_, labels), v in samples.items():
+        ls = dict(labels)
+        if v:
+            out[(ls["type"], ls["outcome"])] = int(v)
+    return out
