@@ -254,9 +254,12 @@ class Watermark:
         self.max_ts: dict[str, float] = dict(max_ts or {})
         self.lagging: set[str] = set()
 
-    def observe(self, source: str, ts: float) -> None:
+    def observe(self, source: str, ts: float) -> bool:
+        """Note an event's ``ts``; True when it raised its source's maximum (only then can the watermark move)."""
         if ts > self.max_ts.get(source, float("-inf")):
             self.max_ts[source] = ts
+            return True
+        return False
 
     def set_lagging(self, source: str, lagging: bool) -> None:
         (self.lagging.add if lagging else self.lagging.discard)(source)
@@ -268,9 +271,15 @@ class Watermark:
 
     def update(self) -> float:
         if self.lagging:
-            if any(s not in self.max_ts for s in self.lagging):
-                return self.value  # a source with unread records we know nothing of yet
-            base = min(self.max_ts[s] for s in self.lagging)
+            # (a plain loop: this runs for most events)
+            base = float("inf")
+            max_ts = self.max_ts
+            for s in self.lagging:
+                m = max_ts.get(s)
+                if m is None:
+                    return self.value  # a source with unread records we know nothing of yet
+                if m < base:
+                    base = m
         elif self.max_ts:
             base = max(self.max_ts.values())
         else:
@@ -374,8 +383,8 @@ class Engine:
             if outcome != "duplicate":
                 self.users[ev.user_id] = state
                 self.changed.add(ev.user_id)
-                self.clock.observe(source, ev.ts)
-        self.clock.update()
+                if self.clock.observe(source, ev.ts):
+                    self.clock.update()
         self.counts[(kind, outcome)] += 1
         self.advance()
         return outcome

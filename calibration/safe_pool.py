@@ -16,10 +16,11 @@ Decisions (SPEC is silent):
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Container, Iterable, Mapping
 
-__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "record_view", "record_watch", "record_flag", "trim_history"]
+__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "pool_size", "record_view", "record_watch", "record_flag", "trim_history"]
 
 
 def watch_pct(watch_ms: float, duration_ms: float) -> float | None:
@@ -98,10 +99,43 @@ def safe_pool(
     >>> [s.item_id for s in safe_pool(h, None)]
     ['b', 'a']
     """
-    blocked = frozenset(blocked_tags)
-    pool = [SafeItem(e.item_id, e.first_rank_score, e.tags) for e in history if is_safe(e, beta, blocked)]
+    pool = [SafeItem(e.item_id, e.first_rank_score, e.tags) for e in _safe_entries(history, beta, blocked_tags)]
     pool.sort(key=lambda s: (-s.rank_score, s.item_id))
     return pool if max_size is None else pool[: max(0, int(max_size))]
+
+
+def _safe_entries(history: Iterable[HistoryEntry], beta: float | None, blocked_tags: Iterable[str]) -> list[HistoryEntry]:
+    """The entries :func:`is_safe` accepts (one loop: this runs on every impression and flush)."""
+    blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
+    out = []
+    for e in history:
+        if e.flagged or (blocked and not blocked.isdisjoint(e.tags)):
+            continue
+        if beta is not None and (e.first_watch_pct is None or e.first_watch_pct <= beta):
+            continue
+        out.append(e)
+    return out
+
+
+def pool_size(
+    history: Iterable[HistoryEntry],
+    beta: float | None,
+    blocked_tags: Iterable[str] = (),
+    max_size: int | None = None,
+    exclude: Container[str] = (),
+) -> int:
+    """|T_safe(u) \\ exclude| with T_safe capped at ``max_size``: ``len`` of :func:`safe_pool` minus ``exclude``.
+
+    Examples
+    --------
+    >>> h = [HistoryEntry(i, float(r), first_watch_pct=90.0, watched=True) for i, r in [("a", 3), ("b", 2), ("c", 1)]]
+    >>> pool_size(h, 50.0, max_size=2, exclude={"a"}), pool_size(h, 50.0, exclude={"a"})
+    (1, 2)
+    """
+    safe = _safe_entries(history, beta, blocked_tags)
+    if max_size is not None and len(safe) > max_size:  # only the cap's highest rank scores count
+        safe = heapq.nsmallest(max(0, int(max_size)), safe, key=lambda e: (-e.first_rank_score, e.item_id))
+    return sum(1 for e in safe if e.item_id not in exclude)
 
 
 def record_view(

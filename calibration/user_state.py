@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
-from .safe_pool import HistoryEntry, SafeItem, record_flag, record_view, record_watch, safe_pool, trim_history
+from .safe_pool import HistoryEntry, SafeItem, pool_size, record_flag, record_view, record_watch, safe_pool, trim_history
 
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState"]
 
@@ -126,7 +126,7 @@ class UserState:
         outcome = "late" if late else "ok"
         if not late:
             in_slate = {it.item_id for it in ev.items}
-            pool = sum(1 for p in self.safe_pool(limits) if p.item_id not in in_slate)
+            pool = pool_size(self.history.values(), limits.beta, self.blocked_tags, limits.safe_pool_max, in_slate)
             repeat = []
             for it in ev.items:
                 h = self.history.get(it.item_id)

@@ -26,13 +26,13 @@ import asyncio
 import logging
 import shutil
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import weakref
 
-import faust
 import orjson
 from aiokafka.partitioner import DefaultPartitioner
 from faust.streams import _current_event
@@ -82,8 +82,10 @@ class _Partition:
     last_offsets: dict = field(default_factory=dict)  # topic -> last processed offset
     dirty: bool = True  # window changed since the last snapshot was sent
     sent_at: float = 0.0
-    pools: dict = field(default_factory=dict)  # user_id -> last safe-pools payload sent
-    own: dict = field(default_factory=dict)  # user_id -> fingerprint of the own thresholds last sent
+    # What was last sent per user, to send only changes. Bounded like the user cache: a
+    # user forgotten here is sent once more when next changed, which is harmless.
+    pools: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> hash of the safe-pools payload
+    own: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> fingerprint of own thresholds
     unacked: list = field(default_factory=list)  # records applied since the last flush, acked by it
     last_message: object = None  # a record of this partition: the table-write context of a flush
     through: float | None = None  # producer timestamp (s) of the newest input record applied
@@ -144,6 +146,7 @@ class RiskgateApp:
         )
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
         self.names = names = Topics(s.topic_prefix)
+        self._base_names = {t: names.base(t) for t in names.inputs}  # input topic -> its SPEC name
         self.inputs = app.topic(*names.inputs, partitions=s.topic_partitions, **raw)
         self.thresholds_topic = app.topic(names.thresholds, partitions=1, **raw)
         self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
@@ -229,7 +232,8 @@ class RiskgateApp:
                               meta.get("max_ts_by_topic"))
             engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table, p))
             engine.rebuild()
-            part = self.partitions[p] = _Partition(engine, users)
+            cap = self.settings.user_cache
+            part = self.partitions[p] = _Partition(engine, users, pools=_Recent(cap), own=_Recent(cap))
         return part
 
     # -- the input path: whole fetches, flushed and acked together ------------
@@ -243,14 +247,14 @@ class RiskgateApp:
         are not in the changelog.
         """
         s = self.settings
-        names = self.names
         m = self.metrics
         if self._first_batch_at is None:
             self._first_batch_at = time.time()
             m.first_record_at.set(self._first_batch_at)
+        base = self._base_names
         by_partition: dict[int, list] = defaultdict(list)
         for msg in messages:
-            topic = names.base(msg.topic)
+            topic = base[msg.topic]
             try:
                 rec = decode_event(topic, msg.value, msg.key, s.max_items)
             except InvalidEvent as e:
@@ -369,8 +373,7 @@ class RiskgateApp:
     def _pool_partition(self, key: bytes) -> int:
         # The key's partition under Kafka's default (murmur2) partitioner, where
         # send_soon put these records: compaction needs every record of a key in one.
-        parts = self._pool_parts
-        return _PARTITIONER(key, parts, parts)
+        return _murmur_partition(key, len(self._pool_parts))
 
     def _user_outputs(self, part: _Partition, changed) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
@@ -396,8 +399,9 @@ class RiskgateApp:
                                 threshold_message(r, self.config, state.version)))
             payload = safe_pool_message(uid, state.safe_pool(self.config.limits), state.blocked_tags, own,
                                         state.version, state.band)
-            if part.pools.get(uid) != payload:
-                part.pools[uid] = payload
+            digest = hash(payload)
+            if part.pools.get(uid) != digest:
+                part.pools[uid] = digest
                 out.append((self.pools_topic, uid.encode(), payload))
         return out
 
@@ -547,6 +551,26 @@ class RiskgateApp:
         for b, n in p1_seen.items():
             if n:
                 m.property1.labels(str(b)).set(p1_flag[b] / n)
+
+
+class _Recent(OrderedDict):
+    """A dict that forgets its least recently set keys beyond ``limit``."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+@lru_cache(maxsize=1 << 16)
+def _murmur_partition(key: bytes, n: int) -> int:
+    parts = list(range(n))
+    return _PARTITIONER(key, parts, parts)
 
 
 def _persisted(store, tp, offset: int) -> None:

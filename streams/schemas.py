@@ -193,7 +193,9 @@ def decode(topic: str, raw: bytes | None, key: bytes | None, max_items: int = 20
 # The same rules as the models above, as msgspec structs. msgspec's JSON decoder
 # is strict (no str/number/bool coercion), rejects NaN, Infinity and numbers out
 # of the float range, and ignores unknown fields, like the models.
-_FId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00]+$")]
+# No pattern on ids: a NUL can only get into a decoded string as the escape \u0000 (JSON
+# forbids raw control characters), so fast_decode leaves any value containing it to the models.
+_FId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _FTag = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _FTags = Annotated[tuple[_FTag, ...], msgspec.Meta(max_length=32)]
 _FTs = Annotated[float, msgspec.Meta(gt=0)]
@@ -279,7 +281,7 @@ def _record(topic: str, m) -> core.Event:
 def fast_decode(topic: str, raw: bytes, key: bytes | None, max_items: int = 200):
     """The msgspec struct of a valid event, or None when it must go to :func:`decode` for a verdict."""
     dec = _FAST.get(topic)
-    if dec is None or raw is None or len(raw) > MAX_BYTES:
+    if dec is None or raw is None or len(raw) > MAX_BYTES or b"\\u0000" in raw:
         return None
     try:
         m = dec.decode(raw)

@@ -105,3 +105,21 @@ def test_window_keeps_exactly_the_live_buckets(adds, watermark):
     # buckets newer than the watermark stay (they are future, not stale)
     assert w.total().n == sum(live.values())
     assert int(w.total().increments[3]) == 7 * sum(live.values())
+
+
+_ENTRY = st.builds(
+    lambda i, r, pct, flagged, tags: __import__("calibration.safe_pool", fromlist=["HistoryEntry"]).HistoryEntry(
+        f"i{i}", float(r), tuple(tags), pct, pct is not None, True, flagged),
+    st.integers(0, 40), st.integers(0, 5), st.none() | st.floats(0, 200), st.booleans(),
+    st.lists(st.sampled_from(["a", "b", "c"]), max_size=2, unique=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(_ENTRY, max_size=40, unique_by=lambda e: e.item_id),
+       beta=st.none() | st.sampled_from([0.0, 50.0]), blocked=st.sets(st.sampled_from(["a", "b", "c"])),
+       cap=st.none() | st.integers(0, 12), exclude=st.sets(st.integers(0, 40).map(lambda i: f"i{i}")))
+def test_pool_size_is_the_size_of_the_capped_pool_minus_the_excluded(entries, beta, blocked, cap, exclude):
+    from calibration.safe_pool import pool_size, safe_pool
+
+    want = sum(1 for s in safe_pool(entries, beta, blocked, cap) if s.item_id not in exclude)
+    assert pool_size(entries, beta, blocked, cap, exclude) == want

@@ -399,6 +399,7 @@ def test_fast_path_agrees_with_the_models_on_random_bytes(topic, raw, key):
     ("flags", with_("flags", user_id="\u00e9l\u00e8ve", event_id="\U0001f600")),
     ("constraints", with_("constraints", source="inferred", unblock_tags=["x"])),
     ("forget", b'{"event_id":"e","user_id":"u1","ts":1e308}'),
+    ("flags", with_("flags", item_id="a\x00b")),  # the fast path leaves \u0000 to the models
 ])
 def test_fast_path_agrees_with_the_models_on_edge_cases(topic, raw):
     fast_ok, ref_ok = _assert_agree(topic, raw, None)
