@@ -49,7 +49,7 @@ from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers
-from .topics import Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
+from .topics import DLQ_MAX_BYTES, Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
 
 __all__ = ["RiskgateApp", "engine_config"]
 
@@ -143,6 +143,10 @@ class RiskgateApp:
             # can be "ahead" of it; Faust's check would then refuse to start.
             recovery_consistency_check=s.recovery_consistency_check,
             producer_max_batch_size=s.producer_max_batch_size,
+            # A dead-letter record carries the original value (up to schemas.MAX_BYTES) in
+            # base64: ~1.33 MB, over Faust's default 1 MB request (the DLQ topic is created
+            # with max.message.bytes to match).
+            producer_max_request_size=DLQ_MAX_BYTES,
         )
         raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
         self.names = names = Topics(s.topic_prefix)
@@ -150,7 +154,7 @@ class RiskgateApp:
         self.inputs = app.topic(*names.inputs, partitions=s.topic_partitions, **raw)
         self.thresholds_topic = app.topic(names.thresholds, partitions=1, **raw)
         self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
-        self.dlq_topic = app.topic(names.dlq, partitions=1, **raw)
+        self.dlq_topic = app.topic(names.dlq, partitions=1, config={"max.message.bytes": str(DLQ_MAX_BYTES)}, **raw)
         self.partials_topic = app.topic(names.partials, partitions=1, internal=True, **raw)
         table_args = dict(key_type=bytes, value_type=bytes)  # raw bytes: the app's serializers are "raw"
         self.users_table = app.Table("users", partitions=s.topic_partitions, **table_args)
@@ -253,12 +257,21 @@ class RiskgateApp:
             m.first_record_at.set(self._first_batch_at)
         base = self._base_names
         by_partition: dict[int, list] = defaultdict(list)
+        horizon = time.time() + s.max_future_skew
         for msg in messages:
             topic = base[msg.topic]
             try:
                 rec = decode_event(topic, msg.value, msg.key, s.max_items)
+                if rec.ts > horizon:
+                    raise InvalidEvent("future_ts", f"ts is more than RISKGATE_MAX_FUTURE_SKEW={s.max_future_skew:g} s "
+                                                    "past the worker's clock")
             except InvalidEvent as e:
                 self._dead_letter(msg, e)
+                rec = None
+            except Exception as e:  # a validator bug must not stop the stream (nor crash on every restart)
+                log.error("validation failed unexpectedly (%s) for %s[%d]@%d: dead-lettered",
+                          type(e).__name__, msg.topic, msg.partition, msg.offset)
+                self._dead_letter(msg, InvalidEvent("internal", f"validation failed: {type(e).__name__}"))
                 rec = None
             by_partition[msg.partition].append((msg, topic, rec))
         for p, items in by_partition.items():

@@ -146,7 +146,7 @@ _TOPIC_ALREADY_EXISTS = 36
 
 
 async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: int,
-                              compacted: Iterable[str] = (), **client_kwargs) -> None:
+                              compacted: Iterable[str] = (), configs: dict | None = None, **client_kwargs) -> None:
     """Create missing topics; raise RuntimeError naming each topic the broker refused.
 
     aiokafka's admin client returns per-topic error codes instead of raising,
@@ -168,7 +168,8 @@ async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: 
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if n in compact else {})
+            NewTopic(n, partitions, 1, topic_configs={**({"cleanup.policy": "compact"} if n in compact else {}),
+                                                      **(configs or {})})
             for n in names if n not in existing
         ]
         if new:
@@ -186,6 +187,6 @@ async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: 
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int, compacted: Iterable[str] = (),
-                  **client_kwargs) -> None:
-    """Create the topics that do not exist yet (``compacted`` ones with cleanup.policy=compact)."""
-    asyncio.run(create_topics_async(bootstrap, list(names), partitions, compacted, **client_kwargs))
+                  configs: dict | None = None, **client_kwargs) -> None:
+    """Create the topics that do not exist yet (``compacted`` ones with cleanup.policy=compact, all with ``configs``)."""
+    asyncio.run(create_topics_async(bootstrap, list(names), partitions, compacted, configs, **client_kwargs))

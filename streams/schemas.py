@@ -179,7 +179,7 @@ def decode(topic: str, raw: bytes | None, key: bytes | None, max_items: int = 20
         kinds = {err["type"] for err in e.errors()}
         if "json_invalid" in kinds:
             raise InvalidEvent("bad_json", e.errors()[0]["msg"]) from None
-        if "model_type" in kinds or "model_attributes_type" in kinds:
+        if any(err["type"] in ("model_type", "model_attributes_type") and not err["loc"] for err in e.errors()):
             raise InvalidEvent("not_object", "value is not a JSON object") from None
         if "too_large" in kinds:
             raise InvalidEvent("too_large", _describe(e)) from None
@@ -285,7 +285,7 @@ def fast_decode(topic: str, raw: bytes, key: bytes | None, max_items: int = 200)
         return None
     try:
         m = dec.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):  # invalid UTF-8 in a string
         return None
     if key is not None and key != m.user_id.encode():
         return None

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # comes first: a user with many events in that time is written once. A crash
     # re-reads at most what was not flushed (at-least-once, idempotent folding).
     flush_interval: float = Field(1.0, gt=0)
+    # An event stamped further than this past the worker's clock is dead-lettered
+    # (future_ts): one such event would drag its partition's watermark forward and
+    # make everything after it late.
+    max_future_skew: float = Field(86_400.0, gt=0)
     flush_max_events: int = Field(50_000, ge=1)
 
     # Kafka security

@@ -27,6 +27,7 @@ __all__ = [
     "SAFE_POOLS",
     "DLQ",
     "PARTIALS",
+    "DLQ_MAX_BYTES",
     "threshold_message",
     "safe_pool_message",
     "encode_snapshot",
@@ -38,6 +39,8 @@ THRESHOLDS = "risk-thresholds"
 SAFE_POOLS = "safe-pools"
 DLQ = "riskgate-dlq"
 PARTIALS = "riskgate-partials"
+#: Largest dead-letter record (the original value, up to 1 MB, in base64 plus its envelope).
+DLQ_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class Topics:
         from .broker import create_topics
 
         create_topics(bootstrap, self.inputs, partitions, **client_kwargs)
-        create_topics(bootstrap, [self.thresholds, self.dlq, self.partials], 1, **client_kwargs)
+        create_topics(bootstrap, [self.thresholds, self.partials], 1, **client_kwargs)
+        create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)}, **client_kwargs)
         create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], **client_kwargs)
 
 

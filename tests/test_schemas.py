@@ -411,3 +411,19 @@ def test_fast_path_takes_the_spec_examples():
 
     for topic, value in VALID.items():
         assert fast_decode(topic, enc(value), b"u1", 200) is not None, topic
+
+
+@pytest.mark.parametrize("raw", [b'{"event_id":"e1","user_id":"u\xff","item_id":"i","kind":"report","ts":1}',
+                                 b'{"event_id":"e1","user_id":"u\xed\xa0\x80","item_id":"i","kind":"report","ts":1}'])
+def test_invalid_utf8_inside_a_string_is_bad_json_on_the_worker_path(raw):
+    from streams.schemas import decode_event
+
+    with pytest.raises(InvalidEvent) as exc:
+        decode_event("flags", raw, None)
+    assert exc.value.code == "bad_json"
+
+
+def test_a_non_object_inside_the_event_is_a_schema_error_not_not_object():
+    with pytest.raises(InvalidEvent) as exc:
+        decode("impressions", with_("impressions", items=["i1"]), None)
+    assert exc.value.code == "schema" and "items.0" in exc.value.reason

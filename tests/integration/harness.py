@@ -372,7 +372,7 @@ def wait_committed(bootstrap: str, group: str, ends: dict[tuple[str, int], int],
 
 
 def users_changelog(app_id: str) -> str:
-    """The changelog topic of a worker's ``users`` table (one record per user write, tombstones on forget)."""
+    """The changelog topic of a worker's ``users`` table: a record for every write to the table."""
     return f"{app_id}-users-changelog"
 
 
