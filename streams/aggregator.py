@@ -4,7 +4,8 @@ Each worker sends the totals of its partitions' windows to the one-partition
 ``riskgate-partials`` topic; whichever worker owns that partition runs this
 logic. It keeps the latest totals of every partition, sums them
 (:func:`calibration.engine.combine`) and decides what to publish: a key whose
-result changed is published at most once per ``recompute_interval``, and every
+result changed is published once per round of snapshots (at most every half
+``recompute_interval``; workers send them at wall-clock multiples of it), and every
 key at least once per ``heartbeat``. Versions come from a durable mapping (a
 Faust table), so they keep growing across restarts.
 """
@@ -69,7 +70,8 @@ class Aggregator:
                 publish = True
             else:
                 changed = last[0] != fingerprint
-                publish = (changed and now - last[1] >= self.recompute_interval) or now - last[1] >= self.heartbeat
+                # Half an interval: once per round of (aligned) snapshots, never a round late.
+                publish = (changed and now - last[1] >= self.recompute_interval / 2) or now - last[1] >= self.heartbeat
             if publish:
                 version = int(self.versions.get(key, 0)) + 1
                 self.versions[key] = version

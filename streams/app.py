@@ -171,7 +171,7 @@ class RiskgateApp:
         app.before_revoke = self._flush_all
         app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
         app.agent(self.partials_topic, name="riskgate.aggregate")(self._aggregate)
-        app.timer(s.recompute_interval, name="riskgate.snapshot")(self._send_snapshots)
+        app.task(self._snapshot_ticks)
         app.timer(2.0, name="riskgate.health")(self._check_health)
         app.task(self._declare_topics)
         app.on_partitions_revoked.connect(self._on_revoked)
@@ -446,6 +446,22 @@ class RiskgateApp:
                                                                  err.reason, msg.key))
 
     # -- snapshots and the aggregator ----------------------------------------
+    async def _snapshot_ticks(self) -> None:
+        """Send snapshots at wall-clock multiples of RECOMPUTE_INTERVAL, on every worker alike.
+
+        Aligned ticks make all partitions' snapshots of a round reach the
+        aggregator together, so it publishes once per round, right after it: a
+        flag applied at t is in a published threshold by the next tick plus
+        the aggregator's short buffer (freshness ≤ RECOMPUTE_INTERVAL + ~0.2 s).
+        """
+        interval = self.settings.recompute_interval
+        while True:
+            await asyncio.sleep(interval - time.time() % interval)
+            try:
+                await self._send_snapshots()
+            except Exception:  # never let one failed round end the ticks
+                log.exception("sending partition snapshots failed; retrying at the next tick")
+
     async def _send_snapshots(self) -> None:
         now = time.time()
         for tp in self.app.assignor.assigned_actives():
@@ -462,7 +478,8 @@ class RiskgateApp:
 
     async def _aggregate(self, stream) -> None:
         s = self.settings
-        async for events in stream.take_events(1000, within=min(1.0, s.recompute_interval)):
+        # A short buffer: a round's snapshots arrive together (aligned ticks).
+        async for events in stream.take_events(1000, within=min(0.2, s.recompute_interval / 4)):
             for event in events:
                 self.aggregator.update(*decode_snapshot(event.message.value))
             _in_event_of(events[-1])  # version table writes

@@ -45,8 +45,8 @@ def test_publish_rule_interval_heartbeat_and_growing_versions():
     assert first["remove:global"] == 42 and first["replace:band:low"] == 1  # continues a stored version
     assert agg.due(1001.0) == []  # nothing changed
     agg.update(1, None, None, _engine("y", 30).calibrator.snapshot())
-    assert agg.due(1005.0) == []  # changed, but within recompute_interval
-    changed = {p.key for p in agg.due(1010.0)}
+    assert agg.due(1004.0) == []  # changed, but within half a recompute_interval (the same round)
+    changed = {p.key for p in agg.due(1005.0)}  # the next round's snapshots are published at once
     assert "remove:global" in changed
     beat = agg.due(1071.0)
     assert {p.key for p in beat} == {f"{s}:{g}" for s in CFG.strategies for g in ("global", "band:low", "band:high")}

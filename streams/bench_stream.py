@@ -1,0 +1,492 @@
+"""``riskgate bench stream``: one worker against a real broker, measured end to end.
+
+Figures to read, never a test that fails (machines are noisy: compare the
+ratios of one run). What it does, on the local tansu broker unless
+``--broker`` names one:
+
+1. **Backlog.** Generates a seeded synthetic stream of N events (slates of 20
+   items, their watch events, flags and constraints in the world's
+   proportions; :mod:`calibration.synthetic`) and produces it to fresh topics.
+2. **Ceiling.** A bare aiokafka consumer reads the same topics from the start
+   and decodes every value with orjson: what one Python process can consume
+   here at all.
+3. **Worker.** Starts ``riskgate worker`` on the backlog and samples its
+   ``/metrics`` and ``/proc`` every 0.25 s: records applied, consumer lag, RSS.
+   Throughput is N / (last batch applied − first batch started), both stamped
+   by the worker itself.
+4. **Live** (``--live-seconds``). Produces at ``--live-rate`` events/s with
+   event time = wall time while the worker runs, reads ``risk-thresholds``,
+   and measures freshness: for each flag produced at t, the first threshold
+   publication whose ``inputs_through`` ≥ t (every partition had applied its
+   records up to t) — an upper bound on when the flag was in the published
+   numbers. With ``--live-rate`` above what the worker sustains this is the
+   soak: lag grows during the phase and must recover after it.
+5. **Size.** RocksDB bytes on disk per 100k users, peak RSS.
+
+``--profile FILE`` runs the worker under py-spy and prints where its time went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from calibration.synthetic import WorldConfig, generate_events
+
+from .broker import LocalBroker, free_port
+from .topics import Topics
+
+__all__ = ["bench_stream", "StreamBenchConfig"]
+
+EVENTS_PER_SLATE = 21.2  # impression + ~20 watches + flags/constraints, measured on the synthetic world
+
+
+@dataclass
+class StreamBenchConfig:
+    events: int = 1_000_000
+    users: int = 50_000
+    partitions: int = 8
+    seed: int = 0
+    broker: str | None = None  # host:port; None: a local tansu
+    live_seconds: float = 0.0
+    live_rate: float = 20_000.0
+    live_producers: int = 1
+    recompute_interval: float = 5.0
+    profile: str | None = None
+    out: str | None = None
+    worker_env: dict = field(default_factory=dict)
+
+
+def _world(cfg: StreamBenchConfig, n_events: int, seed: int, start_ts: float, rate: float, prefix: str) -> WorldConfig:
+    n_slates = max(1, int(n_events / EVENTS_PER_SLATE))
+    return WorldConfig(seed=seed, n_users=cfg.users, n_items=200_000, n_slates=n_slates, start_ts=start_ts,
+                       slates_per_second=rate / EVENTS_PER_SLATE, holdout_share=0.2, label_delay=60.0,
+                       id_prefix=prefix)
+
+
+# -- producing -------------------------------------------------------------------
+async def _produce(bootstrap: str, records, prefix: str, rate: float | None = None) -> tuple[int, float]:
+    """Send (topic, key, value) records; ``rate`` paces to events/s. Returns (count, seconds)."""
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024)
+    await p.start()
+    t0 = time.monotonic()
+    n = 0
+    pending = []
+    try:
+        for topic, key, value in records:
+            pending.append(await p.send(prefix + topic, value, key=key))
+            n += 1
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if rate and n % 200 == 0:
+                ahead = n / rate - (time.monotonic() - t0)
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+        await asyncio.gather(*pending)
+    finally:
+        await p.stop()
+    return n, time.monotonic() - t0
+
+
+def _encoded(world: WorldConfig, wall_clock: bool = False):
+    """(topic, key, value bytes); with ``wall_clock`` event ts is rewritten to the time of encoding."""
+    for topic, v in generate_events(world):
+        if wall_clock:
+            v["ts"] = time.time()
+        yield topic, v["user_id"].encode(), orjson.dumps(v)
+
+
+def _live_producer(bootstrap: str, prefix: str, cfg_json: str, seconds: float, rate: float, seed: int,
+                   flags_out: str) -> None:
+    """Child process of the live phase: produces at ``rate`` for ``seconds``, logs each flag's send time."""
+    cfg = StreamBenchConfig(**json.loads(cfg_json))
+    world = _world(cfg, int(rate * seconds) + 1, seed, time.time(), rate, f"live{seed}-")
+    flags = []
+
+    def records():
+        deadline = time.monotonic() + seconds
+        for topic, key, value in _encoded(world, wall_clock=True):
+            if time.monotonic() > deadline:
+                return
+            if topic == "flags":
+                flags.append(time.time())
+            yield topic, key, value
+
+    asyncio.run(_produce(bootstrap, records(), prefix, rate))
+    Path(flags_out).write_text(json.dumps(flags))
+
+
+# -- the ceiling -----------------------------------------------------------------
+async def _bare_consume(bootstrap: str, topics: list[str], total: int) -> float:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    await c.start()
+    try:
+        await c._client.force_metadata_update()
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        n, t0 = 0, None
+        loads = orjson.loads
+        while n < total:
+            batch = await c.getmany(timeout_ms=1000, max_records=10_000)
+            for msgs in batch.values():
+                if t0 is None:
+                    t0 = time.perf_counter()
+                for m in msgs:
+                    loads(m.value)
+                n += len(msgs)
+        return n / (time.perf_counter() - t0)
+    finally:
+        await c.stop()
+
+
+# -- the worker ------------------------------------------------------------------
+def _metrics(port: int) -> dict[str, float]:
+    """Sum of samples per series name (labels summed over)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = collections.defaultdict(float)
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        series, _, value = line.rpartition(" ")
+        out[series.split("{")[0]] += float(value)
+    return out
+
+
+def _proc_kb(pid: int, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class _Sampler(threading.Thread):
+    """Samples (t, applied, lag, rss_kb) from a worker every ``interval`` s."""
+
+    def __init__(self, port: int, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.port, self.pid, self.interval = port, pid, interval
+        self.samples: list[tuple[float, float, float, int]] = []
+        self.last: dict[str, float] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                m = _metrics(self.port)
+                self.last = m
+                self.samples.append((time.time(), m.get("riskgate_records_applied_total", 0.0),
+                                     m.get("riskgate_consumer_lag", 0.0), _proc_kb(self.pid, "VmRSS")))
+            except (OSError, ValueError):
+                pass
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def _start_worker(bootstrap: str, prefix: str, partitions: int, data_dir: Path, log: Path,
+                  cfg: StreamBenchConfig) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = dict(os.environ)
+    env.update({
+        "RISKGATE_BROKER": f"kafka://{bootstrap}", "RISKGATE_APP_ID": prefix.rstrip("."),
+        "RISKGATE_DATA_DIR": str(data_dir), "RISKGATE_TOPIC_PARTITIONS": str(partitions),
+        "RISKGATE_TOPIC_PREFIX": prefix, "RISKGATE_WEB_PORT": str(port), "RISKGATE_REBALANCE_TIMEOUT": "2",
+        "RISKGATE_RECOMPUTE_INTERVAL": str(cfg.recompute_interval), "RISKGATE_LABEL_WINDOW": "120",
+        "RISKGATE_ALLOWED_LATENESS": "5",
+    })
+    env.update(cfg.worker_env)
+    cmd = [sys.executable, "-m", "streams.cli", "worker", "-l", "warn"]
+    if cfg.profile:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(spy).exists():
+            raise SystemExit("--profile needs py-spy: pip install py-spy")
+        cmd = [spy, "record", "-r", "100", "-f", "raw", "-o", cfg.profile, "--", *cmd]
+    out = open(log, "ab")
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    return proc, port
+
+
+def _worker_pid(proc: subprocess.Popen, profiled: bool) -> int:
+    if not profiled:
+        return proc.pid
+    for _ in range(100):  # py-spy's child: the worker
+        try:
+            kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            if kids:
+                return int(kids[0])
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return proc.pid
+
+
+def _wait(cond, timeout: float, what: str, proc: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the worker exited ({proc.returncode}) while waiting for {what}; log {log}")
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}; log {log}")
+
+
+def _profile_summary(path: str, top: int = 18) -> list[tuple[str, float]]:
+    """Share of the main thread's samples spent *in* each function (self time), and by module."""
+    selfs: collections.Counter = collections.Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack.startswith("Thread._bootstrap"):  # py-spy's raw stacks without --threads: others start here
+            continue
+        n = int(n)
+        total += n
+        selfs[stack.rsplit(";", 1)[-1]] += n
+    return [(f, n / total) for f, n in selfs.most_common(top)] if total else []
+
+
+# -- the run -----------------------------------------------------------------------
+def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict:
+    console = console or Console()
+    fig: dict = {"events": cfg.events, "users": cfg.users, "partitions": cfg.partitions, "seed": cfg.seed}
+    tmp = Path(tempfile.mkdtemp(prefix="riskgate-bench-"))
+    broker = None
+    proc = None
+    try:
+        if cfg.broker:
+            bootstrap = cfg.broker.removeprefix("kafka://")
+        else:
+            broker = LocalBroker(log_path=str(tmp / "tansu.log")).start()
+            bootstrap = broker.bootstrap
+        prefix = f"bench-{uuid.uuid4().hex[:8]}."
+        names = Topics(prefix)
+        names.create(bootstrap, cfg.partitions)
+
+        with console.status("generating and producing the backlog"):
+            t0 = time.perf_counter()
+            world = _world(cfg, cfg.events, cfg.seed, 1_700_000_000.0, 2_000.0, "e-")
+            records = list(_encoded(world))
+            fig["generate_s"] = time.perf_counter() - t0
+            kinds = collections.Counter(t for t, _, _ in records)
+            fig["event_mix"] = dict(kinds)
+            fig["distinct_users"] = len({k for _, k, _ in records})
+            n, secs = asyncio.run(_produce(bootstrap, records, prefix))
+            fig["events"] = total = n
+            fig["produce_events_per_s"] = n / secs
+            del records
+
+        with console.status("measuring the bare-consumer ceiling"):
+            fig["ceiling_events_per_s"] = asyncio.run(_bare_consume(bootstrap, list(names.inputs), total))
+
+        log = tmp / "worker.log"
+        proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "data", log, cfg)
+        pid = _worker_pid(proc, bool(cfg.profile))
+        sampler = None
+        with console.status("worker catching up on the backlog"):
+            _wait(lambda: _try_metrics(port), 120, "the worker's web view", proc, log)
+            sampler = _Sampler(port, pid)
+            sampler.start()
+            _wait(lambda: sampler.last.get("riskgate_records_applied_total", 0) >= total, 1800,
+                  "the backlog to be applied", proc, log)
+            m = sampler.last
+            first, last = m["riskgate_first_record_timestamp_seconds"], m["riskgate_last_applied_timestamp_seconds"]
+            fig["worker_events_per_s"] = total / (last - first)
+            fig["worker_seconds"] = last - first
+            fig["ratio_to_ceiling"] = fig["worker_events_per_s"] / fig["ceiling_events_per_s"]
+            _wait(lambda: _try_metrics(port).get("riskgate_consumer_lag", 1) == 0 or None, 60, "lag 0", proc, log)
+        fig["backlog_lag"] = [(round(t - first, 2), lag) for t, _, lag, _ in sampler.samples if t >= first - 1][::8]
+
+        if cfg.live_seconds > 0:
+            fig.update(_live_phase(cfg, bootstrap, names, prefix, tmp, sampler, proc, port, log, console))
+
+        m = _try_metrics(port)
+        fig["peak_rss_mb"] = _proc_kb(pid, "VmHWM") / 1024
+        fig["rss_mb_series"] = [(round(t - first, 1), round(r / 1024)) for t, _, _, r in sampler.samples][::20]
+        sampler.stop()
+        fig["flush_mean_ms"] = 1e3 * m.get("riskgate_flush_seconds_sum", 0) / max(1, m.get("riskgate_flush_seconds_count", 1))
+        proc.send_signal(signal.SIGINT if cfg.profile else signal.SIGTERM)
+        proc.wait(120)
+        size = _du(tmp / "data")
+        fig["rocksdb_bytes"] = size
+        users = fig["distinct_users"] + fig.get("live_users", 0)
+        fig["rocksdb_mb_per_100k_users"] = size / users * 100_000 / 2**20
+        if cfg.profile:
+            fig["profile_top"] = _profile_summary(cfg.profile)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True) if not os.environ.get("KEEP") else print("kept", tmp)
+    _print(console, fig, cfg)
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(fig, indent=1))
+    return fig
+
+
+def _try_metrics(port: int) -> dict:
+    try:
+        return _metrics(port)
+    except (OSError, ValueError):
+        return {}
+
+
+def _live_phase(cfg, bootstrap, names, prefix, tmp, sampler, proc, port, log, console) -> dict:
+    out: dict = {}
+    before = sampler.last.get("riskgate_records_applied_total", 0)
+    flag_files = [tmp / f"flags-{i}.json" for i in range(cfg.live_producers)]
+    cfg_json = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("users", "partitions")})
+    rate = cfg.live_rate / cfg.live_producers
+    start = time.time()
+    children = [subprocess.Popen([sys.executable, "-c",
+                                  "import sys; from streams.bench_stream import _live_producer as f; "
+                                  "f(*sys.argv[1:4], float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7])",
+                                  bootstrap, prefix, cfg_json, str(cfg.live_seconds), str(rate), str(1000 + i),
+                                  str(flag_files[i])], cwd=str(Path(__file__).resolve().parents[1]))
+                for i in range(cfg.live_producers)]
+    with console.status(f"live phase: {cfg.live_rate:,.0f} events/s for {cfg.live_seconds:.0f} s"):
+        for c in children:
+            c.wait()
+        produced_s = time.time() - start
+        sent = _read_count(bootstrap, names) - cfg.events
+        _wait(lambda: sampler.last.get("riskgate_records_applied_total", 0) >= before + sent, 1800,
+              "the live records to be applied", proc, log)
+        caught_up = time.time()
+        time.sleep(cfg.recompute_interval + 2)  # one more publication round for the last flags
+    pubs = _threshold_pubs(bootstrap, names)
+    flags = sorted(t for f in flag_files for t in json.loads(f.read_text()))
+    fresh = []
+    j = 0
+    for t in flags:
+        while j < len(pubs) and pubs[j][1] < t:
+            j += 1
+        if j < len(pubs):
+            fresh.append(pubs[j][0] - t)
+    lag = [(t - start, lg) for t, _, lg, _ in sampler.samples if t >= start]
+    out.update({
+        "live_rate_target": cfg.live_rate, "live_seconds": produced_s, "live_events": sent,
+        "live_rate_achieved": sent / produced_s, "live_flags": len(flags), "live_users": 0,
+        "live_catch_up_after_s": caught_up - (start + produced_s),
+        "live_max_lag": max((lg for _, lg in lag), default=0.0),
+        "live_lag_series": [(round(t, 1), lg) for t, lg in lag][::8],
+        "live_rss_mb_first_last": (round(sampler.samples[0][3] / 1024), round(sampler.samples[-1][3] / 1024)),
+    })
+    if fresh:
+        fresh.sort()
+        out.update({"freshness_p50_s": fresh[len(fresh) // 2], "freshness_p99_s": fresh[int(len(fresh) * 0.99)],
+                    "freshness_max_s": fresh[-1], "freshness_flags": len(fresh)})
+    return out
+
+
+def _read_count(bootstrap: str, names: Topics) -> int:
+    """Records on the input topics (from fetch highwaters: tansu's ListOffsets lags)."""
+    async def run():
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        await c.start()
+        try:
+            await c._client.force_metadata_update()
+            tps = [TopicPartition(t, p) for t in names.inputs for p in sorted(c.partitions_for_topic(t) or ())]
+            c.assign(tps)
+            for tp in tps:
+                c.seek(tp, 0)
+            for _ in range(50):
+                await c.getmany(timeout_ms=200, max_records=1)
+                if all(c.highwater(tp) is not None for tp in tps):
+                    break
+            return sum(c.highwater(tp) or 0 for tp in tps)
+        finally:
+            await c.stop()
+
+    return asyncio.run(run())
+
+
+def _threshold_pubs(bootstrap: str, names: Topics) -> list[tuple[float, float]]:
+    """(publish time, inputs_through) of every global threshold record, by publish time."""
+    async def run():
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+        await c.start()
+        try:
+            tp = TopicPartition(names.thresholds, 0)
+            c.assign([tp])
+            await c.seek_to_beginning(tp)
+            out = []
+            idle = 0
+            while idle < 3:
+                batch = await c.getmany(timeout_ms=500, max_records=10_000)
+                msgs = [m for ms in batch.values() for m in ms]
+                idle = 0 if msgs else idle + 1
+                for m in msgs:
+                    if m.value is None or not m.key.endswith(b":global"):
+                        continue
+                    through = orjson.loads(m.value).get("inputs_through")
+                    if through is not None:
+                        out.append((m.timestamp / 1000.0, through))
+            out.sort()
+            return out
+        finally:
+            await c.stop()
+
+    return asyncio.run(run())
+
+
+def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
+    t = Table(title=f"riskgate bench stream: {fig['events']:,} events, {fig['distinct_users']:,} users, "
+                    f"{cfg.partitions} partitions, one worker")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for key, val in fig.items():
+        if key.endswith("_series") or key in ("backlog_lag", "profile_top", "live_lag_series"):
+            continue
+        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else str(val))
+    console.print(t)
+    series = fig.get("backlog_lag") or []
+    if series:
+        console.print("consumer lag during the backlog (s, records): " +
+                      ", ".join(f"{s}:{int(v)}" for s, v in series[:: max(1, len(series) // 12)]))
+    if fig.get("live_lag_series"):
+        s = fig["live_lag_series"]
+        console.print("consumer lag during the live phase (s, records): " +
+                      ", ".join(f"{a}:{int(v)}" for a, v in s[:: max(1, len(s) // 12)]))
+    if fig.get("rss_mb_series"):
+        s = fig["rss_mb_series"]
+        console.print("worker RSS (s, MB): " + ", ".join(f"{a}:{v}" for a, v in s[:: max(1, len(s) // 12)]))
+    for name, share in fig.get("profile_top", []):
+        console.print(f"  {share:6.1%}  {name}")
