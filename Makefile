@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 PYTEST_ARGS ?=
+# Integration tests mostly wait on brokers and workers: two processes, each file whole
+# (module fixtures run once), keep the suite well inside CI's budget on 2 cores.
+XDIST ?= -n 2 --dist loadfile
 
 .PHONY: demo test install lock bench clean
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/riskgate demo $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/riskgate bench calibrate

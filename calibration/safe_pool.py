@@ -20,7 +20,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Container, Iterable, Mapping
 
-__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "pool_size", "record_view", "record_watch", "record_flag", "trim_history"]
+__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "pool_size", "pool_size_at", "record_view", "record_watch", "record_flag", "trim_history"]
 
 
 def watch_pct(watch_ms: float, duration_ms: float) -> float | None:
@@ -51,6 +51,8 @@ class HistoryEntry:
     flagged: bool = False
     last_seen: float = 0.0
     flag_ts: float | None = None  # event time of the first flag (labels need "flagged by when")
+    first_shown: float | None = None  # event time of the first impression showing it
+    first_watch_ts: float | None = None  # event time of the first view (the earliest watch)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,10 @@ def pool_size(
     return sum(1 for e in safe if e.item_id not in exclude)
 
 
+def _min(a: float | None, b: float) -> float:
+    return b if a is None or b < a else a
+
+
 def record_view(
     history: Mapping[str, HistoryEntry], item_id: str, rank_score: float, tags: Iterable[str], ts: float
 ) -> HistoryEntry:
@@ -147,30 +153,36 @@ def record_view(
     old = history.get(item_id)
     ts = float(ts)
     if old is None:
-        return HistoryEntry(item_id, float(rank_score), tuple(tags), None, False, True, False, ts, None)
+        return HistoryEntry(item_id, float(rank_score), tuple(tags), None, False, True, False, ts, None, ts, None)
     last = old.last_seen if old.last_seen > ts else ts
     if not old.shown:  # created by an early watch or flag: fill in what the impression knows
         return HistoryEntry(item_id, float(rank_score), tuple(tags), old.first_watch_pct, old.watched, True,
-                            old.flagged, last, old.flag_ts)
+                            old.flagged, last, old.flag_ts, _min(old.first_shown, ts), old.first_watch_ts)
     return HistoryEntry(item_id, old.first_rank_score, old.tags, old.first_watch_pct, old.watched, old.shown,
-                        old.flagged, last, old.flag_ts)
+                        old.flagged, last, old.flag_ts, _min(old.first_shown, ts), old.first_watch_ts)
 
 
 def record_watch(
     history: Mapping[str, HistoryEntry], item_id: str, watch_ms: float, duration_ms: float, ts: float
 ) -> HistoryEntry:
-    """The entry after a watch: only the *first* view sets W%.
+    """The entry after a watch: the *first* view (the earliest by event time) sets W%.
 
     A watch that arrives before its impression creates the entry (rank score 0,
     no tags) so the first view is not lost; the impression later fills them in.
+    The earliest watch wins whatever the arrival order, so the entry does not
+    depend on how the input topics were interleaved.
     """
     ts = float(ts)
     old = history.get(item_id)
     if old is None:
-        return HistoryEntry(item_id, 0.0, (), watch_pct(watch_ms, duration_ms), True, False, False, ts, None)
+        return HistoryEntry(item_id, 0.0, (), watch_pct(watch_ms, duration_ms), True, False, False, ts, None, None, ts)
     last = old.last_seen if old.last_seen > ts else ts
-    pct = old.first_watch_pct if old.watched else watch_pct(watch_ms, duration_ms)
-    return HistoryEntry(item_id, old.first_rank_score, old.tags, pct, True, old.shown, old.flagged, last, old.flag_ts)
+    if not old.watched or (old.first_watch_ts is not None and ts < old.first_watch_ts):
+        pct, first = watch_pct(watch_ms, duration_ms), ts
+    else:
+        pct, first = old.first_watch_pct, old.first_watch_ts
+    return HistoryEntry(item_id, old.first_rank_score, old.tags, pct, True, old.shown, old.flagged, last, old.flag_ts,
+                        old.first_shown, first)
 
 
 def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) -> HistoryEntry:
@@ -182,11 +194,48 @@ def record_flag(history: Mapping[str, HistoryEntry], item_id: str, ts: float) ->
     ts = float(ts)
     old = history.get(item_id)
     if old is None:
-        return HistoryEntry(item_id, 0.0, (), None, False, False, True, ts, ts)
+        return HistoryEntry(item_id, 0.0, (), None, False, False, True, ts, ts, None, None)
     first = ts if old.flag_ts is None else min(old.flag_ts, ts)
     last = old.last_seen if old.last_seen > ts else ts
     return HistoryEntry(item_id, old.first_rank_score, old.tags, old.first_watch_pct, old.watched, old.shown, True,
-                        last, first)
+                        last, first, old.first_shown, old.first_watch_ts)
+
+
+def pool_size_at(
+    history: Iterable[HistoryEntry],
+    t: float,
+    beta: float | None,
+    blocked_tags: Iterable[str] = (),
+    max_size: int | None = None,
+    exclude: Container[str] = (),
+) -> int:
+    """|T_safe(u) \\ exclude| as it stood at event time ``t``: :func:`pool_size` over the history as of ``t``.
+
+    As of ``t`` an entry is seen (first shown or first viewed at or before
+    ``t``), unflagged (no flag at or before ``t``) and, for a numeric β, first
+    viewed at or before ``t`` with W% > β; tag rules are the current ones.
+    Entries written before these times were kept count as seen long ago.
+
+    Examples
+    --------
+    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, first_shown=5.0, first_watch_ts=6.0),
+    ...      HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, first_shown=5.0, first_watch_ts=20.0),
+    ...      HistoryEntry("c", 3.0, first_watch_pct=90.0, watched=True, flagged=True, flag_ts=30.0,
+    ...                   first_shown=1.0, first_watch_ts=2.0)]
+    >>> pool_size_at(h, 10.0, 50.0), pool_size_at(h, 25.0, 50.0), pool_size_at(h, 31.0, 50.0)
+    (2, 3, 2)
+    """
+    then = []
+    for e in history:
+        if e.flag_ts is not None and e.flag_ts <= t:
+            continue
+        watched = e.watched and (e.first_watch_ts is None or e.first_watch_ts <= t)
+        if not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
+            continue  # not seen yet at t
+        if beta is not None and not watched:
+            continue
+        then.append(HistoryEntry(e.item_id, e.first_rank_score, e.tags, e.first_watch_pct, watched, e.shown, False))
+    return pool_size(then, beta, blocked_tags, max_size, exclude)
 
 
 def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
-from .safe_pool import HistoryEntry, SafeItem, pool_size, record_flag, record_view, record_watch, safe_pool, trim_history
+from .safe_pool import HistoryEntry, SafeItem, pool_size_at, record_flag, record_view, record_watch, safe_pool, trim_history
 
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState"]
 
@@ -125,8 +125,7 @@ class UserState:
         late = ev.ts < watermark
         outcome = "late" if late else "ok"
         if not late:
-            in_slate = {it.item_id for it in ev.items}
-            pool = pool_size(self.history.values(), limits.beta, self.blocked_tags, limits.safe_pool_max, in_slate)
+            pool = 0  # p is counted at maturity, as of the slate's ts (see mature)
             repeat = []
             for it in ev.items:
                 h = self.history.get(it.item_id)
@@ -195,6 +194,7 @@ class UserState:
         """
         matured: list[MatureSlate] = []
         band = self.band
+        blocked = self.blocked_tags
         while self.pending and self.pending[0].ts + label_window <= watermark:
             p = self.pending.pop(0)
             cutoff = p.ts + label_window
@@ -202,7 +202,13 @@ class UserState:
             for item in p.item_ids:
                 h = self.history.get(item)
                 flags.append(bool(h is not None and h.flag_ts is not None and h.flag_ts <= cutoff))
-            m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, p.pool, band, p.policy_applied, p.alpha,
+            # p, the usable safe-pool size when the slate was served, is counted now, from
+            # the history as of its ts: by maturity every event up to ts + label_window
+            # has been read (the watermark waits for lagging topics), so p no longer
+            # depends on how far other topics had been read when the impression was.
+            pool = pool_size_at(self.history.values(), p.ts, limits.beta, blocked, limits.safe_pool_max,
+                                set(p.item_ids))
+            m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, pool, band, p.policy_applied, p.alpha,
                             p.scores, tuple(flags), p.replacement, p.repeat_pct)
             matured.append(m)
             if not p.policy_applied and p.ts >= horizon:
@@ -246,7 +252,7 @@ class UserState:
             "user_id": self.user_id,
             "history": [
                 [e.item_id, e.first_rank_score, list(e.tags), e.first_watch_pct, e.watched, e.shown, e.flagged,
-                 e.last_seen, e.flag_ts]
+                 e.last_seen, e.flag_ts, e.first_shown, e.first_watch_ts]
                 for e in self.history.values()
             ],
             "tag_rules": {t: [b, ts] for t, (b, ts) in self.tag_rules.items()},
@@ -261,8 +267,9 @@ class UserState:
     @classmethod
     def from_dict(cls, d: dict) -> "UserState":
         history = {}
-        for item_id, rank, tags, pct, watched, shown, flagged, last_seen, flag_ts in d["history"]:
-            history[item_id] = HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts)
+        for item_id, rank, tags, pct, watched, shown, flagged, last_seen, flag_ts, *times in d["history"]:
+            history[item_id] = HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts,
+                                            *times)
         return cls(
             user_id=d["user_id"],
             history=history,

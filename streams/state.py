@@ -66,12 +66,12 @@ def encode_core(state: UserState) -> bytes:
 
 def encode_entry(e: HistoryEntry) -> bytes:
     return _enc.encode((e.first_rank_score, e.tags, e.first_watch_pct, e.watched, e.shown, e.flagged, e.last_seen,
-                        e.flag_ts))
+                        e.flag_ts, e.first_shown, e.first_watch_ts))
 
 
 def _entry(item_id: str, raw: bytes) -> HistoryEntry:
-    rank, tags, pct, watched, shown, flagged, last_seen, flag_ts = _dec.decode(raw)
-    return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts)
+    rank, tags, pct, watched, shown, flagged, last_seen, flag_ts, *times = _dec.decode(raw)  # times: newer entries
+    return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts, *times)
 
 
 def decode_user(user_id: str, core: bytes, entries=()) -> UserState:

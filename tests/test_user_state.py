@@ -74,9 +74,36 @@ def test_safe_pool_size_at_serve_time_excludes_items_in_the_slate():
         s.on_watch(Watch(f"w{i}", "u1", i, 80, 100, 11.0), 0.0, LIM)
     s.on_constraints(Constraints("c1", "u1", 12.0, block_tags=("guns",)), 0.0, LIM)
     s.on_impression(imp("e9", "s9", 20.0, [item("a"), item("z", tags=("guns",))], applied=True), 0.0, LIM)
-    assert s.pending[-1].pool == 2  # b and c; a is in the slate
     assert s.pending[-1].repeat_pct == (80.0, None)
     assert s.violations(imp("e10", "s10", 21.0, [item("q", tags=("guns",))])) == 1
+    matured, _ = s.mature(1e9, 1.0, 0.0, LIM)
+    assert [m.pool for m in matured if m.slate_id == "s9"] == [2]  # b and c; a is in the slate
+
+
+def test_pool_size_is_as_of_the_slates_ts_whatever_order_the_topics_were_read_in():
+    def run(order):
+        s = UserState("u1")
+        events = {
+            "show": lambda: [s.on_impression(imp(f"e{i}", f"s{i}", 10.0, [item(i)]), 0.0, LIM) for i in "abc"],
+            "early": lambda: s.on_watch(Watch("wa", "u1", "a", 80, 100, 11.0), 0.0, LIM),  # before the slate
+            "slate": lambda: s.on_impression(imp("e9", "s9", 20.0, [item("q")]), 0.0, LIM),
+            "later": lambda: s.on_watch(Watch("wb", "u1", "b", 90, 100, 25.0), 0.0, LIM),  # after it
+            "flag": lambda: s.on_flag(Flag("fa", "u1", "a", "report", 30.0), 0.0, LIM),  # after it too
+        }
+        for name in order:
+            events[name]()
+        return [m.pool for m in s.mature(1e9, 1.0, 0.0, LIM)[0] if m.slate_id == "s9"]
+
+    # only a counts: viewed before ts 20, flagged after; b was viewed after the slate was served
+    assert run(["show", "early", "slate", "later", "flag"]) == [1]
+    assert run(["show", "slate", "flag", "later", "early"]) == [1]  # the early watch read last
+
+
+def test_the_first_view_is_the_earliest_watch_whatever_the_arrival_order():
+    s = UserState("u1")
+    s.on_watch(Watch("w2", "u1", "a", 10, 100, 20.0), 0.0, LIM)
+    s.on_watch(Watch("w1", "u1", "a", 90, 100, 10.0), 0.0, LIM)  # earlier, read later
+    assert s.history["a"].first_watch_pct == 90.0 and s.history["a"].first_watch_ts == 10.0
 
 
 def test_constraints_latest_ts_wins_whatever_the_order():
