@@ -508,3 +508,57 @@ def outcome_counts(worker: "Worker") -> dict | None:
         if v:
             out[(ls["type"], ls["outcome"])] = int(v)
     return out
+
+
+# -- shared input builders ---------------------------------------------------------
+def tick_users(partitions: int) -> list[str]:
+    """One user id per partition (keys = user ids, aiokafka's default partitioner), sorted."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    part, parts = DefaultPartitioner(), list(range(partitions))
+    users, j = {}, 0
+    while len(users) < partitions:
+        u = f"tick-{j}"
+        users.setdefault(part(u.encode(), parts, parts), u)
+        j += 1
+    return sorted(users.values())
+
+
+def watermark_ticks(partitions: int, ts: float) -> list[tuple[str, dict]]:
+    """A one-item impression per partition at ``ts``: every partition's watermark moves to ``ts`` - lateness."""
+    return [("impressions", {"event_id": f"tick-{j}", "user_id": u, "slate_id": f"tick-{j}", "k": 1, "ts": ts,
+                             "policy_applied": False, "items": [{"item_id": "tick", "score": 0.5, "rank_score": 0.0}]})
+            for j, u in enumerate(tick_users(partitions))]
+
+
+def events_with_forgets_and_ticks(world, partitions: int, forget: int = 2) -> tuple[list, list[str]]:
+    """A synthetic world's events, then forgets of its first ``forget`` users, then watermark ticks.
+
+    Returns ``(events, forgotten)``; the ticks (ts = last + 1000) make every slate mature.
+    """
+    from calibration.synthetic import generate_events
+
+    evs = list(generate_events(world))
+    last = max(v["ts"] for _, v in evs)
+    forgotten = sorted({v["user_id"] for _, v in evs})[:forget]
+    evs += [("forget", {"event_id": f"forget-{j}", "user_id": u, "ts": last + 1}) for j, u in enumerate(forgotten)]
+    return evs + watermark_ticks(partitions, last + 1000), forgotten
+
+
+def calibrate_slates(tmp_path, slates: list[dict], strategy: str, alphas) -> dict:
+    """``riskgate calibrate`` on window slates as /debug/window-slates lists them (its JSON output)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streams.cli import main as cli
+
+    path = tmp_path / f"slates-{strategy}.jsonl"
+    path.write_text("".join(json.dumps({"k": s["k"], "safe_pool_size": s["safe_pool_size"], "items": s["items"]}) + "\n"
+                            for s in slates))
+    args = ["calibrate", "--slates", str(path), "--strategy", strategy]
+    for a in alphas:
+        args += ["--alpha", str(a)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)

@@ -63,7 +63,6 @@ import time
 from collections import Counter
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
 from calibration.engine import Engine, EngineConfig
 from calibration.events import event_from_dict
@@ -72,7 +71,7 @@ from calibration.user_state import Limits
 from streams.broker import LocalBroker
 from streams.producer import produce_events
 
-from .harness import BrokerProxy, Worker, json_of, latest_by_key, make_topics, read_topic, tcp_peer_ports, wait_for
+from .harness import watermark_ticks, BrokerProxy, Worker, json_of, latest_by_key, make_topics, read_topic, tcp_peer_ports, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -111,16 +110,6 @@ def _pools(eng: Engine) -> dict:
             if not u.startswith("tick-")}
 
 
-def _tick_users():
-    part = DefaultPartitioner()
-    users, j = {}, 0
-    while len(users) < PARTITIONS:
-        u = f"tick-{j}"
-        users.setdefault(part(u.encode(), list(range(PARTITIONS)), list(range(PARTITIONS))), u)
-        j += 1
-    return list(users.values())
-
-
 def _streams():
     """(A, B, contradicted): B holds the flags on (user, item) pairs that are safe after A."""
     evs = list(generate_events(_world()))
@@ -132,10 +121,7 @@ def _streams():
     flags = [("flags", {"event_id": f"outage-flag-{j}", "user_id": u, "item_id": i, "kind": "report", "ts": mid})
              for j, (u, i) in enumerate(contradicted)]
     last = max(v["ts"] for _, v in evs)
-    ticks = [("impressions", {"event_id": f"tick-{j}", "user_id": u, "slate_id": f"tick-{j}", "k": 1,
-                              "ts": last + 1000, "policy_applied": False,
-                              "items": [{"item_id": "tick", "score": 0.5, "rank_score": 0.0}]})
-             for j, u in enumerate(_tick_users())]  # push every partition's watermark past the last label window
+    ticks = watermark_ticks(PARTITIONS, last + 1000)  # every partition's watermark past the last label window
     return a, flags + b + ticks, contradicted
 
 

@@ -52,7 +52,6 @@ consumer lag 0, published ``n`` covering each group's window):
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import shutil
 import threading
@@ -62,17 +61,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
-from click.testing import CliRunner
 
 from calibration.engine import Engine, EngineConfig
 from calibration.events import event_from_dict
 from calibration.synthetic import WorldConfig, generate_events
 from calibration.user_state import Limits
-from streams.cli import main as cli
 from streams.producer import produce_events
 
-from .harness import (Worker, json_of, latest_by_key, make_topics, metric_samples, published_thresholds, read_topic,
+from .harness import (calibrate_slates, tick_users, watermark_ticks, Worker, json_of, latest_by_key, make_topics, metric_samples, published_thresholds, read_topic,
                       wait_for)
 
 pytestmark = pytest.mark.integration
@@ -97,16 +93,6 @@ CONTRADICTED_PER_CHUNK = 12
 def _world():
     return WorldConfig(seed=SEED, n_users=60, n_items=5000, n_slates=800, slates_per_second=1.0, holdout_share=0.5,
                        rate_multiplier=20.0, label_delay=60.0, constraint_user_share=0.1)
-
-
-def _tick_users():
-    part = DefaultPartitioner()
-    users, j = {}, 0
-    while len(users) < PARTITIONS:
-        u = f"tick-{j}"
-        users.setdefault(part(u.encode(), list(range(PARTITIONS)), list(range(PARTITIONS))), u)
-        j += 1
-    return sorted(users.values())
 
 
 @dataclass(frozen=True)
@@ -172,12 +158,9 @@ def _input() -> Input:
             eng.process(event_from_dict(t, v), source=t)
     for j, u in enumerate(forgotten):
         chunks[-1].append(("forget", {"event_id": f"forget-{j}", "user_id": u, "ts": last + 1}))
-    ticks = _tick_users()
-    tick_ts = last + LABEL_WINDOW + ALLOWED_LATENESS + 100  # every partition's watermark past every label window
-    for j, u in enumerate(ticks):
-        chunks[-1].append(("impressions", {"event_id": f"tick-{j}", "user_id": u, "slate_id": f"tick-{j}", "k": 1,
-                                           "ts": tick_ts, "policy_applied": False,
-                                           "items": [{"item_id": "tick", "score": 0.5, "rank_score": 0.0}]}))
+    ticks = tick_users(PARTITIONS)
+    # every partition's watermark past every label window
+    chunks[-1].extend(watermark_ticks(PARTITIONS, last + LABEL_WINDOW + ALLOWED_LATENESS + 100))
     return Input(chunks, forgotten, ticks, contradicted)
 
 
@@ -477,15 +460,7 @@ def test_calibration_window_equals_the_uninterrupted_run(runs):
 
 
 def _calibrate(tmp_path, slates, strategy):
-    path = tmp_path / f"slates-{strategy}.jsonl"
-    path.write_text("".join(json.dumps({"k": s["k"], "safe_pool_size": s["safe_pool_size"], "items": s["items"]})
-                            + "\n" for s in slates))
-    args = ["calibrate", "--slates", str(path), "--strategy", strategy]
-    for a in ALPHAS:
-        args += ["--alpha", str(a)]
-    res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
+    return calibrate_slates(tmp_path, slates, strategy, ALPHAS)
 
 
 def test_published_thresholds_equal_the_uninterrupted_run(runs, tmp_path):

@@ -26,11 +26,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
-from calibration.synthetic import WorldConfig, generate_events
+from calibration.synthetic import WorldConfig
 
-from .harness import Worker, json_of, latest_by_key, make_topics, read_topic, send_events, wait_committed, wait_for
+from .harness import events_with_forgets_and_ticks, Worker, json_of, latest_by_key, make_topics, read_topic, send_events, wait_committed, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,28 +47,8 @@ def _world():
                        rate_multiplier=20.0, label_delay=60.0, constraint_user_share=0.1)
 
 
-def _tick_users():
-    """One user id per partition of 8 (keys = user ids, aiokafka's default partitioner)."""
-    part, parts = DefaultPartitioner(), list(range(PARTITIONS))
-    users, j = {}, 0
-    while len(users) < PARTITIONS:
-        u = f"tick-{j}"
-        users.setdefault(part(u.encode(), parts, parts), u)
-        j += 1
-    return list(users.values())
-
-
 def _events():
-    evs = list(generate_events(_world()))
-    last = max(v["ts"] for _, v in evs)
-    forgotten = sorted({v["user_id"] for _, v in evs})[:2]
-    for j, u in enumerate(forgotten):
-        evs.append(("forget", {"event_id": f"forget-{j}", "user_id": u, "ts": last + 1}))
-    for j, u in enumerate(_tick_users()):  # push every partition's watermark past the last label window
-        evs.append(("impressions", {"event_id": f"tick-{j}", "user_id": u, "slate_id": f"tick-{j}", "k": 1,
-                                    "ts": last + 1000, "policy_applied": False,
-                                    "items": [{"item_id": "tick", "score": 0.5, "rank_score": 0.0}]}))
-    return evs
+    return events_with_forgets_and_ticks(_world(), PARTITIONS)[0]
 
 
 def _health(worker: Worker) -> dict | None:

@@ -16,21 +16,17 @@ through a real ``riskgate worker``; then:
 from __future__ import annotations
 
 import asyncio
-import json
 
 import orjson
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
-from click.testing import CliRunner
 
 from calibration.engine import Engine, EngineConfig
 from calibration.events import event_from_dict
-from calibration.synthetic import WorldConfig, generate_events
+from calibration.synthetic import WorldConfig
 from calibration.user_state import Limits
-from streams.cli import main as cli
 from streams.producer import produce_events
 
-from .harness import Worker, json_of, latest_by_key, make_topics, produce_raw, read_topic, wait_for
+from .harness import calibrate_slates, events_with_forgets_and_ticks, Worker, json_of, latest_by_key, make_topics, produce_raw, read_topic, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -65,27 +61,8 @@ def _world():
                        rate_multiplier=20.0, label_delay=60.0, constraint_user_share=0.1)
 
 
-def _tick_users():
-    part = DefaultPartitioner()
-    users, j = {}, 0
-    while len(users) < PARTITIONS:
-        u = f"tick-{j}"
-        users.setdefault(part(u.encode(), list(range(PARTITIONS)), list(range(PARTITIONS))), u)
-        j += 1
-    return list(users.values())
-
-
 def _events():
-    evs = list(generate_events(_world()))
-    last = max(v["ts"] for _, v in evs)
-    forgotten = sorted({v["user_id"] for _, v in evs})[:2]
-    for j, u in enumerate(forgotten):
-        evs.append(("forget", {"event_id": f"forget-{j}", "user_id": u, "ts": last + 1}))
-    for j, u in enumerate(_tick_users()):  # push every partition's watermark past the last label window
-        evs.append(("impressions", {"event_id": f"tick-{j}", "user_id": u, "slate_id": f"tick-{j}", "k": 1,
-                                    "ts": last + 1000, "policy_applied": False,
-                                    "items": [{"item_id": "tick", "score": 0.5, "rank_score": 0.0}]}))
-    return evs, forgotten
+    return events_with_forgets_and_ticks(_world(), PARTITIONS)
 
 
 @pytest.fixture(scope="module")
@@ -143,15 +120,7 @@ def _settled(worker, names, bootstrap):
 
 
 def _calibrate(tmp_path, slates, strategy):
-    path = tmp_path / f"slates-{strategy}.jsonl"
-    path.write_text("".join(json.dumps({"k": s["k"], "safe_pool_size": s["safe_pool_size"], "items": s["items"]}) + "\n"
-                            for s in slates))
-    args = ["calibrate", "--slates", str(path), "--strategy", strategy]
-    for a in ALPHAS:
-        args += ["--alpha", str(a)]
-    res = CliRunner().invoke(cli, args)
-    assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
+    return calibrate_slates(tmp_path, slates, strategy, ALPHAS)
 
 
 def test_published_lambda_equals_calibrate_on_the_matured_slates(run, tmp_path):
