@@ -156,7 +156,11 @@ class RiskgateApp:
         self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
         self.dlq_topic = app.topic(names.dlq, partitions=1, config={"max.message.bytes": str(DLQ_MAX_BYTES)}, **raw)
         self.partials_topic = app.topic(names.partials, partitions=1, internal=True, **raw)
-        table_args = dict(key_type=bytes, value_type=bytes)  # raw bytes: the app's serializers are "raw"
+        # Raw bytes (the app's serializers are "raw") and bounded RocksDB memory: at most
+        # partitions × 3 tables × (2 write buffers + block cache).
+        rocks = {"write_buffer_size": s.rocksdb_write_buffer_mb << 20, "max_write_buffer_number": 2,
+                 "block_cache_size": s.rocksdb_block_cache_mb << 20}
+        table_args = dict(key_type=bytes, value_type=bytes, options=rocks)
         self.users_table = app.Table("users", partitions=s.topic_partitions, **table_args)
         self.meta_table = app.Table("partition-meta", partitions=s.topic_partitions, **table_args)
         self.versions_table = app.Table("threshold-versions", partitions=1, **table_args)

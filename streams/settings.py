@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     # (future_ts): one such event would drag its partition's watermark forward and
     # make everything after it late.
     max_future_skew: float = Field(86_400.0, gt=0)
+    # RocksDB memory, per database (one per table and partition: 3 tables × partitions).
+    # Faust's defaults are 3 × 64 MB write buffers and a 2 GB block cache *each*.
+    rocksdb_write_buffer_mb: int = Field(8, ge=1)
+    rocksdb_block_cache_mb: int = Field(16, ge=1)
     flush_max_events: int = Field(50_000, ge=1)
 
     # Kafka security

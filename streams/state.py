@@ -121,8 +121,9 @@ class TableUsers:
         self.cache_max = cache_max
         self._db = partition_db(table, partition)
         self._cache: OrderedDict[str, UserState] = OrderedDict()
-        # What the table holds for each cached user: (core bytes, {item: entry object as written}).
-        self._stored: dict[str, tuple[bytes | None, dict[str, HistoryEntry]]] = {}
+        # What the table holds for each cached user: (hash of the core, {item: entry object as written}).
+        # A hash, not the bytes: a heavy user's core (recent slates) runs to hundreds of kB.
+        self._stored: dict[str, tuple[int | None, dict[str, HistoryEntry]]] = {}
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
 
@@ -144,7 +145,7 @@ class TableUsers:
         state = decode_user(user_id, core, self._entries(key))
         legacy = core[:1] == b"{"
         # A format-1 user is rewritten whole at its next flush (core and every entry).
-        self._stored[user_id] = (None if legacy else core, {} if legacy else dict(state.history))
+        self._stored[user_id] = (None if legacy else hash(core), {} if legacy else dict(state.history))
         return state
 
     # -- mapping interface used by the engine ---------------------------
@@ -240,11 +241,12 @@ class TableUsers:
                      if entries_before.get(item) is not e]
             group.extend((key + SEP + item.encode(), None) for item in entries_before.keys() - history.keys())
             core = encode_core(state)
-            if core != core_before:
+            core_hash = hash(core)
+            if core_hash != core_before:
                 group.append((key, core))  # last, with its entries in one batch (see send_records)
             if group:
                 groups.append(group)
-            self._stored[uid] = (core, dict(history))
+            self._stored[uid] = (core_hash, dict(history))
         for uid in deleted:
             key = uid.encode()
             self._stored.pop(uid, None)
