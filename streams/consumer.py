@@ -149,8 +149,7 @@ class BatchingApp(faust.App):
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]
-        base = by_url(url)
-        if not issubclass(_AIOKafkaTransport, base) and base is not _AIOKafkaTransport:
+        if by_url(url) is not _AIOKafkaTransport:
             raise ValueError(f"riskgate needs the aiokafka transport (kafka://), got {url}")
         return BatchTransport(self.conf.broker_consumer, self)
 
