@@ -235,8 +235,12 @@ class UserState:
 
     def _trim(self, limits: Limits) -> None:
         # Trim in steps of ~10%: sorting the history on every event past the cap
-        # cost more than all other per-event work together.
-        if len(self.history) > limits.history_max + max(1, limits.history_max // 10):
+        # cost more than all other per-event work together. Items of pending slates
+        # are never evicted (their labels need them), so they do not count against
+        # the cap: otherwise a user with more pending items than the cap re-sorted
+        # the whole history on every event and evicted nothing.
+        pending_items = sum(len(p.item_ids) for p in self.pending)
+        if len(self.history) > limits.history_max + max(1, limits.history_max // 10) + pending_items:
             keep_pending = {i for p in self.pending for i in p.item_ids}
             for item in trim_history(self.history, limits.history_max):
                 if item not in keep_pending:  # labels of pending slates need their items

@@ -223,3 +223,22 @@ def test_forget_takes_the_users_slates_out_of_the_windows():
     eng.process(Forget("x1", "a", 201.0))
     assert eng.calibrator.result("remove", "global").n == 1
     assert "a" not in eng.users and erasure_key("a") in eng.erased
+
+
+def test_pending_items_beyond_the_cap_do_not_make_every_event_trim():
+    import calibration.user_state as us
+
+    lim = Limits(history_max=5)
+    s = UserState("u1")
+    for j in range(3):  # 3 pending slates of 4 items: 12 items that may not be evicted, cap 5
+        s.on_impression(imp(f"e{j}", f"s{j}", 10.0 + j, [item(f"i{j}{x}") for x in range(4)], k=4), 0.0, lim)
+    calls = []
+    real = us.trim_history
+    us.trim_history = lambda h, n: calls.append(n) or real(h, n)
+    try:
+        for j in range(20):
+            s.on_watch(Watch(f"w{j}", "u1", f"i0{j % 4}", 50, 100, 20.0 + j), 0.0, lim)
+    finally:
+        us.trim_history = real
+    assert calls == []  # nothing to evict: no sorting on every event
+    assert len(s.history) == 12
