@@ -74,6 +74,7 @@ class StreamBenchConfig:
     profile: str | None = None
     out: str | None = None
     worker_env: dict = field(default_factory=dict)
+    keep: bool = False  # keep the temporary directory (worker log, RocksDB data)
 
 
 def _world(cfg: StreamBenchConfig, n_events: int, seed: int, start_ts: float, rate: float, prefix: str) -> WorldConfig:
@@ -357,7 +358,10 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             proc.kill()
         if broker is not None:
             broker.stop()
-        shutil.rmtree(tmp, ignore_errors=True) if not os.environ.get("KEEP") else print("kept", tmp)
+        if cfg.keep:
+            console.print(f"kept the worker's log and data in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     _print(console, fig, cfg)
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(fig, indent=1))

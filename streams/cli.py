@@ -214,8 +214,9 @@ def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
               help="Record the worker with py-spy to this file and print where its time went.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 @click.option("--worker-env", multiple=True, help="Extra RISKGATE_NAME=value for the worker; repeat.")
+@click.option("--keep", is_flag=True, help="Keep the worker's log and data directory (its path is printed).")
 def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_rate, live_producers,
-                 recompute_interval, profile, out, worker_env) -> None:
+                 recompute_interval, profile, out, worker_env, keep) -> None:
     """One worker against a real broker: throughput vs. a bare consumer, lag, freshness, RSS, RocksDB size."""
     from .bench_stream import StreamBenchConfig, bench_stream as run
 
@@ -227,7 +228,8 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
         env[name] = value
     run(StreamBenchConfig(events=n_events, users=users, partitions=partitions, seed=seed, broker=broker,
                           live_seconds=live_seconds, live_rate=live_rate, live_producers=live_producers,
-                          recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env))
+                          recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env,
+                          keep=keep))
 
 
 @main.command()
