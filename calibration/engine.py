@@ -342,7 +342,7 @@ class Engine:
 
     def process(self, ev: Event, source: str = "events") -> str:
         """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it."""
-        kind = type(ev).__name__.lower()
+        kind = ev.event_type
         forget = isinstance(ev, Forget)
         # Hash only when someone was forgotten here: the common case costs nothing.
         erased_at = self.erased.get(erasure_key(ev.user_id)) if (forget or self.erased) else None

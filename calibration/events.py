@@ -2,28 +2,36 @@
 
 ``streams.schemas`` validates raw Kafka bytes and turns them into these; the
 offline replay builds them from JSONL. The core never sees unvalidated input.
+
+Records are frozen :class:`msgspec.Struct` s, not dataclasses: the stream makes
+one per event (hundreds of thousands a second), a struct is built ~8× faster
+than a frozen dataclass, and the stream's validating decoders are subclasses
+of these (``streams.schemas``), so JSON is decoded straight into them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import ClassVar
+
+import msgspec
 
 __all__ = ["ShownItem", "Impression", "Watch", "Flag", "Constraints", "Forget", "Event", "event_from_dict"]
 
 
-@dataclass(frozen=True)
-class ShownItem:
+class ShownItem(msgspec.Struct, frozen=True, gc=False):
+    """One served item; ``rank_score`` None means "same as ``score``" (SPEC §2)."""
+
     item_id: str
     score: float
-    rank_score: float
+    rank_score: float | None = None
     tags: tuple[str, ...] = ()
     replacement: bool = False
 
 
-@dataclass(frozen=True)
-class Impression:
+class Impression(msgspec.Struct, frozen=True, gc=False):
     """A served slate. ``alpha`` (optional, an extension) names the α the ranker applied."""
 
+    event_type: ClassVar[str] = "impression"  # what the stream counts it as
     event_id: str
     user_id: str
     slate_id: str
@@ -34,8 +42,8 @@ class Impression:
     alpha: float | None = None
 
 
-@dataclass(frozen=True)
-class Watch:
+class Watch(msgspec.Struct, frozen=True, gc=False):
+    event_type: ClassVar[str] = "watch"  # what the stream counts it as
     event_id: str
     user_id: str
     item_id: str
@@ -44,8 +52,8 @@ class Watch:
     ts: float
 
 
-@dataclass(frozen=True)
-class Flag:
+class Flag(msgspec.Struct, frozen=True, gc=False):
+    event_type: ClassVar[str] = "flag"  # what the stream counts it as
     event_id: str
     user_id: str
     item_id: str
@@ -53,8 +61,8 @@ class Flag:
     ts: float
 
 
-@dataclass(frozen=True)
-class Constraints:
+class Constraints(msgspec.Struct, frozen=True, gc=False):
+    event_type: ClassVar[str] = "constraints"  # what the stream counts it as
     event_id: str
     user_id: str
     ts: float
@@ -63,11 +71,11 @@ class Constraints:
     source: str = "declared"
 
 
-@dataclass(frozen=True)
-class Forget:
+class Forget(msgspec.Struct, frozen=True, gc=False):
+    event_type: ClassVar[str] = "forget"  # what the stream counts it as
     event_id: str
     user_id: str
-    ts: float = field(default=0.0)
+    ts: float = 0.0
 
 
 Event = Impression | Watch | Flag | Constraints | Forget

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
 from .safe_pool import HistoryEntry, SafeItem, pool_size_at, record_flag, record_view, record_watch, safe_pool, trim_history
@@ -42,8 +44,7 @@ class Limits:
     dedup_max: int = 512
 
 
-@dataclass(frozen=True)
-class PendingSlate:
+class PendingSlate(msgspec.Struct, frozen=True, gc=False):
     """A served slate awaiting its labels."""
 
     slate_id: str
@@ -58,8 +59,7 @@ class PendingSlate:
     repeat_pct: tuple[float | None, ...]  # first-view W% if the item was a repeat, unflagged then
 
 
-@dataclass(frozen=True)
-class MatureSlate:
+class MatureSlate(msgspec.Struct, frozen=True, gc=False):
     """A slate with final labels: what calibration and the monitors consume."""
 
     user_id: str
@@ -141,7 +141,8 @@ class UserState:
             else:
                 self._insert_pending(pending)
         for it in ev.items:
-            self.history[it.item_id] = record_view(self.history, it.item_id, it.rank_score, it.tags, ev.ts)
+            rank = it.score if it.rank_score is None else it.rank_score
+            self.history[it.item_id] = record_view(self.history, it.item_id, rank, it.tags, ev.ts)
         self.shown += len(ev.items)
         self._trim(limits)
         return outcome

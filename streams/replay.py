@@ -367,7 +367,8 @@ def replay(events: Iterable[tuple[str, dict]], config: ReplayConfig = ReplayConf
         if key in pending:
             return  # a duplicate impression (the engine ignores it too)
         p = None
-        cands = [Candidate(it.item_id, it.score, it.rank_score, it.tags) for it in ev.items]
+        cands = [Candidate(it.item_id, it.score, it.score if it.rank_score is None else it.rank_score, it.tags)
+                 for it in ev.items]
         for ai, arm in enumerate(arms):
             res = arm.results()
             if res[(arm.config.strategies[0], GLOBAL)].n < arm.config.min_slates:

@@ -202,7 +202,9 @@ _FTs = Annotated[float, msgspec.Meta(gt=0)]
 _FNonNeg = Annotated[float, msgspec.Meta(ge=0)]
 
 
-class _FItem(msgspec.Struct, frozen=True, gc=False):
+# Subclasses of the core's records with the rules as constraints: a valid value
+# decodes straight into a record the engine takes (no second object per event).
+class _FItem(core.ShownItem, frozen=True, gc=False):
     item_id: _FId
     score: float
     rank_score: float | None = None
@@ -210,35 +212,35 @@ class _FItem(msgspec.Struct, frozen=True, gc=False):
     replacement: bool = False
 
 
-class _FImpression(msgspec.Struct, frozen=True, gc=False):
+class _FImpression(core.Impression, frozen=True, gc=False):
     event_id: _FId
     user_id: _FId
-    ts: _FTs
     slate_id: _FId
+    ts: _FTs
     k: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
     policy_applied: bool
     items: tuple[_FItem, ...]
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
 
 
-class _FWatch(msgspec.Struct, frozen=True, gc=False):
+class _FWatch(core.Watch, frozen=True, gc=False):
     event_id: _FId
     user_id: _FId
-    ts: _FTs
     item_id: _FId
     watch_ms: _FNonNeg
     duration_ms: _FNonNeg
+    ts: _FTs
 
 
-class _FFlag(msgspec.Struct, frozen=True, gc=False):
+class _FFlag(core.Flag, frozen=True, gc=False):
     event_id: _FId
     user_id: _FId
-    ts: _FTs
     item_id: _FId
     kind: Literal["not_interested", "report"]
+    ts: _FTs
 
 
-class _FConstraints(msgspec.Struct, frozen=True, gc=False):
+class _FConstraints(core.Constraints, frozen=True, gc=False):
     event_id: _FId
     user_id: _FId
     ts: _FTs
@@ -247,7 +249,7 @@ class _FConstraints(msgspec.Struct, frozen=True, gc=False):
     source: Literal["declared", "inferred"] = "declared"
 
 
-class _FForget(msgspec.Struct, frozen=True, gc=False):
+class _FForget(core.Forget, frozen=True, gc=False):
     event_id: _FId
     user_id: _FId
     ts: _FTs
@@ -263,11 +265,11 @@ _FAST = {
 
 
 def _record(topic: str, m) -> core.Event:
-    """The core's record of a validated event (a fast struct or a pydantic model: same attributes)."""
+    """The core's record of an event the pydantic models validated."""
     if topic == "watch":
         return core.Watch(m.event_id, m.user_id, m.item_id, float(m.watch_ms), float(m.duration_ms), float(m.ts))
     if topic == "impressions":
-        items = tuple(core.ShownItem(i.item_id, float(i.score), float(i.score if i.rank_score is None else i.rank_score),
+        items = tuple(core.ShownItem(i.item_id, float(i.score), None if i.rank_score is None else float(i.rank_score),
                                      tuple(i.tags), i.replacement) for i in m.items)
         return core.Impression(m.event_id, m.user_id, m.slate_id, float(m.ts), m.k, m.policy_applied, items,
                                None if m.alpha is None else float(m.alpha))
@@ -278,8 +280,8 @@ def _record(topic: str, m) -> core.Event:
     return core.Forget(m.event_id, m.user_id, float(m.ts))
 
 
-def fast_decode(topic: str, raw: bytes, key: bytes | None, max_items: int = 200):
-    """The msgspec struct of a valid event, or None when it must go to :func:`decode` for a verdict."""
+def fast_decode(topic: str, raw: bytes, key: bytes | None, max_items: int = 200) -> core.Event | None:
+    """The core's record of a valid event (decoded in one step), or None when :func:`decode` must give a verdict."""
     dec = _FAST.get(topic)
     if dec is None or raw is None or len(raw) > MAX_BYTES or b"\\u0000" in raw:
         return None
@@ -298,10 +300,10 @@ def fast_decode(topic: str, raw: bytes, key: bytes | None, max_items: int = 200)
 
 def decode_event(topic: str, raw: bytes | None, key: bytes | None, max_items: int = 200) -> core.Event:
     """Validate one message of ``topic`` into the core's record; raise :class:`InvalidEvent` if invalid."""
-    m = fast_decode(topic, raw, key, max_items)
-    if m is None:
-        m = decode(topic, raw, key, max_items)  # the reference verdict, with the reason
-    return _record(topic, m)
+    ev = fast_decode(topic, raw, key, max_items)
+    if ev is None:
+        ev = _record(topic, decode(topic, raw, key, max_items))  # the reference verdict, with the reason
+    return ev
 
 
 def dead_letter(topic: str, partition: int, offset: int, raw: bytes | None, reason: str, key: bytes | None) -> bytes:
