@@ -16,12 +16,14 @@ Decisions (SPEC is silent):
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from typing import Container, Iterable, Mapping
 
 import msgspec
 
-__all__ = ["HistoryEntry", "SafeItem", "watch_pct", "is_safe", "safe_pool", "pool_size", "pool_size_at", "record_view", "record_watch", "record_flag", "trim_history"]
+__all__ = ["HistoryEntry", "SafeItem", "SafePool", "watch_pct", "is_safe", "safe_pool", "pool_size", "pool_size_at",
+           "record_view", "record_watch", "record_flag", "trim_history"]
 
 
 def watch_pct(watch_ms: float, duration_ms: float) -> float | None:
@@ -107,6 +109,70 @@ def safe_pool(
     pool = [SafeItem(e.item_id, e.first_rank_score, e.tags) for e in _safe_entries(history, beta, blocked_tags)]
     pool.sort(key=lambda s: (-s.rank_score, s.item_id))
     return pool if max_size is None else pool[: max(0, int(max_size))]
+
+
+class SafePool:
+    """T_safe(u) capped at ``max_size`` (as :func:`safe_pool`), kept up to date one entry change at a time.
+
+    Most changes cannot alter the capped pool (an item watched below β, a safe
+    item ranked below a full pool's last), and an item entering it is one
+    insertion; only a pool member that leaves or moves needs the whole history
+    again, which :meth:`update` reports by returning ``None``.
+
+    Examples
+    --------
+    >>> h = {i: HistoryEntry(i, r, first_watch_pct=90.0, watched=True) for i, r in [("a", 3.0), ("b", 2.0)]}
+    >>> pool = SafePool(h.values(), 50.0, frozenset(), max_size=2)
+    >>> new = HistoryEntry("c", 2.5, first_watch_pct=80.0, watched=True)
+    >>> pool.update(None, new), [s.item_id for s in pool.items]
+    (True, ['a', 'c'])
+    >>> pool.update(h["a"], HistoryEntry("a", 3.0, first_watch_pct=90.0, watched=True, flagged=True)) is None
+    True
+    """
+
+    __slots__ = ("beta", "blocked", "max_size", "keys", "items", "members")
+
+    def __init__(self, history: Iterable[HistoryEntry], beta: float | None, blocked: frozenset[str],
+                 max_size: int | None):
+        self.beta, self.blocked = beta, blocked
+        self.max_size = None if max_size is None else max(0, int(max_size))
+        safe = sorted(((-e.first_rank_score, e.item_id), e) for e in _safe_entries(history, beta, blocked))
+        if self.max_size is not None:
+            safe = safe[: self.max_size]
+        self.keys = [k for k, _ in safe]
+        self.items = [SafeItem(e.item_id, e.first_rank_score, e.tags) for _, e in safe]
+        self.members = {item.item_id: item for item in self.items}
+
+    def _safe(self, e: HistoryEntry) -> bool:
+        if e.flagged or (self.blocked and not self.blocked.isdisjoint(e.tags)):
+            return False
+        return self.beta is None or (e.first_watch_pct is not None and e.first_watch_pct > self.beta)
+
+    def update(self, old: HistoryEntry | None, new: HistoryEntry | None) -> bool | None:
+        """Apply one entry's change (``new`` None: evicted). True: the pool changed; False: it did not;
+        None: it cannot follow (a member left or moved) and must be rebuilt from the history."""
+        item_id = (new if new is not None else old).item_id
+        safe = new is not None and self._safe(new)
+        member = self.members.get(item_id)
+        if member is not None:
+            if safe and new.first_rank_score == member.rank_score and new.tags == member.tags:
+                return False
+            return None
+        if not safe:
+            return False
+        key = (-new.first_rank_score, item_id)
+        cap = self.max_size
+        if cap is not None and len(self.keys) >= cap and (cap == 0 or key > self.keys[-1]):
+            return False  # below a full pool's last member
+        i = bisect.bisect(self.keys, key)
+        item = SafeItem(item_id, new.first_rank_score, new.tags)
+        self.keys.insert(i, key)
+        self.items.insert(i, item)
+        self.members[item_id] = item
+        if cap is not None and len(self.keys) > cap:
+            self.keys.pop()
+            del self.members[self.items.pop().item_id]
+        return True
 
 
 def _safe_entries(history: Iterable[HistoryEntry], beta: float | None, blocked_tags: Iterable[str]) -> list[HistoryEntry]:
@@ -228,17 +294,24 @@ def pool_size_at(
     >>> pool_size_at(h, 10.0, 50.0), pool_size_at(h, 25.0, 50.0), pool_size_at(h, 31.0, 50.0)
     (2, 3, 2)
     """
-    then = []
+    # One pass, no entries built: this runs for every slate that matures.
+    blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
+    keys = []
     for e in history:
         if e.flag_ts is not None and e.flag_ts <= t:
             continue
         watched = e.watched and (e.first_watch_ts is None or e.first_watch_ts <= t)
-        if not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
+        if beta is not None:
+            if not watched or e.first_watch_pct is None or e.first_watch_pct <= beta:
+                continue
+        elif not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
             continue  # not seen yet at t
-        if beta is not None and not watched:
+        if blocked and not blocked.isdisjoint(e.tags):
             continue
-        then.append(HistoryEntry(e.item_id, e.first_rank_score, e.tags, e.first_watch_pct, watched, e.shown, False))
-    return pool_size(then, beta, blocked_tags, max_size, exclude)
+        keys.append((-e.first_rank_score, e.item_id))
+    if max_size is not None and len(keys) > max_size:  # only the cap's highest rank scores count
+        keys = heapq.nsmallest(max(0, int(max_size)), keys)
+    return sum(1 for _, item in keys if item not in exclude)
 
 
 def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:

@@ -27,9 +27,12 @@ import msgspec
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
-from .safe_pool import HistoryEntry, SafeItem, pool_size_at, record_flag, record_view, record_watch, safe_pool, trim_history
+from .safe_pool import HistoryEntry, SafeItem, SafePool, pool_size_at, record_flag, record_view, record_watch, trim_history
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE"]
+
+#: In :attr:`UserState.touched`: something other than a history entry changed.
+CORE = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,16 @@ class UserState:
     recent: list[MatureSlate] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
     version: int = 0  # of this user's own published thresholds; only grows, kept with the state
+    # What changed since a store last wrote this user, for stores that write changes
+    # only (streams.state): item ids of changed or evicted history entries, and CORE
+    # when anything else changed. None: not tracked (a new user, or the replay's dict).
+    touched: set | None = field(default=None, compare=False, repr=False)
+    # Items of pending slates, counted (trimming checks it on every event); None: recount.
+    _pending_items: int | None = field(default=None, init=False, compare=False, repr=False)
+    # The capped safe pool, followed change by change once asked for (None: build at the next ask),
+    # and whether it may differ from what the caller last took (pool_changed).
+    _pool: SafePool | None = field(default=None, init=False, compare=False, repr=False)
+    _pool_changed: bool = field(default=True, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
     @property
@@ -100,7 +113,28 @@ class UserState:
         return frozenset(t for t, (blocked, _) in self.tag_rules.items() if blocked)
 
     def safe_pool(self, limits: Limits) -> list[SafeItem]:
-        return safe_pool(self.history.values(), limits.beta, self.blocked_tags, limits.safe_pool_max)
+        """T_safe(u), capped (:func:`calibration.safe_pool.safe_pool` of the history)."""
+        pool = self._pool
+        if pool is None or pool.beta != limits.beta or pool.max_size != limits.safe_pool_max:
+            pool = self._pool = SafePool(self.history.values(), limits.beta, self.blocked_tags, limits.safe_pool_max)
+        return list(pool.items)
+
+    def take_pool_changed(self) -> bool:
+        """Whether the safe pool may have changed since the last call (True on a user just loaded)."""
+        changed, self._pool_changed = self._pool_changed, False
+        return changed
+
+    def _entry_changed(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
+        pool = self._pool
+        if pool is None:
+            self._pool_changed = True
+            return
+        changed = pool.update(old, new)
+        if changed is None:
+            self._pool = None
+            self._pool_changed = True
+        elif changed:
+            self._pool_changed = True
 
     def violations(self, ev: Impression) -> int:
         """Served items carrying a tag this user blocked (must be 0 on policy-applied slates)."""
@@ -113,6 +147,8 @@ class UserState:
 
     def _remember(self, event_id: str, ts: float, limits: Limits) -> None:
         self.seen[event_id] = ts
+        if self.touched is not None:
+            self.touched.add(CORE)
         while len(self.seen) > limits.dedup_max:
             del self.seen[next(iter(self.seen))]
 
@@ -142,8 +178,12 @@ class UserState:
                 self._insert_pending(pending)
         for it in ev.items:
             rank = it.score if it.rank_score is None else it.rank_score
-            self.history[it.item_id] = record_view(self.history, it.item_id, rank, it.tags, ev.ts)
-        self.shown += len(ev.items)
+            old = self.history.get(it.item_id)
+            self.history[it.item_id] = new = record_view(self.history, it.item_id, rank, it.tags, ev.ts)
+            self._entry_changed(old, new)
+        if self.touched is not None:
+            self.touched.update(it.item_id for it in ev.items)
+        self.shown += len(ev.items)  # (the core is touched: the event id was remembered)
         self._trim(limits)
         return outcome
 
@@ -151,7 +191,11 @@ class UserState:
         # Not remembered for de-duplication: a watch is idempotent by itself (only the
         # first view sets W%, last_seen is a max), and remembering the ids of the
         # most frequent event would change the user's stored core on every one.
-        self.history[ev.item_id] = record_watch(self.history, ev.item_id, ev.watch_ms, ev.duration_ms, ev.ts)
+        old = self.history.get(ev.item_id)
+        self.history[ev.item_id] = new = record_watch(self.history, ev.item_id, ev.watch_ms, ev.duration_ms, ev.ts)
+        self._entry_changed(old, new)
+        if self.touched is not None:
+            self.touched.add(ev.item_id)
         self._trim(limits)
         return "late" if ev.ts < watermark else "ok"
 
@@ -162,7 +206,10 @@ class UserState:
         old = self.history.get(ev.item_id)
         if old is None or not old.flagged:
             self.flagged += 1  # distinct items flagged: the reporting rate's numerator
-        self.history[ev.item_id] = record_flag(self.history, ev.item_id, ev.ts)
+        self.history[ev.item_id] = new = record_flag(self.history, ev.item_id, ev.ts)
+        self._entry_changed(old, new)
+        if self.touched is not None:
+            self.touched.add(ev.item_id)
         self._trim(limits)
         return "late" if ev.ts < watermark else "ok"
 
@@ -175,6 +222,7 @@ class UserState:
             old = self.tag_rules.get(tag)
             if old is None or ev.ts >= old[1]:
                 self.tag_rules[tag] = (blocked, ev.ts)
+                self._pool, self._pool_changed = None, True  # blocked tags changed
         return "late" if ev.ts < watermark else "ok"
 
     # -- maturity ----------------------------------------------------------
@@ -194,6 +242,10 @@ class UserState:
         ``recent`` slates.
         """
         matured: list[MatureSlate] = []
+        if self.pending and self.pending[0].ts + label_window <= watermark:
+            self._pending_items = None
+            if self.touched is not None:
+                self.touched.add(CORE)
         band = self.band
         blocked = self.blocked_tags
         while self.pending and self.pending[0].ts + label_window <= watermark:
@@ -217,6 +269,8 @@ class UserState:
         evicted: list[MatureSlate] = []
         if self.recent and self.recent[0].ts < horizon:
             self.recent = [m for m in self.recent if m.ts >= horizon]  # their buckets are gone already
+            if self.touched is not None:
+                self.touched.add(CORE)
         if len(self.recent) > limits.user_window_max:
             cut = len(self.recent) - limits.user_window_max
             evicted, self.recent = self.recent[:cut], self.recent[cut:]
@@ -233,6 +287,7 @@ class UserState:
         while i > 0 and self.pending[i - 1].ts > p.ts:
             i -= 1
         self.pending.insert(i, p)
+        self._pending_items = None
 
     def _trim(self, limits: Limits) -> None:
         # Trim in steps of ~10%: sorting the history on every event past the cap
@@ -240,12 +295,23 @@ class UserState:
         # are never evicted (their labels need them), so they do not count against
         # the cap: otherwise a user with more pending items than the cap re-sorted
         # the whole history on every event and evicted nothing.
-        pending_items = sum(len(p.item_ids) for p in self.pending)
+        pending_items = self._pending_items
+        if pending_items is None:
+            pending_items = self._pending_items = sum(len(p.item_ids) for p in self.pending)
         if len(self.history) > limits.history_max + max(1, limits.history_max // 10) + pending_items:
             keep_pending = {i for p in self.pending for i in p.item_ids}
             for item in trim_history(self.history, limits.history_max):
                 if item not in keep_pending:  # labels of pending slates need their items
-                    del self.history[item]
+                    self._entry_changed(self.history.pop(item), None)
+                    if self.touched is not None:
+                        self.touched.add(item)
+
+    def bump_version(self) -> int:
+        """Next version of this user's own published thresholds."""
+        self.version += 1
+        if self.touched is not None:
+            self.touched.add(CORE)
+        return self.version
 
     def is_empty(self) -> bool:
         return not (self.history or self.tag_rules or self.pending or self.recent or self.shown or self.seen)

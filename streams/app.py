@@ -40,7 +40,7 @@ from faust.types import TP
 
 from calibration.engine import Engine, EngineConfig, Watermark, user_result
 from calibration.grid import make_grid
-from calibration.user_state import Limits
+from calibration.user_state import CORE, Limits
 
 from .aggregator import Aggregator
 from .batch_send import send_records
@@ -85,7 +85,7 @@ class _Partition:
     # What was last sent per user, to send only changes. Bounded like the user cache: a
     # user forgotten here is sent once more when next changed, which is harmless.
     pools: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> hash of the safe-pools payload
-    own: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> fingerprint of own thresholds
+    own: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> (fingerprint, own thresholds)
     unacked: list = field(default_factory=list)  # records applied since the last flush, acked by it
     last_message: object = None  # a record of this partition: the table-write context of a flush
     through: float | None = None  # producer timestamp (s) of the newest input record applied
@@ -398,6 +398,9 @@ class RiskgateApp:
         A user's own λ̂ (SPEC §5: only with ``min_slates`` slates of their own) is
         published to ``risk-thresholds`` under ``strategy:user:<id>`` with the
         user's own version, bumped here so the flush that follows persists it.
+        Both are recomputed only when the user noted a change that can move them:
+        own λ̂ when the core changed (slates matured), the ``safe-pools`` value when
+        the core or the safe pool changed (most watches change neither).
         """
         out = []
         horizon = part.engine.calibrator.horizon()
@@ -405,15 +408,24 @@ class RiskgateApp:
             state = part.users.get(uid)
             if state is None:
                 continue
-            own = [r for st in self.config.strategies if (r := user_result(state, self.config, st, horizon))]
-            fingerprint = [(r.strategy, r.n, r.thresholds) for r in own]
-            if own and part.own.get(uid) != fingerprint:
-                state.version += 1
-                part.users[uid] = state
-                part.own[uid] = fingerprint
-                for r in own:
-                    out.append((self.thresholds_topic, f"{r.strategy}:{r.group}".encode(),
-                                threshold_message(r, self.config, state.version)))
+            touched = state.touched
+            core = touched is None or CORE in touched
+            pool_changed = state.take_pool_changed()
+            known = part.own.get(uid)
+            if core or known is None:
+                own = [r for st in self.config.strategies if (r := user_result(state, self.config, st, horizon))]
+                fingerprint = [(r.strategy, r.n, r.thresholds) for r in own]
+                if own and (known is None or known[0] != fingerprint):
+                    state.bump_version()
+                    part.users[uid] = state
+                    for r in own:
+                        out.append((self.thresholds_topic, f"{r.strategy}:{r.group}".encode(),
+                                    threshold_message(r, self.config, state.version)))
+                part.own[uid] = (fingerprint, own)
+            elif not pool_changed:
+                continue
+            else:
+                own = known[1]
             payload = safe_pool_message(uid, state.safe_pool(self.config.limits), state.blocked_tags, own,
                                         state.version, state.band)
             digest = hash(payload)

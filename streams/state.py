@@ -9,8 +9,9 @@ Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 
 History is by far the largest part of a user (up to ``history_max`` entries)
 and a watch event changes exactly one entry, so each entry is its own key: a
-flush writes the entries that changed (found by identity, since entries are
-immutable and every change makes a new one) and the core only when it changed.
+flush writes the entries that changed and the core only when it changed, as
+the user noted them (:attr:`calibration.user_state.UserState.touched`), so a
+flush costs what changed, not the size of the users it touches.
 Rewriting the whole user on every change cost ~50 µs and ~4 kB of changelog
 per event; an entry costs ~60 bytes. Keys of one user are adjacent (user ids
 cannot contain NUL), so loading a user is one seek.
@@ -33,7 +34,7 @@ import orjson
 from rocksdict import WriteBatch
 
 from calibration.safe_pool import HistoryEntry
-from calibration.user_state import MatureSlate, PendingSlate, UserState
+from calibration.user_state import CORE, MatureSlate, PendingSlate, UserState
 
 __all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "partition_items",
            "partition_db", "ERASED_PREFIX", "SEP"]
@@ -121,9 +122,6 @@ class TableUsers:
         self.cache_max = cache_max
         self._db = partition_db(table, partition)
         self._cache: OrderedDict[str, UserState] = OrderedDict()
-        # What the table holds for each cached user: (hash of the core, {item: entry object as written}).
-        # A hash, not the bytes: a heavy user's core (recent slates) runs to hundreds of kB.
-        self._stored: dict[str, tuple[int | None, dict[str, HistoryEntry]]] = {}
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
 
@@ -143,9 +141,9 @@ class TableUsers:
         if core is None:
             return None
         state = decode_user(user_id, core, self._entries(key))
-        legacy = core[:1] == b"{"
-        # A format-1 user is rewritten whole at its next flush (core and every entry).
-        self._stored[user_id] = (None if legacy else hash(core), {} if legacy else dict(state.history))
+        # From here the state notes what changes; a format-1 user (JSON core holding the
+        # history) is not tracked, so its next flush rewrites it whole in format 2.
+        state.touched = None if core[:1] == b"{" else set()
         return state
 
     # -- mapping interface used by the engine ---------------------------
@@ -224,10 +222,14 @@ class TableUsers:
     def flush(self) -> tuple[set[str], set[str], list[list[tuple[bytes, bytes | None]]]]:
         """Write what changed of dirty users to the local database and delete forgotten ones.
 
-        Returns ``(written, deleted, groups)``: per user, the ``(key, value)`` records
-        (``None``: a tombstone) that the caller must send to the changelog, in
-        order and each group whole (:func:`streams.batch_send.send_records`),
-        before it acks the input records they came from.
+        What changed is what each user noted in :attr:`UserState.touched` (entries
+        by item id, the core as a whole); a user that noted nothing (new here, or
+        of an old format) is written whole, with tombstones for any entries the
+        database still holds of an earlier life. Returns ``(written, deleted,
+        groups)``: per user, the ``(key, value)`` records (``None``: a tombstone)
+        that the caller must send to the changelog, in order and each group whole
+        (:func:`streams.batch_send.send_records`), before it acks the input
+        records they came from.
         """
         written, deleted = self._dirty, self._deleted
         batch = WriteBatch(raw_mode=True)
@@ -235,21 +237,29 @@ class TableUsers:
         for uid in written:
             state = self._cache[uid]
             key = uid.encode()
-            core_before, entries_before = self._stored.get(uid) or (None, {})
+            prefix = key + SEP
             history = state.history
-            group = [(key + SEP + item.encode(), encode_entry(e)) for item, e in history.items()
-                     if entries_before.get(item) is not e]
-            group.extend((key + SEP + item.encode(), None) for item in entries_before.keys() - history.keys())
-            core = encode_core(state)
-            core_hash = hash(core)
-            if core_hash != core_before:
-                group.append((key, core))  # last, with its entries in one batch (see send_records)
+            touched = state.touched
+            if touched is None:  # whole
+                group = [(prefix + item.encode(), None) for item, _ in self._entries(key) if item not in history]
+                group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
+                write_core = True
+            else:
+                group = []
+                write_core = False
+                for item in touched:
+                    if item is CORE:
+                        write_core = True
+                        continue
+                    e = history.get(item)
+                    group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
+            if write_core:
+                group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
             if group:
                 groups.append(group)
-            self._stored[uid] = (core_hash, dict(history))
+            state.touched = set()
         for uid in deleted:
             key = uid.encode()
-            self._stored.pop(uid, None)
             # Tombstones even for keys not held here: the changelog may hold the
             # user from before a rebalance.
             groups.append([(key + SEP + item.encode(), None) for item, _ in self._entries(key)] + [(key, None)])
@@ -263,8 +273,7 @@ class TableUsers:
             self._db.write(batch)
         self._dirty, self._deleted = set(), set()
         while len(self._cache) > self.cache_max:
-            uid, _ = self._cache.popitem(last=False)
-            self._stored.pop(uid, None)
+            self._cache.popitem(last=False)
         return written, deleted, groups
 
 

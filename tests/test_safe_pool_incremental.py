@@ -1,0 +1,109 @@
+"""The safe pool followed change by change (SafePool, UserState) equals the rule computed from scratch.
+
+The stream publishes a user's pool only when UserState says it may have
+changed, and reads it from the incremental SafePool; both must agree with
+:func:`calibration.safe_pool.safe_pool` over the history after any sequence of
+events, or a ranker would serve a stale (possibly flagged) item.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calibration.events import Constraints, Flag, Impression, ShownItem, Watch
+from calibration.safe_pool import HistoryEntry, pool_size, pool_size_at, safe_pool
+from calibration.user_state import Limits, UserState
+
+ITEMS = [f"i{n}" for n in range(12)]
+TAGS = ["a", "b", "c"]
+
+item = st.sampled_from(ITEMS)
+ts = st.integers(1, 60).map(float)
+impression = st.builds(
+    lambda items, t, scores, tags: ("imp", items, t, scores, tags),
+    st.lists(item, min_size=1, max_size=4, unique=True), ts,
+    st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=4, max_size=4),
+    st.lists(st.lists(st.sampled_from(TAGS), max_size=2, unique=True), min_size=4, max_size=4))
+watch = st.tuples(st.just("watch"), item, ts, st.integers(0, 100), st.sampled_from([0, 100]))
+flag = st.tuples(st.just("flag"), item, ts)
+constraints = st.tuples(st.just("constraints"), st.lists(st.sampled_from(TAGS), max_size=2),
+                        st.lists(st.sampled_from(TAGS), max_size=2), ts)
+event = st.one_of(impression, watch, watch, flag, constraints)
+
+
+def _apply(state: UserState, op, n: int, limits: Limits) -> None:
+    kind = op[0]
+    if kind == "imp":
+        _, items, t, scores, tags = op
+        shown = tuple(ShownItem(i, s, None if j % 2 else s * 2, tuple(tg)) for j, (i, s, tg) in
+                      enumerate(zip(items, scores, tags)))
+        state.on_impression(Impression(f"e{n}", "u", f"s{n}", t, len(items), False, shown), float("-inf"), limits)
+    elif kind == "watch":
+        _, i, t, w, d = op
+        state.on_watch(Watch(f"e{n}", "u", i, float(w), float(d), t), float("-inf"), limits)
+    elif kind == "flag":
+        _, i, t = op
+        state.on_flag(Flag(f"e{n}", "u", i, "report", t), float("-inf"), limits)
+    else:
+        _, block, unblock, t = op
+        state.on_constraints(Constraints(f"e{n}", "u", t, tuple(block), tuple(unblock)), float("-inf"), limits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(event, max_size=60), st.sampled_from([None, 0.0, 50.0]), st.sampled_from([None, 0, 1, 3, 100]),
+       st.sampled_from([4, 6, 500]), st.lists(st.booleans(), min_size=60, max_size=60))
+def test_incremental_pool_equals_the_rule_after_every_event(ops, beta, cap, history_max, asks):
+    limits = Limits(beta=beta, safe_pool_max=cap, history_max=history_max)
+    state = UserState("u")
+    published = None
+    for n, op in enumerate(ops):
+        _apply(state, op, n, limits)
+        if asks[n]:  # the stream asks after some events only: the pool must follow either way
+            changed = state.take_pool_changed()
+            pool = state.safe_pool(limits)
+            assert pool == safe_pool(state.history.values(), beta, state.blocked_tags, cap)
+            if not changed:
+                assert pool == published, "the pool changed but the user did not say so"
+            published = pool
+    assert state.safe_pool(limits) == safe_pool(state.history.values(), beta, state.blocked_tags, cap)
+
+
+def _pool_size_at_reference(history, t, beta, blocked, max_size, exclude):
+    """The definition: pool_size over the entries as they stood at t."""
+    then = []
+    for e in history:
+        if e.flag_ts is not None and e.flag_ts <= t:
+            continue
+        watched = e.watched and (e.first_watch_ts is None or e.first_watch_ts <= t)
+        if not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
+            continue
+        if beta is not None and not watched:
+            continue
+        then.append(HistoryEntry(e.item_id, e.first_rank_score, e.tags, e.first_watch_pct, watched, e.shown, False))
+    return pool_size(then, beta, blocked, max_size, exclude)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(event, max_size=40), st.sampled_from([None, 0.0, 50.0]), st.sampled_from([None, 0, 2, 100]),
+       ts, st.sets(item, max_size=4))
+def test_pool_size_at_equals_its_definition(ops, beta, cap, t, exclude):
+    limits = Limits(beta=beta, safe_pool_max=cap)
+    state = UserState("u")
+    for n, op in enumerate(ops):
+        _apply(state, op, n, limits)
+    got = pool_size_at(state.history.values(), t, beta, state.blocked_tags, cap, exclude)
+    assert got == _pool_size_at_reference(state.history.values(), t, beta, state.blocked_tags, cap, exclude)
+
+
+def test_the_cap_keeps_the_highest_rank_scores_as_items_enter():
+    limits = Limits(beta=50.0, safe_pool_max=3)
+    state = UserState("u")
+    for n, score in enumerate([1.0, 5.0, 2.0, 4.0, 3.0]):
+        _apply(state, ("imp", [f"x{n}"], 1.0, [score] * 4, [[]] * 4), n, limits)
+        state.safe_pool(limits)  # follow incrementally from here on
+        _apply(state, ("watch", f"x{n}", 2.0, 90, 100), 100 + n, limits)
+    assert [p.item_id for p in state.safe_pool(limits)] == ["x1", "x3", "x4"]
+    assert heapq.nlargest(3, [1.0, 5.0, 2.0, 4.0, 3.0]) == [p.rank_score / 2 for p in state.safe_pool(limits)]
