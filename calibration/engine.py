@@ -340,8 +340,13 @@ class Engine:
         self.calibrator.add(live)
         self.calibrator.refused = 0
 
-    def process(self, ev: Event, source: str = "events") -> str:
-        """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it."""
+    def process(self, ev: Event, source: str = "events", position: int | None = None) -> str:
+        """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it.
+
+        ``position``: the record's offset in ``source`` when it comes from a log that
+        may be replayed (the stream); a record at or before the user's last applied
+        position there is a replay (outcome ``replayed``) and changes nothing.
+        """
         kind = ev.event_type
         forget = isinstance(ev, Forget)
         # Hash only when someone was forgotten here: the common case costs nothing.
@@ -364,7 +369,9 @@ class Engine:
             if state is None:
                 state = UserState(ev.user_id)
             lim = self.config.limits
-            if isinstance(ev, Impression):
+            if position is not None and state.applied(source, position):
+                outcome = "replayed"
+            elif isinstance(ev, Impression):
                 violations = state.violations(ev)
                 outcome = state.on_impression(ev, wm, lim)
                 if outcome != "duplicate":
@@ -380,7 +387,17 @@ class Engine:
                 outcome = state.on_constraints(ev, wm, lim)
             else:  # pragma: no cover - Event is a closed union
                 raise TypeError(f"unknown event {ev!r}")
-            if outcome != "duplicate":
+            if outcome == "replayed":
+                # seen before the crash, and by the watermark then: observing it again is harmless
+                if self.clock.observe(source, ev.ts):
+                    self.clock.update()
+            elif outcome == "duplicate":
+                if position is not None:  # nothing else changed, but the log moved past it
+                    state.note_position(source, position)
+                    self.users[ev.user_id] = state
+            else:
+                if position is not None:
+                    state.note_position(source, position)
                 self.users[ev.user_id] = state
                 self.changed.add(ev.user_id)
                 if self.clock.observe(source, ev.ts):

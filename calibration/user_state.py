@@ -29,10 +29,13 @@ from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
 from .safe_pool import HistoryEntry, SafeItem, SafePool, pool_size_at, record_flag, record_view, record_watch, trim_history
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "POSITIONS"]
 
-#: In :attr:`UserState.touched`: something other than a history entry changed.
-CORE = None
+#: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
+#: i.e. anything but history entries and positions.
+CORE = "\x00core"
+#: In :attr:`UserState.touched`: :attr:`UserState.positions` changed.
+POSITIONS = "\x00positions"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ class UserState:
     recent: list[MatureSlate] = field(default_factory=list)
     seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
     version: int = 0  # of this user's own published thresholds; only grows, kept with the state
+    # Source log -> position (offset) of the last record of this user applied from it. A log
+    # replayed after a crash re-delivers records; these are recognised however many there are
+    # (``seen`` only covers the last ``dedup_max`` event ids, and a fast replay of a heavy user
+    # runs past that). The offline replay, which has no log positions, leaves it empty.
+    positions: dict[str, int] = field(default_factory=dict)
     # What changed since a store last wrote this user, for stores that write changes
     # only (streams.state): item ids of changed or evicted history entries, and CORE
     # when anything else changed. None: not tracked (a new user, or the replay's dict).
@@ -312,6 +320,15 @@ class UserState:
         if self.touched is not None:
             self.touched.add(CORE)
         return self.version
+
+    def applied(self, source: str, position: int) -> bool:
+        """Whether the record at ``position`` of ``source`` was applied already (a replay)."""
+        return position <= self.positions.get(source, -1)
+
+    def note_position(self, source: str, position: int) -> None:
+        self.positions[source] = position
+        if self.touched is not None:
+            self.touched.add(POSITIONS)
 
     def is_empty(self) -> bool:
         return not (self.history or self.tag_rules or self.pending or self.recent or self.shown or self.seen)

@@ -310,7 +310,7 @@ class RiskgateApp:
         for msg, topic, rec in items:
             part.unacked.append(msg)
             if rec is not None:
-                counts[(topic, eng.process(rec, source=topic))] += 1
+                counts[(topic, eng.process(rec, source=topic, position=msg.offset))] += 1
             remaining[topic] -= 1
             if not remaining[topic] and topic not in behind:
                 clock.set_lagging(topic, False)

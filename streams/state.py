@@ -5,6 +5,7 @@ Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 * ``<user_id>`` → the user's *core* (msgpack): tag rules, reporting counts,
   pending slates, recent mature slates, remembered event ids, version;
 * ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
+* ``<user_id> NUL NUL positions`` → the user's input positions (msgpack; item ids hold no NUL);
 * ``NUL erased: <sha256>`` → a forget marker (:class:`TableErased`).
 
 History is by far the largest part of a user (up to ``history_max`` entries)
@@ -34,15 +35,17 @@ import orjson
 from rocksdict import WriteBatch
 
 from calibration.safe_pool import HistoryEntry
-from calibration.user_state import CORE, MatureSlate, PendingSlate, UserState
+from calibration.user_state import CORE, POSITIONS, MatureSlate, PendingSlate, UserState
 
-__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "partition_items",
+__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "encode_positions", "partition_items",
            "partition_db", "ERASED_PREFIX", "SEP"]
 
 #: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
 ERASED_PREFIX = b"\x00erased:"
 #: Between a user id and an item id in the keys of history entries.
 SEP = b"\x00"
+#: After ``<user_id> SEP``: the key of the user's input positions (cannot be an item id).
+POSITIONS_SUFFIX = b"\x00positions"
 _FORMAT = 2  # the core's first element; cores of format 1 were JSON objects holding the history too
 
 _enc = msgspec.msgpack.Encoder()
@@ -75,8 +78,12 @@ def _entry(item_id: str, raw: bytes) -> HistoryEntry:
     return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts, *times)
 
 
-def decode_user(user_id: str, core: bytes, entries=()) -> UserState:
-    """A user from its core and its ``(item_id, raw entry)`` pairs (a format-1 JSON core holds its history)."""
+def encode_positions(state: UserState) -> bytes:
+    return _enc.encode(sorted(state.positions.items()))
+
+
+def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None = None) -> UserState:
+    """A user from its core, its ``(item_id, raw entry)`` pairs and positions (a format-1 JSON core holds its history)."""
     if core[:1] == b"{":
         return UserState.from_dict(orjson.loads(core))
     fmt, rules, shown, flagged, pending, recent, seen, version = _dec.decode(core)
@@ -94,6 +101,7 @@ def decode_user(user_id: str, core: bytes, entries=()) -> UserState:
                             tuple(x[9]), tuple(x[10])) for x in recent],
         seen={k: v for k, v in seen},
         version=version,
+        positions={} if positions is None else {t: o for t, o in _dec.decode(positions)},
     )
 
 
@@ -126,21 +134,31 @@ class TableUsers:
         self._deleted: set[str] = set()
 
     # -- reading ------------------------------------------------------------
-    def _entries(self, key: bytes) -> list[tuple[str, bytes]]:
+    def _scan(self, key: bytes) -> list[tuple[bytes, bytes]]:
+        """Every ``(suffix, value)`` stored under ``<key> SEP`` (history entries and positions)."""
         prefix = key + SEP
         out = []
         for k, v in self._db.items(from_key=prefix):
             if not k.startswith(prefix):
                 break
-            out.append((k[len(prefix):].decode(), v))
+            out.append((k[len(prefix):], v))
         return out
+
+    def _decode(self, user_id: str, core: bytes, with_history: bool = True) -> UserState:
+        entries, positions = [], None
+        for suffix, v in self._scan(user_id.encode()):
+            if suffix == POSITIONS_SUFFIX:
+                positions = v
+            elif with_history:
+                entries.append((suffix.decode(), v))
+        return decode_user(user_id, core, entries, positions)
 
     def _load(self, user_id: str) -> UserState | None:
         key = user_id.encode()
         core = self._db.get(key)
         if core is None:
             return None
-        state = decode_user(user_id, core, self._entries(key))
+        state = self._decode(user_id, core)
         # From here the state notes what changes; a format-1 user (JSON core holding the
         # history) is not tracked, so its next flush rewrites it whole in format 2.
         state.touched = None if core[:1] == b"{" else set()
@@ -208,7 +226,7 @@ class TableUsers:
             yield uid, state
         for uid, core in self._stored_ids():
             if uid not in self._cache and uid not in self._deleted:
-                yield uid, decode_user(uid, core, self._entries(uid.encode()))
+                yield uid, self._decode(uid, core)
 
     def cores(self) -> Iterator[tuple[str, UserState]]:
         """Every user with its core only (history not read): what rebuilding the windows needs."""
@@ -216,7 +234,7 @@ class TableUsers:
             yield uid, state
         for uid, core in self._stored_ids():
             if uid not in self._cache and uid not in self._deleted:
-                yield uid, decode_user(uid, core)
+                yield uid, self._decode(uid, core, with_history=False)
 
     # -- persistence -------------------------------------------------------
     def flush(self) -> tuple[set[str], set[str], list[list[tuple[bytes, bytes | None]]]]:
@@ -241,18 +259,23 @@ class TableUsers:
             history = state.history
             touched = state.touched
             if touched is None:  # whole
-                group = [(prefix + item.encode(), None) for item, _ in self._entries(key) if item not in history]
+                group = [(prefix + suffix, None) for suffix, _ in self._scan(key)
+                         if suffix == POSITIONS_SUFFIX or suffix.decode() not in history]
                 group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
-                write_core = True
+                write_core = write_positions = True
             else:
                 group = []
-                write_core = False
+                write_core = write_positions = False
                 for item in touched:
-                    if item is CORE:
+                    if item == CORE:
                         write_core = True
-                        continue
-                    e = history.get(item)
-                    group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
+                    elif item == POSITIONS:
+                        write_positions = True
+                    else:
+                        e = history.get(item)
+                        group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
+            if write_positions and state.positions:
+                group.append((prefix + POSITIONS_SUFFIX, encode_positions(state)))
             if write_core:
                 group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
             if group:
@@ -262,7 +285,7 @@ class TableUsers:
             key = uid.encode()
             # Tombstones even for keys not held here: the changelog may hold the
             # user from before a rebalance.
-            groups.append([(key + SEP + item.encode(), None) for item, _ in self._entries(key)] + [(key, None)])
+            groups.append([(key + SEP + suffix, None) for suffix, _ in self._scan(key)] + [(key, None)])
         for group in groups:
             for key, value in group:
                 if value is None:

@@ -109,7 +109,7 @@ def _replay_through_table(tmp_path, seed: int, flush_every: int, cache_max: int)
 
     for n, (topic, v) in enumerate(generate_events(world), 1):
         ev = event_from_dict(topic, v)
-        eng.process(ev, source=topic)
+        eng.process(ev, source=topic, position=n)
         if rng.random() < 0.003:  # forget a user, who may come back with later events
             eng.process(Forget(f"f{n}", ev.user_id, ev.ts), source="forget")
             forgotten += 1
@@ -122,14 +122,20 @@ def _replay_through_table(tmp_path, seed: int, flush_every: int, cache_max: int)
 def _users_of(records: dict[bytes, bytes]) -> dict[str, object]:
     from streams.state import SEP
 
+    from streams.state import POSITIONS_SUFFIX
+
     cores = {k.decode(): v for k, v in records.items() if SEP not in k}
     entries: dict[str, list] = {}
+    positions: dict[str, bytes] = {}
     for k, v in records.items():
         if SEP in k:
             uid, _, item = k.partition(SEP)
-            entries.setdefault(uid.decode(), []).append((item.decode(), v))
-    assert set(entries) <= set(cores), "history entries without their user's core"
-    return {uid: decode_user(uid, core, entries.get(uid, ())) for uid, core in cores.items()}
+            if item == POSITIONS_SUFFIX:
+                positions[uid.decode()] = v
+            else:
+                entries.setdefault(uid.decode(), []).append((item.decode(), v))
+    assert set(entries) | set(positions) <= set(cores), "history entries without their user's core"
+    return {uid: decode_user(uid, core, entries.get(uid, ()), positions.get(uid)) for uid, core in cores.items()}
 
 
 import pytest  # noqa: E402
@@ -154,3 +160,4 @@ def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every,
     assert local == changelog
     # the live states really were trimmed, matured and carried slates of their own
     assert any(s.recent for s in live.values()) and any(len(s.history) >= 25 for s in live.values())
+    assert all(s.positions for s in live.values())

@@ -57,6 +57,31 @@ def test_duplicates_change_nothing():
     assert s.to_dict() == after_flag and before != after_flag
 
 
+def test_a_replayed_log_is_recognised_however_long_it_is():
+    """Log positions catch a replay that runs past the remembered event ids (dedup_max)."""
+    lim = Limits(beta=50.0, dedup_max=8)
+    cfg = EngineConfig(label_window=50.0, allowed_lateness=0.0, limits=lim)
+    log = []
+    for n in range(40):
+        log.append(("impressions", imp(f"e{n}", f"s{n}", 10.0 + n, [item(f"i{n}")])))
+        log.append(("flags", Flag(f"f{n}", "u1", f"i{n}", "report", 10.5 + n)))
+    eng = Engine(cfg)
+    for pos, (topic, ev) in enumerate(log):
+        assert eng.process(ev, topic, position=pos) == "ok"
+    state = eng.users["u1"]
+    before = (state.shown, state.flagged, len(state.pending) + len(state.recent), dict(state.positions))
+    # a crash before the offsets were committed: the whole log again, in order
+    outcomes = [eng.process(ev, topic, position=pos) for pos, (topic, ev) in enumerate(log)]
+    assert set(outcomes) == {"replayed"}
+    assert (state.shown, state.flagged, len(state.pending) + len(state.recent), dict(state.positions)) == before
+    # without positions the ids of all but the last 8 events are forgotten: counted again
+    eng.process(log[0][1], "impressions")
+    assert state.shown == before[0] + 1
+    # a producer's duplicate further on in the log is still caught by its event id
+    assert eng.process(log[-1][1], "flags", position=len(log)) == "duplicate"
+    assert state.positions["flags"] == len(log)
+
+
 def test_late_impression_never_calibrates_but_late_flag_updates_pool():
     s = UserState("u1")
     assert s.on_impression(imp("e1", "s1", 100.0, [item("a")]), 500.0, LIM) == "late"
