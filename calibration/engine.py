@@ -135,6 +135,9 @@ class Calibrator:
         return self._fold(slates, -1)
 
     def advance(self, watermark: float) -> None:
+        clock = self._clock
+        if clock.newest is not None and clock.bucket_of(watermark) <= clock.newest:
+            return  # still inside the newest bucket (most calls: the watermark moves with every event)
         for w in self.windows.values():
             w.advance(watermark)
 
@@ -416,11 +419,12 @@ class Engine:
         wm = self.watermark
         if wm == float("-inf"):
             return []
-        if wm == self._advanced_to and not (self._due and self._due[0][0] <= wm):
-            return []  # nothing moved since the last call: most events
-        self._advanced_to = wm
+        if wm != self._advanced_to:
+            self._advanced_to = wm
+            self.calibrator.advance(wm)
+        if not (self._due and self._due[0][0] <= wm):
+            return []  # nothing due: most events
         cfg = self.config
-        self.calibrator.advance(wm)
         horizon = self.calibrator.horizon()
         matured: list[MatureSlate] = []
         evicted: list[MatureSlate] = []

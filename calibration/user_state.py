@@ -251,13 +251,14 @@ class UserState:
         """
         matured: list[MatureSlate] = []
         if self.pending and self.pending[0].ts + label_window <= watermark:
-            self._pending_items = None
             if self.touched is not None:
                 self.touched.add(CORE)
         band = self.band
         blocked = self.blocked_tags
         while self.pending and self.pending[0].ts + label_window <= watermark:
             p = self.pending.pop(0)
+            if self._pending_items is not None:
+                self._pending_items -= len(p.item_ids)
             cutoff = p.ts + label_window
             flags = []
             for item in p.item_ids:
@@ -295,7 +296,8 @@ class UserState:
         while i > 0 and self.pending[i - 1].ts > p.ts:
             i -= 1
         self.pending.insert(i, p)
-        self._pending_items = None
+        if self._pending_items is not None:
+            self._pending_items += len(p.item_ids)
 
     def _trim(self, limits: Limits) -> None:
         # Trim in steps of ~10%: sorting the history on every event past the cap

@@ -383,9 +383,12 @@ class RiskgateApp:
         for topic, key, value in outgoing:
             if topic is not self.pools_topic:
                 topic.send_soon(key=key, value=value)
-        ack = self.app.consumer.ack
+        by_tp: dict = defaultdict(list)
         for msg in unacked:
-            ack(msg)
+            by_tp[msg.tp].append(msg.offset)
+        consumer = self.app.consumer
+        for tp, offsets in by_tp.items():
+            consumer.ack_offsets(tp, offsets)
 
     def _pool_partition(self, key: bytes) -> int:
         # The key's partition under Kafka's default (murmur2) partitioner, where

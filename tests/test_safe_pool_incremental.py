@@ -61,6 +61,7 @@ def test_incremental_pool_equals_the_rule_after_every_event(ops, beta, cap, hist
     published = None
     for n, op in enumerate(ops):
         _apply(state, op, n, limits)
+        assert state._pending_items in (None, sum(len(p.item_ids) for p in state.pending))  # the kept count
         if asks[n]:  # the stream asks after some events only: the pool must follow either way
             changed = state.take_pool_changed()
             pool = state.safe_pool(limits)
