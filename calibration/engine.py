@@ -172,6 +172,8 @@ def combine(config: EngineConfig, snapshots: Iterable[dict[tuple[str, str], Curv
 
 def user_result(state: UserState, config: EngineConfig, strategy: str, horizon: float = float("-inf")) -> GroupResult | None:
     """λ̂ for ``user:<id>`` from the user's own live holdout slates, if there are ``min_slates``."""
+    if len(state.recent) < config.min_slates:  # (live ones are fewer still: skip building the list)
+        return None
     recent = state.live_recent(horizon)
     if len(recent) < config.min_slates:
         return None

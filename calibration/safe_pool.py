@@ -114,10 +114,11 @@ def safe_pool(
 class SafePool:
     """T_safe(u) capped at ``max_size`` (as :func:`safe_pool`), kept up to date one entry change at a time.
 
-    Most changes cannot alter the capped pool (an item watched below β, a safe
-    item ranked below a full pool's last), and an item entering it is one
-    insertion; only a pool member that leaves or moves needs the whole history
-    again, which :meth:`update` reports by returning ``None``.
+    It holds the true top ``reserve`` (2 × ``max_size``) of the safe entries, or
+    all of them (``complete``), and shows the first ``max_size``. An entry that
+    enters is one insertion, one that leaves (flagged, evicted) one removal; the
+    history is read again only when removals leave fewer than ``max_size`` of a
+    pool that is not complete, which :meth:`update` reports by returning ``None``.
 
     Examples
     --------
@@ -126,22 +127,31 @@ class SafePool:
     >>> new = HistoryEntry("c", 2.5, first_watch_pct=80.0, watched=True)
     >>> pool.update(None, new), [s.item_id for s in pool.items]
     (True, ['a', 'c'])
-    >>> pool.update(h["a"], HistoryEntry("a", 3.0, first_watch_pct=90.0, watched=True, flagged=True)) is None
+    >>> pool.update(h["a"], HistoryEntry("a", 3.0, first_watch_pct=90.0, watched=True, flagged=True))
     True
+    >>> [s.item_id for s in pool.items]
+    ['c', 'b']
     """
 
-    __slots__ = ("beta", "blocked", "max_size", "keys", "items", "members")
+    __slots__ = ("beta", "blocked", "max_size", "reserve", "keys", "held", "members", "complete")
 
     def __init__(self, history: Iterable[HistoryEntry], beta: float | None, blocked: frozenset[str],
                  max_size: int | None):
         self.beta, self.blocked = beta, blocked
         self.max_size = None if max_size is None else max(0, int(max_size))
+        self.reserve = None if max_size is None else 2 * self.max_size
         safe = sorted(((-e.first_rank_score, e.item_id), e) for e in _safe_entries(history, beta, blocked))
-        if self.max_size is not None:
-            safe = safe[: self.max_size]
+        self.complete = self.reserve is None or len(safe) <= self.reserve
+        if not self.complete:
+            safe = safe[: self.reserve]
         self.keys = [k for k, _ in safe]
-        self.items = [SafeItem(e.item_id, e.first_rank_score, e.tags) for _, e in safe]
-        self.members = {item.item_id: item for item in self.items}
+        self.held = [SafeItem(e.item_id, e.first_rank_score, e.tags) for _, e in safe]
+        self.members = {item.item_id: item for item in self.held}
+
+    @property
+    def items(self) -> list[SafeItem]:
+        """The pool: the first ``max_size`` held, highest first rank score first."""
+        return self.held if self.max_size is None else self.held[: self.max_size]
 
     def _safe(self, e: HistoryEntry) -> bool:
         if e.flagged or (self.blocked and not self.blocked.isdisjoint(e.tags)):
@@ -150,29 +160,34 @@ class SafePool:
 
     def update(self, old: HistoryEntry | None, new: HistoryEntry | None) -> bool | None:
         """Apply one entry's change (``new`` None: evicted). True: the pool changed; False: it did not;
-        None: it cannot follow (a member left or moved) and must be rebuilt from the history."""
+        None: it cannot follow (too few held after removals) and must be rebuilt from the history."""
         item_id = (new if new is not None else old).item_id
         safe = new is not None and self._safe(new)
         member = self.members.get(item_id)
+        cap = self.max_size
+        changed = False
         if member is not None:
             if safe and new.first_rank_score == member.rank_score and new.tags == member.tags:
                 return False
+            i = bisect.bisect_left(self.keys, (-member.rank_score, item_id))
+            del self.keys[i], self.held[i], self.members[item_id]
+            changed = cap is None or i < cap
+        if safe:
+            key = (-new.first_rank_score, item_id)
+            i = bisect.bisect(self.keys, key)
+            if i < len(self.keys) or self.complete:  # else it ranks below everything held, and more exists
+                item = SafeItem(item_id, new.first_rank_score, new.tags)
+                self.keys.insert(i, key)
+                self.held.insert(i, item)
+                self.members[item_id] = item
+                changed = changed or cap is None or i < cap
+                if self.reserve is not None and len(self.keys) > self.reserve:
+                    self.keys.pop()
+                    del self.members[self.held.pop().item_id]
+                    self.complete = False
+        if not self.complete and cap is not None and len(self.keys) < cap:
             return None
-        if not safe:
-            return False
-        key = (-new.first_rank_score, item_id)
-        cap = self.max_size
-        if cap is not None and len(self.keys) >= cap and (cap == 0 or key > self.keys[-1]):
-            return False  # below a full pool's last member
-        i = bisect.bisect(self.keys, key)
-        item = SafeItem(item_id, new.first_rank_score, new.tags)
-        self.keys.insert(i, key)
-        self.items.insert(i, item)
-        self.members[item_id] = item
-        if cap is not None and len(self.keys) > cap:
-            self.keys.pop()
-            del self.members[self.items.pop().item_id]
-        return True
+        return changed
 
 
 def _safe_entries(history: Iterable[HistoryEntry], beta: float | None, blocked_tags: Iterable[str]) -> list[HistoryEntry]:

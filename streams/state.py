@@ -79,7 +79,7 @@ def _entry(item_id: str, raw: bytes) -> HistoryEntry:
 
 
 def encode_positions(state: UserState) -> bytes:
-    return _enc.encode(sorted(state.positions.items()))
+    return _enc.encode(state.positions)  # a msgpack map: topic -> offset
 
 
 def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None = None) -> UserState:
@@ -101,7 +101,7 @@ def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None =
                             tuple(x[9]), tuple(x[10])) for x in recent],
         seen={k: v for k, v in seen},
         version=version,
-        positions={} if positions is None else {t: o for t, o in _dec.decode(positions)},
+        positions={} if positions is None else _dec.decode(positions),
     )
 
 
