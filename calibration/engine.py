@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 
-from .events import Constraints, Event, Flag, Forget, Impression, Watch
+from .events import Event, Impression
 from .grid import Grid, make_grid
 from .groups import GLOBAL, band_group, user_group
 from .risk import fold
@@ -259,6 +259,20 @@ class Watermark:
         self.max_ts: dict[str, float] = dict(max_ts or {})
         self.lagging: set[str] = set()
 
+    def note(self, source: str, ts: float) -> None:
+        """:meth:`observe` then, if it raised a maximum, :meth:`update` (one step: this runs for every event)."""
+        max_ts = self.max_ts
+        m = max_ts.get(source)
+        if m is not None and ts <= m:
+            return
+        max_ts[source] = ts
+        if self.lagging:
+            self.update()
+            return
+        base = max(max_ts.values()) - self.lateness  # update() with nothing lagging
+        if base > self.value:
+            self.value = base
+
     def observe(self, source: str, ts: float) -> bool:
         """Note an event's ``ts``; True when it raised its source's maximum (only then can the watermark move)."""
         if ts > self.max_ts.get(source, float("-inf")):
@@ -353,60 +367,59 @@ class Engine:
         position there is a replay (outcome ``replayed``) and changes nothing.
         """
         kind = ev.event_type
-        forget = isinstance(ev, Forget)
-        # Hash only when someone was forgotten here: the common case costs nothing.
-        erased_at = self.erased.get(erasure_key(ev.user_id)) if (forget or self.erased) else None
-        if forget:
-            state = self.users.get(ev.user_id)
+        uid = ev.user_id
+        erased = self.erased
+        if kind == "forget":
+            erased_at = erased.get(erasure_key(uid))
+            state = self.users.get(uid)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
             # Delete even when nothing is held here: a store may still need its
             # tombstones (a changelog written before a rebalance, an output topic).
-            self.users.pop(ev.user_id, None)
-            self.erased[erasure_key(ev.user_id)] = max(ev.ts, erased_at or ev.ts)
-            self.changed.discard(ev.user_id)
+            self.users.pop(uid, None)
+            erased[erasure_key(uid)] = max(ev.ts, erased_at or ev.ts)
+            self.changed.discard(uid)
             outcome = "ok"
-        elif erased_at is not None and ev.ts <= erased_at:
+        # Hash only when someone was forgotten here: the common case costs nothing.
+        elif erased and (erased_at := erased.get(erasure_key(uid))) is not None and ev.ts <= erased_at:
             outcome = "erased"
         else:
-            wm = self.watermark
-            state = self.users.get(ev.user_id)
+            wm = self.clock.value
+            state = self.users.get(uid)
             if state is None:
-                state = UserState(ev.user_id)
+                state = UserState(uid)
             lim = self.config.limits
-            if position is not None and state.applied(source, position):
-                outcome = "replayed"
-            elif isinstance(ev, Impression):
+            if position is not None and position <= state.positions.get(source, -1):
+                outcome = "replayed"  # (UserState.applied, inline: this runs for every event)
+            elif kind == "watch":
+                outcome = state.on_watch(ev, wm, lim)
+            elif kind == "impression":
                 violations = state.violations(ev)
                 outcome = state.on_impression(ev, wm, lim)
                 if outcome != "duplicate":
                     self.monitors.on_served(ev, violations)
                 due = state.next_maturity(self.config.label_window)
                 if due is not None:
-                    heapq.heappush(self._due, (due, ev.user_id))
-            elif isinstance(ev, Watch):
-                outcome = state.on_watch(ev, wm, lim)
-            elif isinstance(ev, Flag):
+                    heapq.heappush(self._due, (due, uid))
+            elif kind == "flag":
                 outcome = state.on_flag(ev, wm, lim)
-            elif isinstance(ev, Constraints):
+            elif kind == "constraints":
                 outcome = state.on_constraints(ev, wm, lim)
             else:  # pragma: no cover - Event is a closed union
                 raise TypeError(f"unknown event {ev!r}")
             if outcome == "replayed":
                 # seen before the crash, and by the watermark then: observing it again is harmless
-                if self.clock.observe(source, ev.ts):
-                    self.clock.update()
+                self.clock.note(source, ev.ts)
             elif outcome == "duplicate":
                 if position is not None:  # nothing else changed, but the log moved past it
                     state.note_position(source, position)
-                    self.users[ev.user_id] = state
+                    self.users[uid] = state
             else:
                 if position is not None:
                     state.note_position(source, position)
-                self.users[ev.user_id] = state
-                self.changed.add(ev.user_id)
-                if self.clock.observe(source, ev.ts):
-                    self.clock.update()
+                self.users[uid] = state
+                self.changed.add(uid)
+                self.clock.note(source, ev.ts)
         self.counts[(kind, outcome)] += 1
         self.advance()
         return outcome

@@ -165,10 +165,11 @@ class TableUsers:
         return state
 
     # -- mapping interface used by the engine ---------------------------
+    # Recency for eviction is refreshed once per flush for the users it wrote, not on every
+    # read and write: these two run for every event.
     def get(self, user_id: str, default=None):
         state = self._cache.get(user_id)
         if state is not None:
-            self._cache.move_to_end(user_id)
             return state
         if user_id in self._deleted:
             return default
@@ -189,9 +190,9 @@ class TableUsers:
 
     def __setitem__(self, user_id: str, state: UserState) -> None:
         self._cache[user_id] = state
-        self._cache.move_to_end(user_id)
         self._dirty.add(user_id)
-        self._deleted.discard(user_id)
+        if self._deleted:
+            self._deleted.discard(user_id)
 
     def __delitem__(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
@@ -295,7 +296,10 @@ class TableUsers:
         if groups:
             self._db.write(batch)
         self._dirty, self._deleted = set(), set()
-        while len(self._cache) > self.cache_max:
+        cache = self._cache
+        for uid in written:
+            cache.move_to_end(uid)
+        while len(cache) > self.cache_max:
             self._cache.popitem(last=False)
         return written, deleted, groups
 
