@@ -83,13 +83,33 @@ class Calibrator:
     def __init__(self, config: EngineConfig):
         self.config = config
         size = len(config.grid)
-        self.windows: dict[tuple[str, str], BucketedWindow] = {
+        self._windows: dict[tuple[str, str], BucketedWindow] = {
             (s, g): BucketedWindow(size, config.window, config.buckets)
             for s in config.strategies
             for g in SHARED_GROUPS
         }
-        self._clock = next(iter(self.windows.values()))  # all windows advance together
-        self.refused = 0  # mature holdout slates whose bucket had already left the window
+        self._clock = next(iter(self._windows.values()))  # all windows advance together
+        self._refused = 0  # mature holdout slates whose bucket had already left the window
+        # Slates queued to be folded in (+1) or out (-1) together: folding one slate costs
+        # numpy's per-call overhead several times over. Folding only depends on the windows
+        # through which buckets are live, so the queue is folded before any bucket moves,
+        # and before anyone reads the sums: the result is exactly that of folding at once.
+        self._queued: dict[int, list[MatureSlate]] = {1: [], -1: []}
+
+    @property
+    def windows(self) -> dict[tuple[str, str], BucketedWindow]:
+        """The bucketed window of each (strategy, shared group), with every queued slate folded."""
+        self.settle()
+        return self._windows
+
+    @property
+    def refused(self) -> int:
+        self.settle()
+        return self._refused
+
+    @refused.setter
+    def refused(self, value: int) -> None:
+        self._refused = value
 
     def span(self) -> tuple[float, float] | None:
         """Event-time span of the windows, once they have a watermark."""
@@ -112,7 +132,7 @@ class Calibrator:
                 continue
             if not self.accepts(m.ts):
                 if sign > 0:
-                    self.refused += 1
+                    self._refused += 1
                 continue
             b = self._clock.bucket_of(m.ts)
             by_key[(GLOBAL, b)].append(m)
@@ -123,34 +143,55 @@ class Calibrator:
             ts = b * self._clock.width
             for strategy in cfg.strategies:
                 inc = fold(batch, cfg.grid, strategy, cfg.loss)
-                self.windows[(strategy, group)].add_increments(ts, sign * inc, sign * len(ms))
+                self._windows[(strategy, group)].add_increments(ts, sign * inc, sign * len(ms))
         return count
 
     def add(self, slates: Iterable[MatureSlate]) -> int:
         """Fold mature holdout slates into their buckets; returns how many were added."""
+        self.settle()
         return self._fold(slates, +1)
 
     def subtract(self, slates: Iterable[MatureSlate]) -> int:
         """Take previously added slates back out (user forgotten, or evicted from its window)."""
+        self.settle()
         return self._fold(slates, -1)
+
+    def queue(self, added: Sequence[MatureSlate], removed: Sequence[MatureSlate] = ()) -> None:
+        """:meth:`add` ``added`` and :meth:`subtract` ``removed``, folded in bulk later (see ``_queued``)."""
+        self._queued[1].extend(added)
+        self._queued[-1].extend(removed)
+        if len(self._queued[1]) + len(self._queued[-1]) >= 4096:
+            self.settle()
+
+    def settle(self) -> None:
+        """Fold whatever is queued."""
+        q = self._queued
+        if q[1] or q[-1]:
+            added, removed = q[1], q[-1]
+            self._queued = {1: [], -1: []}
+            self._fold(added, +1)
+            self._fold(removed, -1)
 
     def advance(self, watermark: float) -> None:
         clock = self._clock
         if clock.newest is not None and clock.bucket_of(watermark) <= clock.newest:
             return  # still inside the newest bucket (most calls: the watermark moves with every event)
-        for w in self.windows.values():
+        self.settle()
+        for w in self._windows.values():
             w.advance(watermark)
 
     def result(self, strategy: str, group: str) -> GroupResult:
-        w = self.windows[(strategy, group)]
+        self.settle()
+        w = self._windows[(strategy, group)]
         return _result(self.config, strategy, group, w.total(), w.span())
 
     def results(self) -> list[GroupResult]:
-        return [self.result(s, g) for (s, g) in self.windows]
+        return [self.result(s, g) for (s, g) in self._windows]
 
     def snapshot(self) -> dict[tuple[str, str], CurveAccumulator]:
         """This partition's window totals per (strategy, group): what it sends the aggregator."""
-        return {key: w.total() for key, w in self.windows.items()}
+        self.settle()
+        return {key: w.total() for key, w in self._windows.items()}
 
 
 def _result(config: EngineConfig, strategy: str, group: str, acc: CurveAccumulator, span) -> GroupResult:
@@ -462,8 +503,7 @@ class Engine:
             for m in matured:
                 self.monitors.on_mature(m)
                 self.matured_counts["applied" if m.policy_applied else "holdout"] += 1
-            self.calibrator.add(matured)
-            self.calibrator.subtract(evicted)
+            self.calibrator.queue(matured, evicted)
             if self.keep_matured:
                 self.matured.extend(m for m in matured if not m.policy_applied and m.ts >= horizon)
         return matured
