@@ -110,6 +110,7 @@ class UserState:
     # and whether it may differ from what the caller last took (pool_changed).
     _pool: SafePool | None = field(default=None, init=False, compare=False, repr=False)
     _pool_changed: bool = field(default=True, init=False, compare=False, repr=False)
+    _blocked: frozenset | None = field(default=None, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
     @property
@@ -118,7 +119,10 @@ class UserState:
 
     @property
     def blocked_tags(self) -> frozenset[str]:
-        return frozenset(t for t, (blocked, _) in self.tag_rules.items() if blocked)
+        blocked = self._blocked
+        if blocked is None:  # kept until the tag rules change: read for every impression
+            blocked = self._blocked = frozenset(t for t, (b, _) in self.tag_rules.items() if b)
+        return blocked
 
     def safe_pool(self, limits: Limits) -> list[SafeItem]:
         """T_safe(u), capped (:func:`calibration.safe_pool.safe_pool` of the history)."""
@@ -230,7 +234,7 @@ class UserState:
             old = self.tag_rules.get(tag)
             if old is None or ev.ts >= old[1]:
                 self.tag_rules[tag] = (blocked, ev.ts)
-                self._pool, self._pool_changed = None, True  # blocked tags changed
+                self._pool, self._pool_changed, self._blocked = None, True, None  # blocked tags changed
         return "late" if ev.ts < watermark else "ok"
 
     # -- maturity ----------------------------------------------------------

@@ -34,6 +34,11 @@ constraints = st.tuples(st.just("constraints"), st.lists(st.sampled_from(TAGS), 
 event = st.one_of(impression, watch, watch, flag, constraints)
 
 
+def _blocked(state: UserState) -> frozenset[str]:
+    """The blocked tags from the rules themselves (UserState keeps them between constraint events)."""
+    return frozenset(t for t, (b, _) in state.tag_rules.items() if b)
+
+
 def _apply(state: UserState, op, n: int, limits: Limits) -> None:
     kind = op[0]
     if kind == "imp":
@@ -65,11 +70,12 @@ def test_incremental_pool_equals_the_rule_after_every_event(ops, beta, cap, hist
         if asks[n]:  # the stream asks after some events only: the pool must follow either way
             changed = state.take_pool_changed()
             pool = state.safe_pool(limits)
-            assert pool == safe_pool(state.history.values(), beta, state.blocked_tags, cap)
+            assert state.blocked_tags == _blocked(state)  # (kept between constraint events)
+            assert pool == safe_pool(state.history.values(), beta, _blocked(state), cap)
             if not changed:
                 assert pool == published, "the pool changed but the user did not say so"
             published = pool
-    assert state.safe_pool(limits) == safe_pool(state.history.values(), beta, state.blocked_tags, cap)
+    assert state.safe_pool(limits) == safe_pool(state.history.values(), beta, _blocked(state), cap)
 
 
 def _pool_size_at_reference(history, t, beta, blocked, max_size, exclude):
