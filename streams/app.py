@@ -246,7 +246,7 @@ class RiskgateApp:
 
     # -- the input path: whole fetches, flushed and acked together ------------
     async def _on_batch(self, messages) -> None:
-        """Validate and fold one fetch of input records (called by :class:`BatchConsumer`).
+        """Validate and fold one fetch of input records (aiokafka ``ConsumerRecord``, from :class:`BatchConsumer`).
 
         Records are applied in offset order per partition, each partition by
         its own engine. Their effects stay in the engines' write-back caches
@@ -316,7 +316,7 @@ class RiskgateApp:
                 clock.set_lagging(topic, False)
                 eng.advance_clock()  # the watermark may move now that this topic is read up to its end
         part.last_message = items[-1][0]
-        newest = max(msg.timestamp or 0.0 for msg, _, _ in items)
+        newest = max(msg.timestamp or 0 for msg, _, _ in items) / 1000.0  # aiokafka records: ms
         if part.through is None or newest > part.through:
             part.through = newest
         part.dirty = True
@@ -383,12 +383,12 @@ class RiskgateApp:
         for topic, key, value in outgoing:
             if topic is not self.pools_topic:
                 topic.send_soon(key=key, value=value)
-        by_tp: dict = defaultdict(list)
+        by_topic: dict = defaultdict(list)
         for msg in unacked:
-            by_tp[msg.tp].append(msg.offset)
+            by_topic[msg.topic].append(msg.offset)
         consumer = self.app.consumer
-        for tp, offsets in by_tp.items():
-            consumer.ack_offsets(tp, offsets)
+        for topic, offsets in by_topic.items():
+            consumer.ack_offsets(TP(topic, p), offsets)
 
     def _pool_partition(self, key: bytes) -> int:
         # The key's partition under Kafka's default (murmur2) partitioner, where

@@ -11,7 +11,7 @@ its assignor (input and table partitions stay co-assigned), RocksDB tables and
 their changelogs, recovery, offset commits, timers, agents for the internal
 topics, the web server — and changes one thing: records of the topics named in
 :attr:`BatchingApp.batch_topics` are collected per fetch and passed, as a list
-of ``ConsumerMessage``, to :attr:`BatchingApp.on_batch`. Records of every
+of aiokafka ``ConsumerRecord`` (timestamps in ms), to :attr:`BatchingApp.on_batch`. Records of every
 other topic take Faust's usual path.
 
 Offsets stay Faust's business: the callback *acks* records
@@ -79,7 +79,7 @@ class BatchConsumer(_AIOKafkaConsumer):
         on_batch = app.on_batch
         max_batch = app.batch_max
         callback = self.callback
-        getmany = self.getmany
+        to_message = self._to_message
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         get_read_offset = self._read_offset.__getitem__
@@ -91,36 +91,64 @@ class BatchConsumer(_AIOKafkaConsumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
-                ait = getmany(timeout=1.0)
+                # Faust's getmany with its bookkeeping done per partition, not per record: its
+                # async generator step and a ConsumerMessage per record cost about as much as
+                # riskgate's own work on a watch. Records of the batch topics stay aiokafka
+                # ConsumerRecords (timestamps in ms); only other topics get Faust messages.
+                records, active = await self._wait_next_records(1.0)
                 await self.sleep(0)
                 if self.should_stop:
                     break
-                batch: list = []
-                async for tp, message in ait:
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already read (a re-fetch after a seek): Faust drops these too
-                    gap = offset - (r_offset or 0)
-                    if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    if tp.topic in batch_topics:
-                        batch.append(message)
-                        set_read_offset(tp, offset)
-                        if len(batch) >= max_batch:
-                            await self._deliver(on_batch, batch, inbound)
-                            batch = []
+                if records is None:
+                    continue
+                if not self.flow_active:
+                    self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+                    try:
+                        await self.perform_seek()
+                    except Exception as ex:
+                        self.log.warning(f"exception performing seek when flow not active {ex}")
+                    continue
+                generation_id = app.consumer_generation_id
+                fetched: dict = {}  # batch topics' records, per partition
+                others: list = []
+                for tp, recs in records.items():
+                    if not self.flow_active or app.consumer_generation_id != generation_id:
+                        break
+                    if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
-                    if batch:  # keep the order of records relative to other topics' callbacks
-                        await self._deliver(on_batch, batch, inbound)
-                        batch = []
-                    await self.wait_first(callback(message), self.suspend_flow.wait())
-                    set_read_offset(tp, offset)
-                if batch:
-                    await self._deliver(on_batch, batch, inbound)
+                    app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and recs and recs[0].offset < r_offset:
+                        recs = [r for r in recs if r.offset >= r_offset]  # a re-fetch after a seek
+                    if not recs:
+                        continue
+                    if acks_enabled_for(tp.topic) and (
+                            (r_offset and recs[0].offset - r_offset > 1)
+                            or recs[-1].offset - recs[0].offset != len(recs) - 1):
+                        # offsets the broker skipped (compaction, transaction markers): Faust's gaps
+                        prev = r_offset
+                        for r in recs:
+                            if prev and r.offset - prev > 1:
+                                await self._add_gap(tp, prev + 1, r.offset)
+                            prev = r.offset
+                    if tp.topic in batch_topics:
+                        fetched[tp] = recs
+                        set_read_offset(tp, recs[-1].offset)
+                    else:
+                        others.append((tp, recs))
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                if fetched:
+                    # Faust's round-robin over partitions and topics, as its streams would see them:
+                    # records of a partition's topics interleave as they would one by one.
+                    batch = [r for _, r in self.scheduler.iterate(fetched)]
+                    for i in range(0, len(batch), max_batch):
+                        await self._deliver(on_batch, batch[i:i + max_batch], fetched, inbound)
+                for tp, recs in others:
+                    for r in recs:
+                        await self.wait_first(callback(to_message(tp, r)), self.suspend_flow.wait())
+                        set_read_offset(tp, r.offset)
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -139,10 +167,10 @@ class BatchConsumer(_AIOKafkaConsumer):
             unset_flag(CONSUMER_FETCHING)
 
     @staticmethod
-    async def _deliver(on_batch: BatchCallback, batch: list, inbound: dict) -> None:
+    async def _deliver(on_batch: BatchCallback, batch: list, tps, inbound: dict) -> None:
         now = monotonic()
-        for m in batch:  # Faust's stall detector reads when each partition last reached a stream
-            inbound[m.tp] = now
+        for tp in tps:  # Faust's stall detector reads when each partition last reached a stream
+            inbound[tp] = now
         await on_batch(batch)
 
 
