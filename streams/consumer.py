@@ -144,6 +144,8 @@ class BatchConsumer(_AIOKafkaConsumer):
                     # records of a partition's topics interleave as they would one by one.
                     batch = [r for _, r in self.scheduler.iterate(fetched)]
                     for i in range(0, len(batch), max_batch):
+                        if app.consumer_generation_id != generation_id:
+                            break  # a rebalance while delivering: the new assignment seeks and re-reads
                         await self._deliver(on_batch, batch[i:i + max_batch], fetched, inbound)
                 for tp, recs in others:
                     for r in recs:
