@@ -301,7 +301,7 @@ class Watermark:
         self.lagging: set[str] = set()
 
     def note(self, source: str, ts: float) -> None:
-        """:meth:`observe` then, if it raised a maximum, :meth:`update` (one step: this runs for every event)."""
+        """Note an event's ``ts`` and, if it raised its source's maximum, move the watermark (:meth:`update`)."""
         max_ts = self.max_ts
         m = max_ts.get(source)
         if m is not None and ts <= m:
@@ -313,13 +313,6 @@ class Watermark:
         base = max(max_ts.values()) - self.lateness  # update() with nothing lagging
         if base > self.value:
             self.value = base
-
-    def observe(self, source: str, ts: float) -> bool:
-        """Note an event's ``ts``; True when it raised its source's maximum (only then can the watermark move)."""
-        if ts > self.max_ts.get(source, float("-inf")):
-            self.max_ts[source] = ts
-            return True
-        return False
 
     def set_lagging(self, source: str, lagging: bool) -> None:
         (self.lagging.add if lagging else self.lagging.discard)(source)
@@ -430,8 +423,8 @@ class Engine:
             if state is None:
                 state = UserState(uid)
             lim = self.config.limits
-            if position is not None and position <= state.positions.get(source, -1):
-                outcome = "replayed"  # (UserState.applied, inline: this runs for every event)
+            if position is not None and state.applied(source, position):
+                outcome = "replayed"
             elif kind == "watch":
                 outcome = state.on_watch(ev, wm, lim)
             elif kind == "impression":

@@ -80,7 +80,7 @@ def is_safe(entry: HistoryEntry, beta: float | None, blocked_tags: Iterable[str]
     """
     if entry.flagged:
         return False
-    blocked = set(blocked_tags)
+    blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
     if blocked and not blocked.isdisjoint(entry.tags):
         return False
     if beta is None:
@@ -153,16 +153,11 @@ class SafePool:
         """The pool: the first ``max_size`` held, highest first rank score first."""
         return self.held if self.max_size is None else self.held[: self.max_size]
 
-    def _safe(self, e: HistoryEntry) -> bool:
-        if e.flagged or (self.blocked and not self.blocked.isdisjoint(e.tags)):
-            return False
-        return self.beta is None or (e.first_watch_pct is not None and e.first_watch_pct > self.beta)
-
     def update(self, old: HistoryEntry | None, new: HistoryEntry | None) -> bool | None:
         """Apply one entry's change (``new`` None: evicted). True: the pool changed; False: it did not;
         None: it cannot follow (too few held after removals) and must be rebuilt from the history."""
         item_id = (new if new is not None else old).item_id
-        safe = new is not None and self._safe(new)
+        safe = new is not None and is_safe(new, self.beta, self.blocked)
         member = self.members.get(item_id)
         cap = self.max_size
         changed = False
@@ -191,16 +186,9 @@ class SafePool:
 
 
 def _safe_entries(history: Iterable[HistoryEntry], beta: float | None, blocked_tags: Iterable[str]) -> list[HistoryEntry]:
-    """The entries :func:`is_safe` accepts (one loop: this runs on every impression and flush)."""
+    """The entries :func:`is_safe` accepts."""
     blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
-    out = []
-    for e in history:
-        if e.flagged or (blocked and not blocked.isdisjoint(e.tags)):
-            continue
-        if beta is not None and (e.first_watch_pct is None or e.first_watch_pct <= beta):
-            continue
-        out.append(e)
-    return out
+    return [e for e in history if is_safe(e, beta, blocked)]
 
 
 def pool_size(

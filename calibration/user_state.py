@@ -254,13 +254,12 @@ class UserState:
         ``recent`` slates.
         """
         matured: list[MatureSlate] = []
-        if self.pending and self.pending[0].ts + label_window <= watermark:
-            if self.touched is not None:
-                self.touched.add(CORE)
         band = self.band
         blocked = self.blocked_tags
         while self.pending and self.pending[0].ts + label_window <= watermark:
             p = self.pending.pop(0)
+            if self.touched is not None:
+                self.touched.add(CORE)
             if self._pending_items is not None:
                 self._pending_items -= len(p.item_ids)
             cutoff = p.ts + label_window
