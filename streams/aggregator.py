@@ -2,7 +2,8 @@
 
 Each worker sends the totals of its partitions' windows to the one-partition
 ``riskgate-partials`` topic; whichever worker owns that partition runs this
-logic. It keeps the latest totals of every partition, sums them
+logic. It keeps the latest totals of every partition (and publishes nothing
+until each partition has sent one), sums them
 (:func:`calibration.engine.combine`) and decides what to publish: a key whose
 result changed is published once per round of snapshots (at most every half
 ``recompute_interval``; workers send them at wall-clock multiples of it), and every
@@ -38,6 +39,9 @@ class Aggregator:
     snapshots: dict[int, tuple] = field(default_factory=dict)  # partition -> (watermark, span, totals)
     _last: dict[str, tuple[object, float]] = field(default_factory=dict)  # key -> (fingerprint, published at)
     through: dict[int, float | None] = field(default_factory=dict)  # partition -> newest input applied (s)
+    # How many input partitions there are: nothing is published until each has
+    # reported, or a restarted aggregator would publish λ̂ over part of the window.
+    partitions: int | None = None
 
     def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator],
                through: float | None = None) -> None:
@@ -49,6 +53,12 @@ class Aggregator:
         values = list(self.through.values())
         return min(values) if values and None not in values else None
 
+    def missing(self) -> list[int]:
+        """Input partitions with no snapshot yet (publication waits for them)."""
+        if self.partitions is None:
+            return []
+        return [p for p in range(self.partitions) if p not in self.snapshots]
+
     def span(self):
         spans = [s for _, s, _ in self.snapshots.values() if s]
         if not spans:
@@ -59,7 +69,13 @@ class Aggregator:
         return combine(self.config, (t for _, _, t in self.snapshots.values()), self.span())
 
     def due(self, now: float) -> list[Publication]:
-        """What to publish at wall time ``now``; records it as published."""
+        """What to publish at wall time ``now``; records it as published.
+
+        Nothing before every partition's first snapshot: a window summed over
+        some partitions is a different window (smaller ``n``, other λ̂).
+        """
+        if self.missing():
+            return []
         out = []
         through = self.inputs_through()
         for r in self.results():

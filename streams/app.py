@@ -113,6 +113,7 @@ class RiskgateApp:
         self._unflushed = 0
         self._flushed_at = time.monotonic()
         self._first_batch_at: float | None = None
+        self._waiting_logged_at = float("-inf")  # when the aggregator last said what it waits for
         self.app = app = BatchingApp(
             s.app_id,
             broker=s.broker,
@@ -164,7 +165,8 @@ class RiskgateApp:
         self.users_table = app.Table("users", partitions=s.topic_partitions, **table_args)
         self.meta_table = app.Table("partition-meta", partitions=s.topic_partitions, **table_args)
         self.versions_table = app.Table("threshold-versions", partitions=1, **table_args)
-        self.aggregator = Aggregator(self.config, s.recompute_interval, s.heartbeat, versions=_IntTable(self.versions_table))
+        self.aggregator = Aggregator(self.config, s.recompute_interval, s.heartbeat,
+                                     versions=_IntTable(self.versions_table), partitions=s.topic_partitions)
 
         # The input topics bypass Faust streams (streams/consumer.py): whole
         # fetches go to _on_batch; the conductor only needs to subscribe them.
@@ -482,6 +484,11 @@ class RiskgateApp:
                 log.exception("sending partition snapshots failed; retrying at the next tick")
 
     async def _send_snapshots(self) -> None:
+        # During a rebalance the tables are still being restored: an engine built
+        # now would rebuild its window from part of the changelog, and stay
+        # cached with it after the recovery ends (a wrong, small window).
+        if self.app.rebalancing:
+            return
         now = time.time()
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == self.names.inputs[0]:
@@ -504,6 +511,10 @@ class RiskgateApp:
             _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
             pubs = self.aggregator.due(time.time())
+            missing = self.aggregator.missing()
+            if missing and time.monotonic() - self._waiting_logged_at >= s.heartbeat:
+                self._waiting_logged_at = time.monotonic()
+                log.info("nothing published yet: no snapshot from input partitions %s", missing)
             if pubs:
                 # The new versions must be in the versions table's changelog before
                 # anyone sees them: a restart that restores the table from there

@@ -53,6 +53,16 @@ def test_publish_rule_interval_heartbeat_and_growing_versions():
     assert versions["remove:global"] == 44
 
 
+def test_nothing_is_published_until_every_partition_has_reported():
+    e1, e2 = _engine("x", 40), _engine("y", 30)
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, partitions=2)
+    agg.update(1, e2.watermark, e2.calibrator.span(), e2.calibrator.snapshot())
+    assert agg.due(1000.0) == [] and agg.due(2000.0) == []  # even past a heartbeat: half a window is not one
+    agg.update(0, e1.watermark, e1.calibrator.span(), e1.calibrator.snapshot())
+    pubs = {p.key: p for p in agg.due(2001.0)}
+    assert pubs["remove:global"].result.n == 70 and all(p.version == 1 for p in pubs.values())
+
+
 def test_ranker_resolves_user_then_band_then_global_and_fails_closed():
     book = ThresholdBook()
     assert book.resolve("u1", 0.1, "replace") == (None, None, None)  # nothing known: filter everything
