@@ -174,7 +174,7 @@ class RiskgateApp:
         app.batch_topics = frozenset(names.inputs)
         app.batch_max = s.batch_max
         app.on_batch = self._on_batch
-        app.before_revoke = self._flush_all
+        app.before_revoke = self._flush_and_sync
         app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
         app.agent(self.partials_topic, name="riskgate.aggregate")(self._aggregate)
         app.task(self._snapshot_ticks)
@@ -234,7 +234,7 @@ class RiskgateApp:
     def _partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)
         if part is None:
-            users = TableUsers(self.users_table, p, self.settings.user_cache)
+            users = TableUsers(self.users_table, p, self.settings.user_cache, self.settings.local_sync_interval)
             meta = self.meta_table.get(str(p).encode())
             meta = orjson.loads(meta) if meta else {}
             wm = meta.get("watermark")
@@ -329,13 +329,19 @@ class RiskgateApp:
         if not self.app.rebalancing and any(part.unacked for part in self.partitions.values()):
             await self._flush_all()
 
-    async def _flush_all(self) -> None:
-        """Flush every partition with unacked records (see :meth:`_flush`)."""
+    async def _flush_and_sync(self) -> None:
+        """Before a revoke or stop: flush, and bring every local store up to its changelog."""
+        await self._flush_all(sync=True)
+
+    async def _flush_all(self, sync: bool = False) -> None:
+        """Flush every partition with unacked records (see :meth:`_flush`); ``sync``: and sync every local store."""
         async with self._flush_lock:  # the timer and the batch callback both flush
             t0 = time.perf_counter()
             for p, part in list(self.partitions.items()):
                 if part.unacked:
-                    await self._flush(p, part)
+                    await self._flush(p, part, sync)
+                elif sync:
+                    part.users.sync()  # nothing changed since its last flush
             for (topic, outcome), n in self._counts.items():
                 self.metrics.events.labels(_KIND[topic], outcome).inc(n)
             self._counts.clear()
@@ -343,7 +349,7 @@ class RiskgateApp:
             self._flushed_at = time.monotonic()
             self.metrics.flush.observe(time.perf_counter() - t0)
 
-    async def _flush(self, p: int, part: _Partition) -> None:
+    async def _flush(self, p: int, part: _Partition, sync: bool = False) -> None:
         """Write the partition's changed users once, send its outputs, then ack its records.
 
         Order matters for crash safety: changelog and output records are queued
@@ -356,7 +362,7 @@ class RiskgateApp:
         unacked, part.unacked = part.unacked, []
         outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
         eng.changed.clear()
-        _, deleted, groups = part.users.flush()
+        _, deleted, groups = part.users.flush(sync)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
@@ -372,10 +378,7 @@ class RiskgateApp:
             for st in self.config.strategies:
                 outgoing.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
         changelog = self.users_table.changelog_topic.get_topic_name()
-        store = self.users_table.data
-        tp = TP(changelog, p)
-        await send_records(self.app, changelog, p, groups, on_sent=lambda off: _persisted(store, tp, off),
-                           fence=self._fence)
+        await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent, fence=self._fence)
         pools: dict[int, list] = defaultdict(list)
         for t, k, v in outgoing:
             if t is self.pools_topic:
@@ -631,18 +634,6 @@ class _Recent(OrderedDict):
 def _murmur_partition(key: bytes, n: int) -> int:
     parts = list(range(n))
     return _PARTITIONER(key, parts, parts)
-
-
-def _persisted(store, tp, offset: int) -> None:
-    """Faust's bookkeeping of a changelog write (what ``Table._on_changelog_sent`` does).
-
-    The offset only lets a restart with a kept store skip replaying the changelog
-    up to it; once the partition is gone from this worker there is nothing to note.
-    """
-    try:
-        store.set_persisted_offset(tp, offset)
-    except KeyError:
-        pass
 
 
 def _in_event_of(event) -> None:

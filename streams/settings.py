@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     rocksdb_write_buffer_mb: int = Field(8, ge=1)
     rocksdb_block_cache_mb: int = Field(16, ge=1)
     flush_max_events: int = Field(50_000, ge=1)
+    # Flushes send every change to the changelog (the durable copy) at once; the local
+    # RocksDB gets a cached user's changes when it is evicted, before a revoke or stop,
+    # and at least this often (a restart on the same data directory replays the
+    # changelog since the last of these).
+    local_sync_interval: float = Field(60.0, gt=0)
 
     # Kafka security
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

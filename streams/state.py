@@ -27,6 +27,7 @@ users (every key of theirs). It needs no event context.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Iterator
 
@@ -46,6 +47,8 @@ ERASED_PREFIX = b"\x00erased:"
 SEP = b"\x00"
 #: After ``<user_id> SEP``: the key of the user's input positions (cannot be an item id).
 POSITIONS_SUFFIX = b"\x00positions"
+#: In TableUsers' unsynced keys: the user was written whole (as ``touched=None``).
+WHOLE = "\x00whole"
 _FORMAT = 2  # the core's first element; cores of format 1 were JSON objects holding the history too
 
 _enc = msgspec.msgpack.Encoder()
@@ -122,16 +125,36 @@ def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
 
 
 class TableUsers:
-    """Write-back, size-bounded cache of one partition's users over a Faust table."""
+    """Write-back, size-bounded cache of one partition's users over a Faust table.
 
-    def __init__(self, table, partition: int, cache_max: int = 100_000):
+    The changelog is the durable copy; the local RocksDB is a cache of it for
+    users evicted from memory and for restarts. So a flush sends every change to
+    the changelog at once, but writes a cached user's changed keys to the local
+    database only when the user is evicted or at a *local sync* (every
+    ``sync_interval`` seconds, and on demand before a revoke or stop), where the
+    Faust offset that lets a restart skip the changelog moves with them, in the
+    same write. Keys a user changes many times between syncs are written once:
+    the local writes, half of a flush's cost when done on every flush, mostly
+    disappear. Between syncs the database lags the changelog, never leads it: a
+    restart on the same directory replays the changelog from the last synced
+    offset (and after a crash the local stores are dropped anyway, see
+    :meth:`streams.app.RiskgateApp._discard_local_state_after_a_crash`).
+    """
+
+    def __init__(self, table, partition: int, cache_max: int = 100_000, sync_interval: float = 60.0):
         self.table = table
         self.partition = partition
         self.cache_max = cache_max
+        self.sync_interval = sync_interval
         self._db = partition_db(table, partition)
         self._cache: OrderedDict[str, UserState] = OrderedDict()
         self._dirty: set[str] = set()
-        self._deleted: set[str] = set()
+        self._deleted: dict[str, set[str]] = {}  # user -> ids flushed but not synced when forgotten
+        # Flushed to the changelog, not yet to the local database: user -> keys (as in
+        # UserState.touched; with WHOLE: the whole user, and the ids it held then).
+        self._local: dict[str, set] = {}
+        self._sent: int | None = None  # last changelog offset known to be on the broker
+        self._synced_at = time.monotonic()
 
     # -- reading ------------------------------------------------------------
     def _scan(self, key: bytes) -> list[tuple[bytes, bytes]]:
@@ -191,13 +214,15 @@ class TableUsers:
     def __setitem__(self, user_id: str, state: UserState) -> None:
         self._cache[user_id] = state
         self._dirty.add(user_id)
-        if self._deleted:
-            self._deleted.discard(user_id)
+        # (a user forgotten and seen again before the flush stays in _deleted: the
+        # flush tombstones the old keys, then writes the new user whole)
 
     def __delitem__(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
         self._dirty.discard(user_id)
-        self._deleted.add(user_id)
+        # Keys in the changelog but not in the local database get tombstones too: those
+        # flushed since the last sync (the flush scans the database for the others).
+        self._deleted.setdefault(user_id, set()).update(self._local.get(user_id, ()))
 
     def pop(self, user_id: str, default=None):
         state = self.get(user_id)
@@ -238,70 +263,127 @@ class TableUsers:
                 yield uid, self._decode(uid, core, with_history=False)
 
     # -- persistence -------------------------------------------------------
-    def flush(self) -> tuple[set[str], set[str], list[list[tuple[bytes, bytes | None]]]]:
-        """Write what changed of dirty users to the local database and delete forgotten ones.
+    def _records(self, uid: str, state: UserState, touched: set | None) -> list[tuple[bytes, bytes | None]]:
+        """The ``(key, value)`` records (``None``: a tombstone) that write ``touched`` of a user (None: whole)."""
+        key = uid.encode()
+        prefix = key + SEP
+        history = state.history
+        if touched is None:  # whole, with tombstones for what the database holds of an earlier life
+            group = [(prefix + suffix, None) for suffix, _ in self._scan(key)
+                     if suffix == POSITIONS_SUFFIX or suffix.decode() not in history]
+            group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
+            write_core = write_positions = True
+        else:
+            group = []
+            write_core = write_positions = False
+            for item in touched:
+                if item == CORE:
+                    write_core = True
+                elif item == POSITIONS:
+                    write_positions = True
+                else:
+                    e = history.get(item)
+                    group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
+        if write_positions and state.positions:
+            group.append((prefix + POSITIONS_SUFFIX, encode_positions(state)))
+        if write_core:
+            group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
+        return group
+
+    def flush(self, sync: bool = False) -> tuple[set[str], set[str], list[list[tuple[bytes, bytes | None]]]]:
+        """Take what changed of dirty users and forgotten ones as changelog records.
 
         What changed is what each user noted in :attr:`UserState.touched` (entries
         by item id, the core as a whole); a user that noted nothing (new here, or
         of an old format) is written whole, with tombstones for any entries the
         database still holds of an earlier life. Returns ``(written, deleted,
-        groups)``: per user, the ``(key, value)`` records (``None``: a tombstone)
+        groups)`` (``deleted``: forgotten and not seen again since), and per user
+        the ``(key, value)`` records (``None``: a tombstone)
         that the caller must send to the changelog, in order and each group whole
         (:func:`streams.batch_send.send_records`), before it acks the input
-        records they came from.
+        records they came from. The local database gets forgotten users at once,
+        changed ones when evicted or synced (``sync``: now; else when
+        ``sync_interval`` has passed since the last sync).
         """
         written, deleted = self._dirty, self._deleted
         batch = WriteBatch(raw_mode=True)
         groups: list[list[tuple[bytes, bytes | None]]] = []
-        for uid in written:
-            state = self._cache[uid]
-            key = uid.encode()
-            prefix = key + SEP
-            history = state.history
-            touched = state.touched
-            if touched is None:  # whole
-                group = [(prefix + suffix, None) for suffix, _ in self._scan(key)
-                         if suffix == POSITIONS_SUFFIX or suffix.decode() not in history]
-                group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
-                write_core = write_positions = True
-            else:
-                group = []
-                write_core = write_positions = False
-                for item in touched:
-                    if item == CORE:
-                        write_core = True
-                    elif item == POSITIONS:
-                        write_positions = True
-                    else:
-                        e = history.get(item)
-                        group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
-            if write_positions and state.positions:
-                group.append((prefix + POSITIONS_SUFFIX, encode_positions(state)))
-            if write_core:
-                group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
-            if group:
-                groups.append(group)
-            state.touched = set()
-        for uid in deleted:
+        local = self._local
+        for uid, held in deleted.items():
             key = uid.encode()
             # Tombstones even for keys not held here: the changelog may hold the
-            # user from before a rebalance.
-            groups.append([(key + SEP + suffix, None) for suffix, _ in self._scan(key)] + [(key, None)])
-        for group in groups:
-            for key, value in group:
-                if value is None:
-                    batch.delete(key)
-                else:
-                    batch.put(key, value)
-        if groups:
-            self._db.write(batch)
-        self._dirty, self._deleted = set(), set()
+            # user from before a rebalance, or entries not yet synced locally.
+            suffixes = ({suffix for suffix, _ in self._scan(key)} | {POSITIONS_SUFFIX}
+                        | {item.encode() for item in held if item[:1] != "\x00"})  # (not CORE, WHOLE...)
+            group = [(key + SEP + suffix, None) for suffix in suffixes] + [(key, None)]
+            groups.append(group)
+            local.pop(uid, None)
+            for k, _ in group:
+                batch.delete(k)
+        for uid in written:
+            state = self._cache[uid]
+            touched = state.touched
+            group = self._records(uid, state, touched)
+            if group:
+                groups.append(group)
+            if touched is None:  # keep the ids written whole: a forget must tombstone them
+                local.setdefault(uid, set()).update((WHOLE, *state.history))
+            elif uid in local:
+                local[uid] |= touched
+            else:
+                local[uid] = touched  # (the state gets a new set below)
+            state.touched = set()
+        self._dirty, self._deleted = set(), {}
         cache = self._cache
         for uid in written:
             cache.move_to_end(uid)
         while len(cache) > self.cache_max:
-            self._cache.popitem(last=False)
-        return written, deleted, groups
+            uid, state = cache.popitem(last=False)
+            if uid in local:  # its changes go to the local database before it leaves memory
+                self._put(batch, self._local_records(uid, state, local.pop(uid)))
+        if sync or time.monotonic() - self._synced_at >= self.sync_interval:
+            self._sync_into(batch)
+        if batch.len():
+            self._db.write(batch)
+        return written, set(deleted) - written, groups
+
+    def sync(self) -> None:
+        """Write every flushed change to the local database, with the changelog offset it covers.
+
+        Call it right after :meth:`flush` (nothing changed since): users changed
+        since are written as they are now, which the changelog does not hold yet.
+        """
+        batch = WriteBatch(raw_mode=True)
+        self._sync_into(batch)
+        if batch.len():
+            self._db.write(batch)
+
+    def _sync_into(self, batch: WriteBatch) -> None:
+        cache = self._cache
+        for uid, keys in self._local.items():
+            self._put(batch, self._local_records(uid, cache[uid], keys))
+        self._local = {}
+        if self._sent is not None:
+            # Every record up to it was flushed, so its effects are in the batch or
+            # the database: a restart may skip the changelog up to it.
+            batch.put(self.table.data.offset_key, str(self._sent).encode())
+        self._synced_at = time.monotonic()
+
+    def _local_records(self, uid: str, state: UserState, keys: set) -> list[tuple[bytes, bytes | None]]:
+        return self._records(uid, state, None if WHOLE in keys else keys)
+
+    @staticmethod
+    def _put(batch: WriteBatch, records) -> None:
+        for key, value in records:
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+
+    def note_sent(self, offset: int) -> None:
+        """The changelog holds every record of this partition up to ``offset`` (a producer callback)."""
+        if self._sent is None or offset > self._sent:
+            self._sent = offset
 
 
 class TableErased:

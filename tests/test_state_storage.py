@@ -79,7 +79,7 @@ class _Table:
         self.data = _Store(db)
 
 
-def _replay_through_table(tmp_path, seed: int, flush_every: int, cache_max: int):
+def _replay_through_table(tmp_path, seed: int, flush_every: int, cache_max: int, sync_interval: float = 3600.0):
     """Events through an Engine over TableUsers; the flushed groups applied to a dict as a compacted changelog."""
     import random
 
@@ -89,7 +89,7 @@ def _replay_through_table(tmp_path, seed: int, flush_every: int, cache_max: int)
     from streams.state import TableUsers
 
     db = Rdict(str(tmp_path / f"db-{seed}-{flush_every}-{cache_max}"), options=Options(raw_mode=True))
-    users = TableUsers(_Table(db), 0, cache_max=cache_max)
+    users = TableUsers(_Table(db), 0, cache_max=cache_max, sync_interval=sync_interval)
     cfg = EngineConfig(label_window=60.0, allowed_lateness=5.0, limits=Limits(history_max=25, user_window_max=15))
     eng = Engine(cfg, users=users)
     world = WorldConfig(seed=seed, n_users=25, n_items=400, n_slates=250, slates_per_second=0.5, holdout_share=0.5,
@@ -141,23 +141,35 @@ def _users_of(records: dict[bytes, bytes]) -> dict[str, object]:
 import pytest  # noqa: E402
 
 
-@pytest.mark.parametrize("seed,flush_every,cache_max", [(1, 1, 1000), (2, 7, 5), (3, 50, 3), (4, 333, 1000)])
-def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every, cache_max):
-    """The changelog (and the local database) written change by change equals every user's live state.
+@pytest.mark.parametrize("seed,flush_every,cache_max,sync_interval",
+                         [(1, 1, 1000, 3600.0), (2, 7, 5, 3600.0), (3, 50, 3, 3600.0), (4, 333, 1000, 3600.0),
+                          (5, 3, 1000, 0.0), (6, 11, 4, 0.0)])
+def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every, cache_max, sync_interval):
+    """The changelog (and the local database, once synced) written change by change equals every user's live state.
 
     Small flush intervals, a cache smaller than the users (evicted users are
-    read back and changed again), trimmed histories, maturity and forgets: any
+    written locally, read back and changed again), trimmed histories, maturity
+    and forgets (tombstones for entries the local database never got): any
     change a user failed to note would be missing from the rebuilt state.
     """
-    eng, users, db, changelog, forgotten = _replay_through_table(tmp_path, seed, flush_every, cache_max)
+    eng, users, db, changelog, forgotten = _replay_through_table(tmp_path, seed, flush_every, cache_max, sync_interval)
     assert forgotten > 0
     live = dict(users.items())
     rebuilt = _users_of(changelog)
     assert set(rebuilt) == set(live)
     for uid, state in live.items():
         assert rebuilt[uid] == state, uid
-    local = {k: v for k, v in db.items()}
+    offset_key = _Store.offset_key
+    local = {k: v for k, v in db.items() if k != offset_key}
+    if sync_interval > 1000 and cache_max > 100:
+        # nothing evicted, no sync due: the local database got only forgotten users' deletes
+        assert local == {}
+    users.note_sent(41)
+    users.note_sent(40)  # callbacks may come out of order: the highest counts
+    users.sync()
+    local = {k: v for k, v in db.items() if k != offset_key}
     assert local == changelog
+    assert db[offset_key] == b"41"  # a restart on this database may skip the changelog up to here
     # the live states really were trimmed, matured and carried slates of their own
     assert any(s.recent for s in live.values()) and any(len(s.history) >= 25 for s in live.values())
     assert all(s.positions for s in live.values())
