@@ -190,17 +190,39 @@ def _proc_kb(pid: int, field_name: str) -> int:
     return 0
 
 
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 when unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _cpu_share(cpu: list[tuple[float, float, float]], t0: float, t1: float) -> tuple[float, float]:
+    """Cores the worker and the broker used on average between wall times ``t0`` and ``t1``."""
+    inside = [c for c in cpu if t0 <= c[0] <= t1]
+    if len(inside) < 2:
+        return float("nan"), float("nan")
+    (ta, wa, ba), (tb, wb, bb) = inside[0], inside[-1]
+    return (wb - wa) / (tb - ta), (bb - ba) / (tb - ta)
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 class _Sampler(threading.Thread):
-    """Samples (t, applied, lag, rss_kb) from a worker every ``interval`` s."""
+    """Samples (t, applied, lag, rss_kb) from a worker, and (t, worker CPU s, broker CPU s), every ``interval`` s."""
 
-    def __init__(self, port: int, pid: int, interval: float = 0.25):
+    def __init__(self, port: int, pid: int, interval: float = 0.25, broker_pid: int | None = None):
         super().__init__(daemon=True)
-        self.port, self.pid, self.interval = port, pid, interval
+        self.port, self.pid, self.interval, self.broker_pid = port, pid, interval, broker_pid
         self.samples: list[tuple[float, float, float, int]] = []
+        self.cpu: list[tuple[float, float, float]] = []
         self.last: dict[str, float] = {}
         self._halt = threading.Event()
 
@@ -211,6 +233,7 @@ class _Sampler(threading.Thread):
                 self.last = m
                 self.samples.append((time.time(), m.get("riskgate_records_applied_total", 0.0),
                                      m.get("riskgate_consumer_lag", 0.0), _proc_kb(self.pid, "VmRSS")))
+                self.cpu.append((time.time(), _cpu_s(self.pid), _cpu_s(self.broker_pid)))
             except (OSError, ValueError):
                 pass
             self._halt.wait(self.interval)
@@ -324,7 +347,7 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         sampler = None
         with console.status("worker catching up on the backlog"):
             _wait(lambda: _try_metrics(port), 120, "the worker's web view", proc, log)
-            sampler = _Sampler(port, pid)
+            sampler = _Sampler(port, pid, broker_pid=broker.proc.pid if broker is not None else None)
             sampler.start()
             _wait(lambda: sampler.last.get("riskgate_records_applied_total", 0) >= total, 1800,
                   "the backlog to be applied", proc, log)
@@ -333,6 +356,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             fig["worker_events_per_s"] = total / (last - first)
             fig["worker_seconds"] = last - first
             fig["ratio_to_ceiling"] = fig["worker_events_per_s"] / fig["ceiling_events_per_s"]
+            # Cores used while catching up: a worker near 1.0 is CPU-bound (one Python thread
+            # holds the GIL); the broker's share is what it takes from the same two cores.
+            fig["worker_cores"], fig["broker_cores"] = _cpu_share(sampler.cpu, first, last)
             _wait(lambda: _try_metrics(port).get("riskgate_consumer_lag", 1) == 0 or None, 60, "lag 0", proc, log)
         fig["backlog_lag"] = [(round(t - first, 2), lag) for t, _, lag, _ in sampler.samples if t >= first - 1][::8]
 
