@@ -180,6 +180,11 @@ class Calibrator:
         for w in self._windows.values():
             w.advance(watermark)
 
+    def next_edge(self) -> float:
+        """The earliest watermark that starts a new bucket (advancing to less changes nothing)."""
+        clock = self._clock
+        return float("-inf") if clock.newest is None else (clock.newest + 1) * clock.width
+
     def result(self, strategy: str, group: str) -> GroupResult:
         self.settle()
         w = self._windows[(strategy, group)]
@@ -364,7 +369,7 @@ class Engine:
         # to the erased past and are dropped, so a forget is not undone by them.
         self.erased = {} if erased is None else erased
         self.changed: set[str] = set()  # users touched since the caller last cleared this
-        self._advanced_to = float("-inf")  # watermark of the last advance()
+        self._next_edge = float("-inf")  # the windows move when the watermark reaches it
 
     @property
     def watermark(self) -> float:
@@ -380,6 +385,7 @@ class Engine:
         self.calibrator = Calibrator(self.config)
         if self.watermark > float("-inf"):
             self.calibrator.advance(self.watermark)
+        self._next_edge = self.calibrator.next_edge()
         self._due = []
         live = []
         # A store may offer the users without their history (all this needs).
@@ -468,9 +474,9 @@ class Engine:
         wm = self.watermark
         if wm == float("-inf"):
             return []
-        if wm != self._advanced_to:
-            self._advanced_to = wm
+        if wm >= self._next_edge:  # a new bucket (the watermark moves with most events; buckets rarely)
             self.calibrator.advance(wm)
+            self._next_edge = self.calibrator.next_edge()
         if not (self._due and self._due[0][0] <= wm):
             return []  # nothing due: most events
         cfg = self.config
