@@ -75,6 +75,7 @@ class StreamBenchConfig:
     out: str | None = None
     worker_env: dict = field(default_factory=dict)
     keep: bool = False  # keep the temporary directory (worker log, RocksDB data)
+    workers: int = 1  # more than one: the backlog only, the workers' combined rate once the group settled
 
 
 def _world(cfg: StreamBenchConfig, n_events: int, seed: int, start_ts: float, rate: float, prefix: str) -> WorldConfig:
@@ -122,6 +123,12 @@ def _encoded(world: WorldConfig, wall_clock: bool = False):
 def _live_producer(bootstrap: str, prefix: str, cfg_json: str, seconds: float, rate: float, seed: int,
                    flags_out: str) -> None:
     """Child process of the live phase: produces at ``rate`` for ``seconds``, logs each flag's send time."""
+    import gc
+
+    # The generator holds the events of the next minutes of event time (~10^6 dicts): with
+    # the default thresholds the cyclic GC walked them all again and again and this process
+    # topped out near 15k events/s; ~30k with collections this rare (its data is acyclic).
+    gc.set_threshold(200_000, 50, 100)
     cfg = StreamBenchConfig(**json.loads(cfg_json))
     world = _world(cfg, int(rate * seconds) + 1, seed, time.time(), rate, f"live{seed}-")
     flags = []
@@ -341,6 +348,14 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         with console.status("measuring the bare-consumer ceiling"):
             fig["ceiling_events_per_s"] = asyncio.run(_bare_consume(bootstrap, list(names.inputs), total))
 
+        if cfg.workers > 1:
+            fig.update(_group_phase(cfg, bootstrap, prefix, tmp, total, broker, console))
+            fig["ratio_to_ceiling"] = fig["group_events_per_s"] / fig["ceiling_events_per_s"]
+            _print(console, fig, cfg)
+            if cfg.out:
+                Path(cfg.out).write_text(json.dumps(fig, indent=1))
+            return fig
+
         log = tmp / "worker.log"
         proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "data", log, cfg)
         pid = _worker_pid(proc, bool(cfg.profile))
@@ -392,6 +407,56 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
     if cfg.out:
         Path(cfg.out).write_text(json.dumps(fig, indent=1))
     return fig
+
+
+def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
+    """``cfg.workers`` workers of one group on the backlog: their combined rate once all of them apply records.
+
+    Workers join one by one and every join is a rebalance, so the rate is taken
+    from the first moment each worker had applied records (the last join done)
+    to the end of the backlog: (records applied in between) / (time in between).
+    """
+    procs, samplers = [], []
+    try:
+        for i in range(cfg.workers):
+            log = tmp / f"worker-{i}.log"
+            proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / f"data-{i}", log, cfg)
+            procs.append((proc, port, log))
+        with console.status(f"{cfg.workers} workers catching up on the backlog"):
+            for proc, port, log in procs:
+                _wait(lambda: _try_metrics(port), 120, "the worker's web view", proc, log)
+                samplers.append(_Sampler(port, proc.pid, broker_pid=broker.proc.pid if broker is not None else None))
+                samplers[-1].start()
+            proc, _, log = procs[0]
+            applied = lambda: sum(sm.last.get("riskgate_records_applied_total", 0) for sm in samplers)  # noqa: E731
+            _wait(lambda: applied() >= total, 1800, "the backlog to be applied", proc, log)
+        for sm in samplers:
+            sm.stop()
+    finally:
+        for proc, _, _ in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in procs:
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def applied_at(sm, t):
+        return max((a for ts, a, _, _ in sm.samples if ts <= t), default=0.0)
+
+    settled = max(next(ts for ts, a, _, _ in sm.samples if a > 0) for sm in samplers)
+    end = max(sm.last["riskgate_last_applied_timestamp_seconds"] for sm in samplers)
+    start = min(sm.last["riskgate_first_record_timestamp_seconds"] for sm in samplers)
+    before = sum(applied_at(sm, settled) for sm in samplers)
+    out = {"workers": cfg.workers, "group_events_per_s": (total - before) / (end - settled),
+           "group_events_after_settled": total - before, "group_seconds_settled": end - settled,
+           "group_seconds_all": end - start,
+           "per_worker_events": [sm.last.get("riskgate_records_applied_total", 0) for sm in samplers]}
+    cores = [_cpu_share(sm.cpu, settled, end) for sm in samplers]
+    out["per_worker_cores"] = [round(w, 3) for w, _ in cores]
+    out["broker_cores"] = cores[0][1]
+    return out
 
 
 def _try_metrics(port: int) -> dict:
@@ -517,7 +582,7 @@ def _threshold_pubs(bootstrap: str, names: Topics) -> list[tuple[float, float]]:
 
 def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
     t = Table(title=f"riskgate bench stream: {fig['events']:,} events, {fig['distinct_users']:,} users, "
-                    f"{cfg.partitions} partitions, one worker")
+                    f"{cfg.partitions} partitions, " + ("one worker" if cfg.workers == 1 else f"{cfg.workers} workers"))
     t.add_column("figure")
     t.add_column("value", justify="right")
     for key, val in fig.items():
