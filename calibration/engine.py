@@ -304,6 +304,9 @@ class Watermark:
         self.value = float(value)
         self.max_ts: dict[str, float] = dict(max_ts or {})
         self.lagging: set[str] = set()
+        # The lagging source whose max_ts is the least (what holds the watermark back);
+        # None: unknown. Raising any other source's max_ts cannot move the watermark.
+        self._holder: str | None = None
 
     def note(self, source: str, ts: float) -> None:
         """Note an event's ``ts`` and, if it raised its source's maximum, move the watermark (:meth:`update`)."""
@@ -313,14 +316,22 @@ class Watermark:
             return
         max_ts[source] = ts
         if self.lagging:
-            self.update()
+            holder = self._holder
+            if holder is None or holder == source:
+                self.update()
             return
         base = max(max_ts.values()) - self.lateness  # update() with nothing lagging
         if base > self.value:
             self.value = base
 
     def set_lagging(self, source: str, lagging: bool) -> None:
-        (self.lagging.add if lagging else self.lagging.discard)(source)
+        if lagging:
+            if source not in self.lagging:
+                self.lagging.add(source)
+                self._holder = None
+        elif source in self.lagging:
+            self.lagging.discard(source)
+            self._holder = None
 
     @property
     def known(self) -> float | None:
@@ -329,15 +340,17 @@ class Watermark:
 
     def update(self) -> float:
         if self.lagging:
-            # (a plain loop: this runs for most events)
             base = float("inf")
             max_ts = self.max_ts
+            holder = None
             for s in self.lagging:
                 m = max_ts.get(s)
                 if m is None:
+                    self._holder = None
                     return self.value  # a source with unread records we know nothing of yet
                 if m < base:
-                    base = m
+                    base, holder = m, s
+            self._holder = holder
         elif self.max_ts:
             base = max(self.max_ts.values())
         else:

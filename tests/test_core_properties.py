@@ -123,3 +123,50 @@ def test_pool_size_is_the_size_of_the_capped_pool_minus_the_excluded(entries, be
 
     want = sum(1 for s in safe_pool(entries, beta, blocked, cap) if s.item_id not in exclude)
     assert pool_size(entries, beta, blocked, cap, exclude) == want
+
+
+# -- the watermark: its shortcut against the rule it shortcuts --------------------
+class _PlainWatermark:
+    """SPEC's rule as written: the least max ts over lagging sources (else over all), minus lateness, never down."""
+
+    def __init__(self, lateness):
+        self.lateness, self.value, self.max_ts, self.lagging = lateness, float("-inf"), {}, set()
+
+    def note(self, source, ts):
+        self.max_ts[source] = max(ts, self.max_ts.get(source, ts))
+        if self.lagging:
+            if any(s not in self.max_ts for s in self.lagging):
+                return
+            base = min(self.max_ts[s] for s in self.lagging)
+        else:
+            base = max(self.max_ts.values())
+        self.value = max(self.value, base - self.lateness)
+
+
+_SOURCES = ("impressions", "watch", "flags", "constraints")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.tuples(st.just("note"), st.sampled_from(_SOURCES), st.floats(0, 1000, allow_nan=False)),
+    st.tuples(st.just("lag"), st.sampled_from(_SOURCES), st.booleans()),
+), max_size=80), st.floats(0, 20))
+def test_the_watermark_follows_its_rule_whatever_the_order_of_notes_and_lagging(steps, lateness):
+    """Watermark keeps which lagging source holds it back and skips notes of the others: never a different value."""
+    from calibration.engine import Watermark
+
+    fast, plain = Watermark(lateness), _PlainWatermark(lateness)
+    for op, source, x in steps:
+        if op == "note":
+            fast.note(source, x)
+            plain.note(source, x)
+        else:
+            fast.set_lagging(source, x)
+            (plain.lagging.add if x else plain.lagging.discard)(source)
+            fast.update()  # as the stream does once a source's lagging changes (advance_clock)
+            if plain.lagging and all(s in plain.max_ts for s in plain.lagging):
+                base = min(plain.max_ts[s] for s in plain.lagging)
+                plain.value = max(plain.value, base - plain.lateness)
+            elif not plain.lagging and plain.max_ts:
+                plain.value = max(plain.value, max(plain.max_ts.values()) - plain.lateness)
+        assert fast.value == plain.value
