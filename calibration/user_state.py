@@ -110,6 +110,7 @@ class UserState:
     # and whether it may differ from what the caller last took (pool_changed).
     _pool: SafePool | None = field(default=None, init=False, compare=False, repr=False)
     _pool_changed: bool = field(default=True, init=False, compare=False, repr=False)
+    _pool_took_out: bool = field(default=True, init=False, compare=False, repr=False)  # see take_pool_removal
     _blocked: frozenset | None = field(default=None, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
@@ -136,17 +137,29 @@ class UserState:
         changed, self._pool_changed = self._pool_changed, False
         return changed
 
+    def take_pool_removal(self) -> bool:
+        """Whether an item may have left the safe pool since the last call (True on a user just loaded).
+
+        Removals are what keep rankers safe (a flagged item must stop being a
+        replacement); a pool that only gained items may be published later.
+        """
+        took_out, self._pool_took_out = self._pool_took_out, False
+        return took_out
+
     def _entry_changed(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
         pool = self._pool
         if pool is None:
-            self._pool_changed = True
+            self._pool_changed = self._pool_took_out = True
             return
         changed = pool.update(old, new)
         if changed is None:
             self._pool = None
-            self._pool_changed = True
+            self._pool_changed = self._pool_took_out = True
         elif changed:
             self._pool_changed = True
+            if pool.took_out:
+                pool.took_out = False
+                self._pool_took_out = True
 
     def violations(self, ev: Impression) -> int:
         """Served items carrying a tag this user blocked (must be 0 on policy-applied slates)."""
@@ -235,6 +248,7 @@ class UserState:
             if old is None or ev.ts >= old[1]:
                 self.tag_rules[tag] = (blocked, ev.ts)
                 self._pool, self._pool_changed, self._blocked = None, True, None  # blocked tags changed
+                self._pool_took_out = True
         return "late" if ev.ts < watermark else "ok"
 
     # -- maturity ----------------------------------------------------------

@@ -88,6 +88,8 @@ class _Partition:
     own: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> (fingerprint, own thresholds)
     unacked: list = field(default_factory=list)  # records applied since the last flush, acked by it
     last_message: object = None  # a record of this partition: the table-write context of a flush
+    deferred: set = field(default_factory=set)  # users whose pool gained items since last sent
+    additions_at: float = 0.0  # monotonic time of the last round of deferred additions
     through: float | None = None  # producer timestamp (s) of the newest input record applied
 
 
@@ -293,8 +295,12 @@ class RiskgateApp:
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)
         eng = part.engine
+        final: dict[str, int] = {}  # topic -> index of its last record in this batch (offsets ascend)
+        for i, (_, topic, _) in enumerate(items):
+            final[topic] = i
         last = part.last_offsets
-        for msg, _, _ in items:
+        for i in final.values():
+            msg = items[i][0]
             if msg.offset > last.get(msg.topic, -1):
                 last[msg.topic] = msg.offset
         # A topic holds the watermark back while it has unread records beyond
@@ -302,19 +308,16 @@ class RiskgateApp:
         # are applied one by one, and a batch may hold the rest of `flags`
         # after a run of `watch` whose ts would otherwise make them late.
         behind = self._mark_lagging(p, part)
-        remaining: dict[str, int] = defaultdict(int)
-        for _, topic, _ in items:
-            remaining[topic] += 1
         clock = eng.clock
-        for topic, n in remaining.items():
+        for topic in final:
             clock.set_lagging(topic, True)
         counts = self._counts
-        for msg, topic, rec in items:
-            part.unacked.append(msg)
+        process = eng.process
+        part.unacked.extend(msg for msg, _, _ in items)
+        for i, (msg, topic, rec) in enumerate(items):
             if rec is not None:
-                counts[(topic, eng.process(rec, source=topic, position=msg.offset))] += 1
-            remaining[topic] -= 1
-            if not remaining[topic] and topic not in behind:
+                counts[(topic, process(rec, topic, msg.offset))] += 1
+            if final[topic] == i and topic not in behind:
                 clock.set_lagging(topic, False)
                 eng.advance_clock()  # the watermark may move now that this topic is read up to its end
         part.last_message = items[-1][0]
@@ -326,8 +329,15 @@ class RiskgateApp:
     async def _flush_timer(self) -> None:
         # From the partitions themselves, not a counter: records applied while a
         # flush awaits its sends belong to the next flush, whoever runs it.
-        if not self.app.rebalancing and any(part.unacked for part in self.partitions.values()):
+        if not self.app.rebalancing and any(self._due(part) for part in self.partitions.values()):
             await self._flush_all()
+
+    def _additions_due(self, part: _Partition) -> bool:
+        return time.monotonic() - part.additions_at >= self.settings.pool_additions_interval
+
+    def _due(self, part: _Partition) -> bool:
+        """Whether the partition has records to ack or a round of pool additions to send."""
+        return bool(part.unacked) or (bool(part.deferred) and self._additions_due(part))
 
     async def _flush_and_sync(self) -> None:
         """Before a revoke or stop: flush, and bring every local store up to its changelog."""
@@ -338,7 +348,7 @@ class RiskgateApp:
         async with self._flush_lock:  # the timer and the batch callback both flush
             t0 = time.perf_counter()
             for p, part in list(self.partitions.items()):
-                if part.unacked:
+                if self._due(part) or (sync and part.deferred):
                     await self._flush(p, part, sync)
                 elif sync:
                     part.users.sync()  # nothing changed since its last flush
@@ -360,7 +370,7 @@ class RiskgateApp:
         """
         eng = part.engine
         unacked, part.unacked = part.unacked, []
-        outgoing = self._user_outputs(part, eng.changed)  # may bump versions: before the flush persists them
+        outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
         _, deleted, groups = part.users.flush(sync)
         ctx = MessageContext(part.last_message)
@@ -400,7 +410,7 @@ class RiskgateApp:
         # send_soon put these records: compaction needs every record of a key in one.
         return _murmur_partition(key, len(self._pool_parts))
 
-    def _user_outputs(self, part: _Partition, changed) -> list:
+    def _user_outputs(self, part: _Partition, changed, force: bool = False) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
 
         A user's own λ̂ (SPEC §5: only with ``min_slates`` slates of their own) is
@@ -408,17 +418,29 @@ class RiskgateApp:
         user's own version, bumped here so the flush that follows persists it.
         Both are recomputed only when the user noted a change that can move them:
         own λ̂ when the core changed (slates matured), the ``safe-pools`` value when
-        the core or the safe pool changed (most watches change neither).
+        the core or the safe pool changed (most watches change neither). A pool
+        that only gained items is sent with the next round of additions
+        (``POOL_ADDITIONS_INTERVAL``; ``force``: now): an item a ranker must stop
+        using, or any other change, goes out with this flush.
         """
         out = []
         horizon = part.engine.calibrator.horizon()
-        for uid in changed:
+        round_due = force or self._additions_due(part)
+        due: set = set()
+        if round_due:
+            due, part.deferred, part.additions_at = part.deferred, set(), time.monotonic()
+        for uid in (changed | due) if due else changed:
             state = part.users.get(uid)
             if state is None:
                 continue
             touched = state.touched
             core = touched is None or CORE in touched
             pool_changed = state.take_pool_changed()
+            removal = state.take_pool_removal()
+            if pool_changed and not (core or removal or round_due):
+                part.deferred.add(uid)  # only additions: the next round sends them
+                continue
+            pool_changed = pool_changed or uid in due
             known = part.own.get(uid)
             if core or known is None:
                 own = [r for st in self.config.strategies if (r := user_result(state, self.config, st, horizon))]
@@ -440,6 +462,7 @@ class RiskgateApp:
             if part.pools.get(uid) != digest:
                 part.pools[uid] = digest
                 out.append((self.pools_topic, uid.encode(), payload))
+            part.deferred.discard(uid)  # (sent whole: its earlier additions with it)
         return out
 
     def _mark_lagging(self, p: int, part: _Partition) -> set[str]:

@@ -224,11 +224,17 @@ def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
 @click.option("--worker-env", multiple=True, help="Extra RISKGATE_NAME=value for the worker; repeat.")
 @click.option("--keep", is_flag=True, help="Keep the worker's log and data directory (its path is printed).")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="More than one: workers of one group on the backlog (no live phase, no profile); their "
+                   "combined rate once every one of them applies records.")
 def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_rate, live_producers,
-                 recompute_interval, profile, out, worker_env, keep) -> None:
+                 recompute_interval, profile, out, worker_env, keep, workers) -> None:
     """One worker against a real broker: throughput vs. a bare consumer, lag, freshness, RSS, RocksDB size."""
     from .bench_stream import StreamBenchConfig, bench_stream as run
 
+    if workers > 1 and (live_seconds or profile):
+        raise click.BadParameter("--workers > 1 measures the backlog only (no --live-seconds, no --profile)",
+                                 param_hint="--workers")
     env = {}
     for kv in worker_env:
         name, sep, value = kv.partition("=")
@@ -238,7 +244,7 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
     run(StreamBenchConfig(events=n_events, users=users, partitions=partitions, seed=seed, broker=broker,
                           live_seconds=live_seconds, live_rate=live_rate, live_producers=live_producers,
                           recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env,
-                          keep=keep))
+                          keep=keep, workers=workers))
 
 
 @main.command()

@@ -3,7 +3,8 @@
 The stream publishes a user's pool only when UserState says it may have
 changed, and reads it from the incremental SafePool; both must agree with
 :func:`calibration.safe_pool.safe_pool` over the history after any sequence of
-events, or a ranker would serve a stale (possibly flagged) item.
+events, or a ranker would serve a stale (possibly flagged) item. A pool that
+only gained items may be published later, so a removal must always be said.
 """
 
 from __future__ import annotations
@@ -69,11 +70,17 @@ def test_incremental_pool_equals_the_rule_after_every_event(ops, beta, cap, hist
         assert state._pending_items in (None, sum(len(p.item_ids) for p in state.pending))  # the kept count
         if asks[n]:  # the stream asks after some events only: the pool must follow either way
             changed = state.take_pool_changed()
+            removal = state.take_pool_removal()
             pool = state.safe_pool(limits)
             assert state.blocked_tags == _blocked(state)  # (kept between constraint events)
             assert pool == safe_pool(state.history.values(), beta, _blocked(state), cap)
             if not changed:
                 assert pool == published, "the pool changed but the user did not say so"
+            if published is not None and not removal:
+                # The stream may hold back a pool that only gained items (or had one outranked past
+                # the cap): every item published must still be safe, with its rank score and tags.
+                still_safe = set(safe_pool(state.history.values(), beta, _blocked(state), None))
+                assert set(published) <= still_safe, "an item became unsafe but the user did not say so"
             published = pool
     assert state.safe_pool(limits) == safe_pool(state.history.values(), beta, _blocked(state), cap)
 
