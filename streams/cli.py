@@ -206,6 +206,17 @@ def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
     run(n_slates=n_slates, items=items, n_alphas=n_alphas, grid_size=grid_size, seed=seed)
 
 
+@bench.command("inprocess")
+@click.option("--events", "n_events", type=int, default=300_000, show_default=True)
+@click.option("--users", type=int, default=50_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench_inprocess(n_events, users, seed) -> None:
+    """The worker's own work per event without Kafka (decode, engine, outputs, table flush, batch encoding)."""
+    from .bench_inprocess import InprocessConfig, bench_inprocess as run
+
+    run(InprocessConfig(events=n_events, users=users, seed=seed))
+
+
 @bench.command("stream")
 @click.option("--events", "n_events", type=int, default=1_000_000, show_default=True,
               help="Backlog size: synthetic events produced before the worker starts.")

@@ -135,9 +135,10 @@ class TableUsers:
     Faust offset that lets a restart skip the changelog moves with them, in the
     same write. Keys a user changes many times between syncs are written once:
     the local writes, half of a flush's cost when done on every flush, mostly
-    disappear. Between syncs the database lags the changelog, never leads it: a
-    restart on the same directory replays the changelog from the last synced
-    offset (and after a crash the local stores are dropped anyway, see
+    disappear. The database never holds a change a flush has not handed to the
+    changelog, and between syncs it lags: a restart on the same directory
+    replays the changelog from the last synced offset (and after a crash the
+    local stores are dropped anyway, see
     :meth:`streams.app.RiskgateApp._discard_local_state_after_a_crash`).
     """
 

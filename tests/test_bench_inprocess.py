@@ -1,0 +1,13 @@
+"""`riskgate bench inprocess` runs the worker's own batch and flush path without a broker (a small run)."""
+
+from streams.bench_inprocess import STEPS, InprocessConfig, bench_inprocess
+
+
+def test_the_in_process_bench_times_every_step_of_the_worker_path():
+    fig = bench_inprocess(InprocessConfig(events=4000, users=300, chunk=500, flush_every=1000))
+    assert fig["events"] > 3000  # the synthetic world's events, all fed through
+    assert all(fig[f"{k}_us"] > 0 for k in STEPS)
+    assert fig["total_us"] >= sum(fig[f"{k}_us"] for k in STEPS) * 0.99
+    # an impression writes its 20 entries, a watch one: the flushes did send what users changed
+    assert 1.0 < fig["changelog_records_per_event"] < 5.0
+    assert fig["outputs_per_event"] > 0
