@@ -6,8 +6,10 @@ logic. It keeps the latest totals of every partition (and publishes nothing
 until each partition has sent one), sums them
 (:func:`calibration.engine.combine`) and decides what to publish: a key whose
 result changed is published once per round of snapshots (at most every half
-``recompute_interval``; workers send them at wall-clock multiples of it), and every
-key at least once per ``heartbeat``. Versions come from a durable mapping (a
+``recompute_interval``; workers send every partition's snapshot at wall-clock
+multiples of it), once the round is complete: every partition has sent its
+snapshot of the newest round, or half an interval has passed since the
+partitions' rounds diverged (a worker that is gone delays one round, no more). Every key is published at least once per ``heartbeat``. Versions come from a durable mapping (a
 Faust table), so they keep growing across restarts.
 """
 
@@ -42,11 +44,24 @@ class Aggregator:
     # How many input partitions there are: nothing is published until each has
     # reported, or a restarted aggregator would publish λ̂ over part of the window.
     partitions: int | None = None
+    rounds: dict[int, int | None] = field(default_factory=dict)  # partition -> round of its latest snapshot
+    _waiting_since: float | None = None  # wall time due() first found the newest round incomplete
 
     def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator],
-               through: float | None = None) -> None:
+               through: float | None = None, round_: int | None = None) -> None:
         self.snapshots[partition] = (watermark, span, totals)
         self.through[partition] = through
+        self.rounds[partition] = round_
+
+    def round_complete(self) -> bool:
+        """Whether every partition's latest snapshot is of the newest round (snapshots without one count as current).
+
+        A round's snapshots may reach the aggregator in two fetches; publishing
+        after the first would give λ̂ over some partitions' previous round, and
+        the rest of the round could only be published a round later.
+        """
+        known = [r for r in self.rounds.values() if r is not None]
+        return not known or min(known) == max(known)
 
     def inputs_through(self) -> float | None:
         """Every partition had applied its inputs produced up to this time (None if one has none)."""
@@ -76,6 +91,16 @@ class Aggregator:
         """
         if self.missing():
             return []
+        if self.round_complete():
+            self._waiting_since = None
+        else:
+            # The rest of the round is on its way. Wait at most half an interval from the
+            # moment the rounds diverged: a partition that stopped reporting (its worker is
+            # gone) delays one round, then publication goes on without waiting for it.
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if now - self._waiting_since < self.recompute_interval / 2:
+                return []
         out = []
         through = self.inputs_through()
         for r in self.results():

@@ -48,7 +48,7 @@ from .consumer import BatchingApp, MessageContext
 from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
-from .state import TableErased, TableUsers
+from .state import TableErased, TableUsers, phase
 from .topics import DLQ_MAX_BYTES, Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
 
 __all__ = ["RiskgateApp", "engine_config"]
@@ -80,8 +80,6 @@ class _Partition:
     engine: Engine
     users: TableUsers
     last_offsets: dict = field(default_factory=dict)  # topic -> last processed offset
-    dirty: bool = True  # window changed since the last snapshot was sent
-    sent_at: float = 0.0
     # What was last sent per user, to send only changes. Bounded like the user cache: a
     # user forgotten here is sent once more when next changed, which is harmless.
     pools: "_Recent" = field(default_factory=lambda: _Recent(100_000))  # user_id -> hash of the safe-pools payload
@@ -245,7 +243,11 @@ class RiskgateApp:
             engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table, p))
             engine.rebuild()
             cap = self.settings.user_cache
-            part = self.partitions[p] = _Partition(engine, users, pools=_Recent(cap), own=_Recent(cap))
+            # Rounds of pool additions start at the partition's own phase, so the
+            # partitions' rounds do not all fall in one flush.
+            additions_at = time.monotonic() - self.settings.pool_additions_interval * phase(p)
+            part = self.partitions[p] = _Partition(engine, users, pools=_Recent(cap), own=_Recent(cap),
+                                                   additions_at=additions_at)
         return part
 
     # -- the input path: whole fetches, flushed and acked together ------------
@@ -324,7 +326,6 @@ class RiskgateApp:
         newest = max(msg.timestamp or 0 for msg, _, _ in items) / 1000.0  # aiokafka records: ms
         if part.through is None or newest > part.through:
             part.through = newest
-        part.dirty = True
 
     async def _flush_timer(self) -> None:
         # From the partitions themselves, not a counter: records applied while a
@@ -503,30 +504,31 @@ class RiskgateApp:
         """
         interval = self.settings.recompute_interval
         while True:
-            await asyncio.sleep(interval - time.time() % interval)
+            now = time.time()
+            tick = (now // interval + 1) * interval
+            await asyncio.sleep(tick - now)
             try:
-                await self._send_snapshots()
+                # The round is the tick's number, the same on every worker whose clock is
+                # within half an interval: the aggregator publishes once it has them all.
+                await self._send_snapshots(round(tick / interval))
             except Exception:  # never let one failed round end the ticks
                 log.exception("sending partition snapshots failed; retrying at the next tick")
 
-    async def _send_snapshots(self) -> None:
+    async def _send_snapshots(self, round_: int | None = None) -> None:
+        """Send every assigned partition's window totals, idle ones too (their ``round_`` completes the round)."""
         # During a rebalance the tables are still being restored: an engine built
         # now would rebuild its window from part of the changelog, and stay
         # cached with it after the recovery ends (a wrong, small window).
         if self.app.rebalancing:
             return
-        now = time.time()
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == self.names.inputs[0]:
                 self._partition(tp.partition)  # build engines for assigned partitions with no events yet
         for p, part in list(self.partitions.items()):
-            if not part.dirty and now - part.sent_at < self.settings.heartbeat / 2:
-                continue
             eng = part.engine
             await self.partials_topic.send(key=str(p).encode(),
                                            value=encode_snapshot(p, eng.clock.known, eng.calibrator.span(),
-                                                                 eng.calibrator.snapshot(), part.through))
-            part.dirty, part.sent_at = False, now
+                                                                 eng.calibrator.snapshot(), part.through, round_))
 
     async def _aggregate(self, stream) -> None:
         s = self.settings

@@ -185,7 +185,10 @@ def _metrics(port: int) -> dict[str, float]:
         if not line or line[0] == "#":
             continue
         series, _, value = line.rpartition(" ")
-        out[series.split("{")[0]] += float(value)
+        name = series.split("{")[0]
+        out[name] += float(value)
+        if name == "riskgate_flush_seconds_bucket" and 'le="1.0"' in series:
+            out["riskgate_flush_seconds_le_1"] += float(value)  # flushes that took at most 1 s
     return out
 
 
@@ -385,6 +388,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         fig["rss_mb_series"] = [(round(t - first, 1), round(r / 1024)) for t, _, _, r in sampler.samples][::20]
         sampler.stop()
         fig["flush_mean_ms"] = 1e3 * m.get("riskgate_flush_seconds_sum", 0) / max(1, m.get("riskgate_flush_seconds_count", 1))
+        # Long flushes stall the event loop: they show as lag spikes and as older inputs in a publication.
+        fig["flushes"] = int(m.get("riskgate_flush_seconds_count", 0))
+        fig["flushes_over_1s"] = int(m.get("riskgate_flush_seconds_count", 0) - m.get("riskgate_flush_seconds_le_1", 0))
         proc.send_signal(signal.SIGINT if cfg.profile else signal.SIGTERM)
         proc.wait(120)
         size = _du(tmp / "data")
@@ -511,11 +517,14 @@ def _live_phase(cfg, bootstrap, names, prefix, tmp, sampler, proc, port, log, co
     # Freshness of what is published: each publication's age of inputs (publish time −
     # inputs_through), over the live phase. Every flag produced before publish − age
     # is in that publication's numbers.
-    ages = sorted(t - through for t, through in pubs if start + 2 * cfg.recompute_interval <= t <= caught_up)
+    in_phase = [(t, t - through) for t, through in pubs if start + 2 * cfg.recompute_interval <= t <= caught_up]
+    out["publication_input_age_series"] = [(round(t - start, 2), round(a, 3)) for t, a in in_phase]
+    ages = sorted(a for _, a in in_phase)
     if ages:
         out.update({"publication_input_age_p50_s": ages[len(ages) // 2],
                     "publication_input_age_p99_s": ages[int(len(ages) * 0.99)],
-                    "publication_input_age_max_s": ages[-1], "publications": len(ages)})
+                    "publication_input_age_max_s": ages[-1], "publications": len(ages),
+                    "publication_input_age_over_goal": sum(a > cfg.recompute_interval + 1 for a in ages)})
     if fresh:
         # Thresholds are published when they change (a flag changes them once its slate
         # matures, label_window later) or at the heartbeat: this one waits for that.

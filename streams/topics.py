@@ -141,14 +141,16 @@ def safe_pool_message(user_id: str, pool: Iterable[SafeItem], blocked: Iterable[
 
 
 def encode_snapshot(partition: int, watermark: float | None, span, totals: Mapping[tuple[str, str], CurveAccumulator],
-                    through: float | None = None) -> bytes:
+                    through: float | None = None, round_: int | None = None) -> bytes:
     """A partition's window totals for the aggregator (fixed-point sums, base64).
 
-    ``through``: producer timestamp (s) of the newest input record applied to them.
+    ``through``: producer timestamp (s) of the newest input record applied to them;
+    ``round_``: the snapshot tick it was sent at (wall time / RECOMPUTE_INTERVAL).
     """
     return orjson.dumps(
         {
             "partition": partition,
+            "round": round_,
             "through": through,
             "watermark": watermark,
             "span": list(span) if span else None,
@@ -157,10 +159,13 @@ def encode_snapshot(partition: int, watermark: float | None, span, totals: Mappi
     )
 
 
-def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator], float | None]:
+def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator],
+                                         float | None, int | None]:
+    """``(partition, watermark, span, totals, through, round)``, as :meth:`Aggregator.update` takes them."""
     d = orjson.loads(raw)
     totals = {}
     for key, b64 in d["totals"].items():
         s, g = key.split("|", 1)
         totals[(s, g)] = CurveAccumulator.from_bytes(base64.b64decode(b64))
-    return int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals, d.get("through")
+    return (int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals, d.get("through"),
+            d.get("round"))

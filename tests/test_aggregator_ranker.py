@@ -87,3 +87,36 @@ def test_ranker_resolves_user_then_band_then_global_and_fails_closed():
     d = book.apply("u1", cands, 3, 0.3, "replace")
     assert (d.group, d.lam, d.version) == ("band:high", 0.5, 99)
     assert [(x.item_id, x.replacement) for x in d.slate] == [("c1", False), ("old", True)]
+
+
+def test_a_round_is_published_once_every_partition_has_sent_it():
+    """Snapshots of one round arriving in two fetches give one publication, over the whole round.
+
+    Publishing after the first fetch summed some partitions' previous round
+    (inputs a round older), and the half-interval rule then held the rest of
+    the round back until the next one.
+    """
+    old, new = _engine("x", 20), _engine("x", 40)
+    other = _engine("y", 30)
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=600.0, partitions=2)
+    agg.update(0, None, None, old.calibrator.snapshot(), 100.0, 7)
+    agg.update(1, None, None, other.calibrator.snapshot(), 100.0, 7)
+    assert agg.due(1000.0)  # round 7, complete: published
+    agg.update(0, None, None, new.calibrator.snapshot(), 110.0, 8)
+    assert agg.due(1010.1) == []  # partition 1's snapshot of round 8 is still on its way
+    agg.update(1, None, None, other.calibrator.snapshot(), 110.0, 8)
+    pubs = {p.key: p for p in agg.due(1010.3)}
+    assert pubs["remove:global"].result.n == 70 and pubs["remove:global"].inputs_through == 110.0
+
+
+def test_a_partition_that_stops_reporting_delays_one_round_only():
+    e0, e1 = _engine("x", 40), _engine("y", 30)
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=600.0, partitions=2)
+    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 7)
+    agg.update(1, None, None, e1.calibrator.snapshot(), 100.0, 7)
+    assert agg.due(1000.0)
+    agg.update(0, None, None, _engine("x", 20).calibrator.snapshot(), 110.0, 8)  # partition 1's worker is gone
+    assert agg.due(1010.0) == [] and agg.due(1014.9) == []
+    assert {p.key for p in agg.due(1015.0)} >= {"remove:global"}  # half an interval later: published anyway
+    agg.update(0, None, None, _engine("x", 10).calibrator.snapshot(), 120.0, 9)
+    assert {p.key for p in agg.due(1020.0)} >= {"remove:global"}  # and from then on without waiting
