@@ -9,8 +9,9 @@ result changed is published once per round of snapshots (at most every half
 ``recompute_interval``; workers send every partition's snapshot at wall-clock
 multiples of it), once the round is complete: every partition has sent its
 snapshot of the newest round, or half an interval has passed since the
-partitions' rounds diverged (a worker that is gone delays one round, no more). Every key is published at least once per ``heartbeat``. Versions come from a durable mapping (a
-Faust table), so they keep growing across restarts.
+partitions' rounds diverged (a worker that is gone delays one round, no more).
+Every key is published at least once per ``heartbeat``. Versions come from a
+durable mapping (a Faust table), so they keep growing across restarts.
 """
 
 from __future__ import annotations

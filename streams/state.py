@@ -160,9 +160,9 @@ class TableUsers:
         # UserState.touched; with WHOLE: the whole user, and the ids it held then).
         self._local: dict[str, set] = {}
         self._sent: int | None = None  # last changelog offset known to be on the broker
-        # Partitions assigned together would all sync in the same flush (a stall of
-        # ~1 s every interval at 6k events/s, seen as lag spikes): each starts at its
-        # own phase of the interval.
+        # Partitions assigned together would all sync in the same flush, one long
+        # flush holding the event loop for all of them: each starts at its own
+        # phase of the interval.
         self._synced_at = time.monotonic() - sync_interval * phase(partition)
 
     # -- reading ------------------------------------------------------------

@@ -179,9 +179,9 @@ def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every,
 def test_partitions_sync_at_spread_phases(n):
     """Periodic work of a worker's partitions (local syncs, pool-addition rounds) starts at spread phases.
 
-    All partitions syncing in one flush stalled the worker ~1 s a minute at
-    6k events/s. With golden-ratio phases every gap on the circle is within
-    [0.5/n, 2/n]: no two partitions share a flush, none is left waiting long.
+    All partitions syncing in one flush make that flush as long as all their
+    syncs together. With golden-ratio phases every gap on the circle is within
+    [0.5/n, 2/n]: no two phases coincide, none is left waiting long.
     """
     from streams.state import phase
 
