@@ -133,7 +133,7 @@ class SafePool:
     ['c', 'b']
     """
 
-    __slots__ = ("beta", "blocked", "max_size", "reserve", "keys", "held", "members", "complete", "took_out")
+    __slots__ = ("beta", "blocked", "max_size", "reserve", "keys", "held", "members", "complete")
 
     def __init__(self, history: Iterable[HistoryEntry], beta: float | None, blocked: frozenset[str],
                  max_size: int | None):
@@ -147,10 +147,6 @@ class SafePool:
         self.keys = [k for k, _ in safe]
         self.held = [SafeItem(e.item_id, e.first_rank_score, e.tags) for _, e in safe]
         self.members = {item.item_id: item for item in self.held}
-        # Set when a shown item was taken out (it became unsafe: flagged, blocked, evicted; or
-        # its rank score or tags changed): a ranker must learn that soon. The reader resets
-        # it. Additions, and an item outranked past the cap (still safe), leave it alone.
-        self.took_out = False
 
     @property
     def items(self) -> list[SafeItem]:
@@ -171,8 +167,6 @@ class SafePool:
             i = bisect.bisect_left(self.keys, (-member.rank_score, item_id))
             del self.keys[i], self.held[i], self.members[item_id]
             changed = cap is None or i < cap
-            if changed:
-                self.took_out = True
         if safe:
             key = (-new.first_rank_score, item_id)
             i = bisect.bisect(self.keys, key)

@@ -21,13 +21,15 @@ for item i is "the user flagged i at or before ``ts + label_window``".
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
-from .safe_pool import HistoryEntry, SafeItem, SafePool, pool_size_at, record_flag, record_view, record_watch, trim_history
+from .safe_pool import (HistoryEntry, SafeItem, SafePool, is_safe, pool_size_at, record_flag, record_view, record_watch,
+                        trim_history)
 
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "POSITIONS"]
 
@@ -111,6 +113,10 @@ class UserState:
     _pool: SafePool | None = field(default=None, init=False, compare=False, repr=False)
     _pool_changed: bool = field(default=True, init=False, compare=False, repr=False)
     _pool_took_out: bool = field(default=True, init=False, compare=False, repr=False)  # see take_pool_removal
+    # The pool as the caller last handed it out (pool_published), item id -> item; None: unknown,
+    # so any safe item may have been. A removal is judged against this, not the current pool:
+    # a caller that holds back additions may have handed out items the pool no longer shows.
+    _pool_shown: dict | None = field(default=None, init=False, compare=False, repr=False)
     _blocked: frozenset | None = field(default=None, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
@@ -146,6 +152,10 @@ class UserState:
         took_out, self._pool_took_out = self._pool_took_out, False
         return took_out
 
+    def pool_published(self, items: Iterable[SafeItem]) -> None:
+        """Note the pool the caller handed out: later removals are judged against it (:meth:`take_pool_removal`)."""
+        self._pool_shown = {item.item_id: item for item in items}
+
     def _entry_changed(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
         pool = self._pool
         if pool is None:
@@ -155,10 +165,20 @@ class UserState:
         if changed is None:
             self._pool = None
             self._pool_changed = self._pool_took_out = True
-        elif changed:
+            return
+        if changed:
             self._pool_changed = True
-            if pool.took_out:
-                pool.took_out = False
+        if old is not None and not self._pool_took_out:
+            # A removal is an item handed out that is no longer safe as handed out (flagged,
+            # blocked, evicted, or its rank score or tags changed), wherever it now ranks:
+            # it may have dropped past the cap, or out of the pool's reserve, unpublished.
+            shown = self._pool_shown
+            if shown is None:
+                was = SafeItem(old.item_id, old.first_rank_score, old.tags) if is_safe(old, pool.beta, pool.blocked) else None
+            else:
+                was = shown.get(old.item_id)
+            if was is not None and not (new is not None and new.first_rank_score == was.rank_score
+                                        and new.tags == was.tags and is_safe(new, pool.beta, pool.blocked)):
                 self._pool_took_out = True
 
     def violations(self, ev: Impression) -> int:

@@ -457,8 +457,9 @@ class RiskgateApp:
                 continue
             else:
                 own = known[1]
-            payload = safe_pool_message(uid, state.safe_pool(self.config.limits), state.blocked_tags, own,
-                                        state.version, state.band)
+            pool = state.safe_pool(self.config.limits)
+            state.pool_published(pool)  # later removals are judged against what rankers were given
+            payload = safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band)
             digest = hash(payload)
             if part.pools.get(uid) != digest:
                 part.pools[uid] = digest
