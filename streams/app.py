@@ -357,6 +357,7 @@ class RiskgateApp:
                 self.metrics.events.labels(_KIND[topic], outcome).inc(n)
             self._counts.clear()
             self._unflushed = sum(len(part.unacked) for part in self.partitions.values())
+            self.metrics.users_cached.set(sum(part.users.cached for part in self.partitions.values()))
             self._flushed_at = time.monotonic()
             self.metrics.flush.observe(time.perf_counter() - t0)
 

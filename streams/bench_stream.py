@@ -233,6 +233,7 @@ class _Sampler(threading.Thread):
         self.port, self.pid, self.interval, self.broker_pid = port, pid, interval, broker_pid
         self.samples: list[tuple[float, float, float, int]] = []
         self.cpu: list[tuple[float, float, float]] = []
+        self.users: list[tuple[float, float]] = []  # (t, users cached): what RSS grows with
         self.last: dict[str, float] = {}
         self._halt = threading.Event()
 
@@ -244,6 +245,7 @@ class _Sampler(threading.Thread):
                 self.samples.append((time.time(), m.get("riskgate_records_applied_total", 0.0),
                                      m.get("riskgate_consumer_lag", 0.0), _proc_kb(self.pid, "VmRSS")))
                 self.cpu.append((time.time(), _cpu_s(self.pid), _cpu_s(self.broker_pid)))
+                self.users.append((time.time(), m.get("riskgate_users_cached", 0.0)))
             except (OSError, ValueError):
                 pass
             self._halt.wait(self.interval)
@@ -386,6 +388,7 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         m = _try_metrics(port)
         fig["peak_rss_mb"] = _proc_kb(pid, "VmHWM") / 1024
         fig["rss_mb_series"] = [(round(t - first, 1), round(r / 1024)) for t, _, _, r in sampler.samples][::20]
+        fig["users_cached_series"] = [(round(t - first, 1), int(u)) for t, u in sampler.users][::20]
         sampler.stop()
         fig["flush_mean_ms"] = 1e3 * m.get("riskgate_flush_seconds_sum", 0) / max(1, m.get("riskgate_flush_seconds_count", 1))
         # Long flushes stall the event loop: they show as lag spikes and as older inputs in a publication.
@@ -610,5 +613,8 @@ def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
     if fig.get("rss_mb_series"):
         s = fig["rss_mb_series"]
         console.print("worker RSS (s, MB): " + ", ".join(f"{a}:{v}" for a, v in s[:: max(1, len(s) // 12)]))
+    if fig.get("users_cached_series"):
+        s = fig["users_cached_series"]
+        console.print("users cached (s, users): " + ", ".join(f"{a}:{v}" for a, v in s[:: max(1, len(s) // 12)]))
     for name, share in fig.get("profile_top", []):
         console.print(f"  {share:6.1%}  {name}")

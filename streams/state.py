@@ -196,6 +196,11 @@ class TableUsers:
         state.touched = None if core[:1] == b"{" else set()
         return state
 
+    @property
+    def cached(self) -> int:
+        """Users held in memory."""
+        return len(self._cache)
+
     # -- mapping interface used by the engine ---------------------------
     # Recency for eviction is refreshed once per flush for the users it wrote, not on every
     # read and write: these two run for every event.
