@@ -62,15 +62,16 @@ class _Consumer:
 
 def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dict:
     console = console or Console()
-    gc.set_threshold(50_000, 20, 10)  # as the worker (streams/cli.py)
-    tmp = tempfile.mkdtemp(prefix="riskgate-inprocess-")
     from aiokafka.producer.message_accumulator import BatchBuilder
 
-    from .app import RiskgateApp
+    from .app import GC_THRESHOLDS, RiskgateApp
     from .batch_send import BATCH_BYTES
     from .bench_stream import StreamBenchConfig, _encoded, _world
     from .schemas import decode_event
     from .settings import load_settings
+
+    gc.set_threshold(*GC_THRESHOLDS)  # as the worker
+    tmp = tempfile.mkdtemp(prefix="riskgate-inprocess-")
 
     world = _world(StreamBenchConfig(events=cfg.events, users=cfg.users, partitions=cfg.partitions, seed=cfg.seed),
                    cfg.events, cfg.seed, 1_700_000_000.0, 2_000.0, "e-")

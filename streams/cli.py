@@ -123,7 +123,7 @@ def worker(loglevel) -> None:
         sys.exit(2)
     import faust
 
-    from .app import RiskgateApp
+    from .app import GC_THRESHOLDS, RiskgateApp
 
     class Worker(faust.Worker):
         def on_setup_root_logger(self, logger, level) -> None:
@@ -133,13 +133,7 @@ def worker(loglevel) -> None:
             # worker's CPU, and user data passing through log records.
             self.spinner = None
 
-    # The input path allocates several GC-tracked objects per record (aiokafka
-    # ConsumerRecords, Faust's bookkeeping, users' containers): with CPython's
-    # default first threshold (700) the cyclic collector ran ~200 times a second
-    # and its full collections, which walk every cached user, took ~20 % of the
-    # worker's time in `riskgate bench stream`. Rarer collections cost no
-    # correctness; the garbage that waits for them is a few MB at most.
-    gc.set_threshold(50_000, 20, 10)
+    gc.set_threshold(*GC_THRESHOLDS)
     rg = RiskgateApp(settings)
     try:
         # mode turns "crit" into the string "Level CRIT"; logging knows "critical".
