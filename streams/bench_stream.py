@@ -602,19 +602,11 @@ def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
             continue
         t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else str(val))
     console.print(t)
-    series = fig.get("backlog_lag") or []
-    if series:
-        console.print("consumer lag during the backlog (s, records): " +
-                      ", ".join(f"{s}:{int(v)}" for s, v in series[:: max(1, len(series) // 12)]))
-    if fig.get("live_lag_series"):
-        s = fig["live_lag_series"]
-        console.print("consumer lag during the live phase (s, records): " +
-                      ", ".join(f"{a}:{int(v)}" for a, v in s[:: max(1, len(s) // 12)]))
-    if fig.get("rss_mb_series"):
-        s = fig["rss_mb_series"]
-        console.print("worker RSS (s, MB): " + ", ".join(f"{a}:{v}" for a, v in s[:: max(1, len(s) // 12)]))
-    if fig.get("users_cached_series"):
-        s = fig["users_cached_series"]
-        console.print("users cached (s, users): " + ", ".join(f"{a}:{v}" for a, v in s[:: max(1, len(s) // 12)]))
+    for key, label in (("backlog_lag", "consumer lag during the backlog (s, records)"),
+                       ("live_lag_series", "consumer lag during the live phase (s, records)"),
+                       ("rss_mb_series", "worker RSS (s, MB)"), ("users_cached_series", "users cached (s, users)")):
+        series = fig.get(key)
+        if series:  # about a dozen points of each
+            console.print(f"{label}: " + ", ".join(f"{t}:{int(v)}" for t, v in series[:: max(1, len(series) // 12)]))
     for name, share in fig.get("profile_top", []):
         console.print(f"  {share:6.1%}  {name}")

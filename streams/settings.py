@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     # changelog since the last of these).
     local_sync_interval: float = Field(60.0, gt=0)
     # A user's safe-pools record is re-sent at the flush that changed it when an item
-    # left the pool (flagged, blocked, evicted) or anything else of theirs changed; a
+    # of the pool last sent is no longer safe as sent (flagged, blocked, evicted,
+    # re-ranked) or anything else of theirs changed; a
     # pool that only gained items waits for the next round of additions, at most this
     # long (a heavy user's many additions then cost one record).
     pool_additions_interval: float = Field(5.0, ge=0)
