@@ -449,7 +449,9 @@ class RiskgateApp:
             if pool_changed and not (core or removal or round_due):
                 part.deferred.add(uid)  # only additions: the next round sends them
                 continue
-            pool_changed = pool_changed or uid in due
+            # A removal is sent even when the pool's top did not change: the item may have
+            # dropped past the cap (behind additions held back) after the ranker got it.
+            pool_changed = pool_changed or removal or uid in due
             known = part.own.get(uid)
             if core or known is None:
                 own = [r for st in self.config.strategies if (r := user_result(state, self.config, st, horizon))]
