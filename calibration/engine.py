@@ -422,15 +422,19 @@ class Engine:
         kind = ev.event_type
         uid = ev.user_id
         erased = self.erased
-        if kind == "forget":
-            erased_at = erased.get(erasure_key(uid))
+        if kind == "forget" and (erased_at := erased.get(erasure_key(uid))) is not None and ev.ts <= erased_at:
+            # Everything of the user up to erased_at is gone already, and events up to it are
+            # dropped: what is held now came after, and this forget (a replay after a crash,
+            # or an older one arriving late) must not take it.
+            outcome = "duplicate"
+        elif kind == "forget":
             state = self.users.get(uid)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
             # Delete even when nothing is held here: a store may still need its
             # tombstones (a changelog written before a rebalance, an output topic).
             self.users.pop(uid, None)
-            erased[erasure_key(uid)] = max(ev.ts, erased_at or ev.ts)
+            erased[erasure_key(uid)] = ev.ts  # (later than any earlier forget's: see above)
             self.changed.discard(uid)
             outcome = "ok"
         # Hash only when someone was forgotten here: the common case costs nothing.
@@ -469,7 +473,7 @@ class Engine:
                     self.users[uid] = state
             else:
                 if position is not None:
-                    state.note_position(source, position)
+                    state.note_position(source, position, durable=kind != "watch")
                 self.users[uid] = state
                 self.changed.add(uid)
                 self.clock.note(source, ev.ts)

@@ -31,13 +31,11 @@ from .groups import band_of
 from .safe_pool import (HistoryEntry, SafeItem, SafePool, is_safe, pool_size_at, record_flag, record_view, record_watch,
                         trim_history)
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "POSITIONS"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE"]
 
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
-#: i.e. anything but history entries and positions.
+#: i.e. anything but history entries (positions are stored with the core).
 CORE = "\x00core"
-#: In :attr:`UserState.touched`: :attr:`UserState.positions` changed.
-POSITIONS = "\x00positions"
 
 
 @dataclass(frozen=True)
@@ -101,6 +99,8 @@ class UserState:
     # replayed after a crash re-delivers records; these are recognised however many there are
     # (``seen`` only covers the last ``dedup_max`` event ids, and a fast replay of a heavy user
     # runs past that). The offline replay, which has no log positions, leaves it empty.
+    # Stored with the core, so what a store holds may lag for watches (note_position):
+    # a watch replayed is harmless as long as its entry is still there.
     positions: dict[str, int] = field(default_factory=dict)
     # What changed since a store last wrote this user, for stores that write changes
     # only (streams.state): item ids of changed or evicted history entries, and CORE
@@ -352,6 +352,9 @@ class UserState:
                     self._entry_changed(self.history.pop(item), None)
                     if self.touched is not None:
                         self.touched.add(item)
+                        # A watch of an evicted item, replayed, would bring it back: the core
+                        # (with the positions of every watch applied so far) goes with the eviction.
+                        self.touched.add(CORE)
 
     def bump_version(self) -> int:
         """Next version of this user's own published thresholds."""
@@ -364,10 +367,19 @@ class UserState:
         """Whether the record at ``position`` of ``source`` was applied already (a replay)."""
         return position <= self.positions.get(source, -1)
 
-    def note_position(self, source: str, position: int) -> None:
+    def note_position(self, source: str, position: int, durable: bool = True) -> None:
+        """Note the last record applied from ``source``.
+
+        ``durable=False`` for a record that is harmless to apply twice while its
+        entry exists (a watch: the earliest view sets W%, ``last_seen`` is a max):
+        the position is not worth a write of its own and goes with the user's next
+        core write. Every eviction writes the core, so a stored position lags only
+        behind watches whose entries are all still stored; replayed after a crash,
+        those change nothing. Any other record writes the core with its position.
+        """
         self.positions[source] = position
-        if self.touched is not None:
-            self.touched.add(POSITIONS)
+        if durable and self.touched is not None:
+            self.touched.add(CORE)
 
     def is_empty(self) -> bool:
         return not (self.history or self.tag_rules or self.pending or self.recent or self.shown or self.seen)

@@ -3,10 +3,17 @@
 Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 
 * ``<user_id>`` → the user's *core* (msgpack): tag rules, reporting counts,
-  pending slates, recent mature slates, remembered event ids, version;
+  pending slates, recent mature slates, remembered event ids, version, input
+  positions;
 * ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
-* ``<user_id> NUL NUL positions`` → the user's input positions (msgpack; item ids hold no NUL);
 * ``NUL erased: <sha256>`` → a forget marker (:class:`TableErased`).
+
+Positions ride with the core rather than in a key of their own: a watch, most
+of the input, then writes one record (its entry) instead of two, and the stored
+position of the watch topic may lag (see
+:meth:`calibration.user_state.UserState.note_position` for why that is safe).
+Users written before (format 2) kept positions under ``<user_id> NUL NUL
+positions``; such a user is read from it and rewritten whole at its next flush.
 
 History is by far the largest part of a user (up to ``history_max`` entries)
 and a watch event changes exactly one entry, so each entry is its own key: a
@@ -36,20 +43,22 @@ import orjson
 from rocksdict import WriteBatch
 
 from calibration.safe_pool import HistoryEntry
-from calibration.user_state import CORE, POSITIONS, MatureSlate, PendingSlate, UserState
+from calibration.user_state import CORE, MatureSlate, PendingSlate, UserState
 
-__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "encode_positions", "partition_items",
+__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "partition_items",
            "partition_db", "phase", "ERASED_PREFIX", "SEP"]
 
 #: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
 ERASED_PREFIX = b"\x00erased:"
 #: Between a user id and an item id in the keys of history entries.
 SEP = b"\x00"
-#: After ``<user_id> SEP``: the key of the user's input positions (cannot be an item id).
+#: After ``<user_id> SEP``: where format 2 kept the user's input positions (cannot be an item id).
 POSITIONS_SUFFIX = b"\x00positions"
 #: In TableUsers' unsynced keys: the user was written whole (as ``touched=None``).
 WHOLE = "\x00whole"
-_FORMAT = 2  # the core's first element; cores of format 1 were JSON objects holding the history too
+# The core's first element. Format 1 cores were JSON objects holding the history too;
+# format 2 cores had no positions (they had a key of their own).
+_FORMAT = 3
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
@@ -61,7 +70,7 @@ def phase(partition: int) -> float:
 
 
 def encode_core(state: UserState) -> bytes:
-    """Everything of a user but the history, as one msgpack array."""
+    """Everything of a user but the history, as one msgpack array (positions last)."""
     return _enc.encode((
         _FORMAT,
         [(t, b, ts) for t, (b, ts) in state.tag_rules.items()],
@@ -73,6 +82,7 @@ def encode_core(state: UserState) -> bytes:
           m.repeat_pct) for m in state.recent],
         list(state.seen.items()),
         state.version,
+        state.positions,
     ))
 
 
@@ -86,16 +96,24 @@ def _entry(item_id: str, raw: bytes) -> HistoryEntry:
     return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts, *times)
 
 
-def encode_positions(state: UserState) -> bytes:
-    return _enc.encode(state.positions)  # a msgpack map: topic -> offset
-
-
 def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None = None) -> UserState:
-    """A user from its core, its ``(item_id, raw entry)`` pairs and positions (a format-1 JSON core holds its history)."""
+    """A user from its core and its ``(item_id, raw entry)`` pairs (a format-1 JSON core holds its history).
+
+    ``positions``: the format-2 positions key's value, read only for a format-2 core.
+    """
+    return _decode_user(user_id, core, entries, positions)[0]
+
+
+def _decode_user(user_id: str, core: bytes, entries, positions: bytes | None) -> tuple[UserState, int]:
+    """:func:`decode_user`, and the format the core was written in."""
     if core[:1] == b"{":
-        return UserState.from_dict(orjson.loads(core))
-    fmt, rules, shown, flagged, pending, recent, seen, version = _dec.decode(core)
-    if fmt != _FORMAT:
+        return UserState.from_dict(orjson.loads(core)), 1
+    fmt, rules, shown, flagged, pending, recent, seen, version, *rest = _dec.decode(core)
+    if fmt == _FORMAT:
+        stored = rest[0]
+    elif fmt == 2:
+        stored = {} if positions is None else _dec.decode(positions)
+    else:
         raise ValueError(f"unknown user state format {fmt!r}")
     return UserState(
         user_id=user_id,
@@ -109,8 +127,8 @@ def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None =
                             tuple(x[9]), tuple(x[10])) for x in recent],
         seen={k: v for k, v in seen},
         version=version,
-        positions={} if positions is None else _dec.decode(positions),
-    )
+        positions=stored,
+    ), fmt
 
 
 def partition_db(table, partition: int):
@@ -176,24 +194,26 @@ class TableUsers:
             out.append((k[len(prefix):], v))
         return out
 
-    def _decode(self, user_id: str, core: bytes, with_history: bool = True) -> UserState:
+    def _decode(self, user_id: str, core: bytes, with_history: bool = True) -> tuple[UserState, int]:
+        """The stored user, and the format its core was written in."""
         entries, positions = [], None
         for suffix, v in self._scan(user_id.encode()):
             if suffix == POSITIONS_SUFFIX:
                 positions = v
             elif with_history:
                 entries.append((suffix.decode(), v))
-        return decode_user(user_id, core, entries, positions)
+        return _decode_user(user_id, core, entries, positions)
 
     def _load(self, user_id: str) -> UserState | None:
         key = user_id.encode()
         core = self._db.get(key)
         if core is None:
             return None
-        state = self._decode(user_id, core)
-        # From here the state notes what changes; a format-1 user (JSON core holding the
-        # history) is not tracked, so its next flush rewrites it whole in format 2.
-        state.touched = None if core[:1] == b"{" else set()
+        state, fmt = self._decode(user_id, core)
+        # From here the state notes what changes; a user of an older format is not
+        # tracked, so its next flush rewrites it whole in this one (and tombstones
+        # format 2's positions key).
+        state.touched = set() if fmt == _FORMAT else None
         return state
 
     @property
@@ -266,7 +286,7 @@ class TableUsers:
             yield uid, state
         for uid, core in self._stored_ids():
             if uid not in self._cache and uid not in self._deleted:
-                yield uid, self._decode(uid, core)
+                yield uid, self._decode(uid, core)[0]
 
     def cores(self) -> Iterator[tuple[str, UserState]]:
         """Every user with its core only (history not read): what rebuilding the windows needs."""
@@ -274,7 +294,7 @@ class TableUsers:
             yield uid, state
         for uid, core in self._stored_ids():
             if uid not in self._cache and uid not in self._deleted:
-                yield uid, self._decode(uid, core, with_history=False)
+                yield uid, self._decode(uid, core, with_history=False)[0]
 
     # -- persistence -------------------------------------------------------
     def _records(self, uid: str, state: UserState, touched: set | None) -> list[tuple[bytes, bytes | None]]:
@@ -286,20 +306,16 @@ class TableUsers:
             group = [(prefix + suffix, None) for suffix, _ in self._scan(key)
                      if suffix == POSITIONS_SUFFIX or suffix.decode() not in history]
             group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
-            write_core = write_positions = True
+            write_core = True
         else:
             group = []
-            write_core = write_positions = False
+            write_core = False
             for item in touched:
                 if item == CORE:
                     write_core = True
-                elif item == POSITIONS:
-                    write_positions = True
                 else:
                     e = history.get(item)
                     group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
-        if write_positions and state.positions:
-            group.append((prefix + POSITIONS_SUFFIX, encode_positions(state)))
         if write_core:
             group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
         return group

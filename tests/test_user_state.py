@@ -200,6 +200,21 @@ def test_engine_forget_removes_user():
     assert set(eng.users) == {"u2"}
 
 
+def test_a_forget_at_or_before_one_applied_leaves_a_user_who_came_back():
+    """A forget read again (a replay after a crash) or an older one arriving late erases nothing new."""
+    eng = Engine(EngineConfig())
+    eng.process(imp("e1", "s1", 10.0, [item("a")]))
+    eng.process(Forget("x", "u1", 11.0))
+    eng.process(imp("e2", "s2", 12.0, [item("b")]))  # the user comes back after the forget
+    assert eng.process(Forget("x", "u1", 11.0)) == "duplicate"
+    assert eng.process(Forget("y", "u1", 5.0)) == "duplicate"
+    assert set(eng.users["u1"].history) == {"b"}
+    assert eng.process(imp("e0", "s0", 10.5, [item("c")])) == "erased"  # from before the forget: still dropped
+    assert eng.process(Forget("z", "u1", 13.0)) == "ok"  # a later forget takes everything
+    assert "u1" not in eng.users
+    assert eng.process(imp("e3", "s3", 12.5, [item("d")])) == "erased"
+
+
 def _random_stream(seed, n=600, users=9):
     rng = np.random.default_rng(seed)
     events, ts = [], 0.0
