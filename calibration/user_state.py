@@ -31,11 +31,14 @@ from .groups import band_of
 from .safe_pool import (HistoryEntry, SafeItem, SafePool, is_safe, pool_size_at, record_flag, record_view, record_watch,
                         trim_history)
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT"]
 
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
 #: i.e. anything but history entries (positions are stored with the core).
 CORE = "\x00core"
+#: In :attr:`UserState.touched`, followed by a sequence number: that slate of
+#: :attr:`UserState.recent` was added or dropped (stores keep each one apart from the core).
+RECENT = "\x00r"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ class UserState:
     flagged: int = 0
     pending: list[PendingSlate] = field(default_factory=list)
     recent: list[MatureSlate] = field(default_factory=list)
+    # Sequence number of recent[0]; recent[i] is number recent_seq + i. Slates are only ever
+    # appended and dropped from the front, so a store can key each slate by its number.
+    recent_seq: int = 0
     seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
     version: int = 0  # of this user's own published thresholds; only grows, kept with the state
     # Source log -> position (offset) of the last record of this user applied from it. A log
@@ -311,16 +317,31 @@ class UserState:
                             p.scores, tuple(flags), p.replacement, p.repeat_pct)
             matured.append(m)
             if not p.policy_applied and p.ts >= horizon:
+                if self.touched is not None:
+                    self.touched.add(RECENT + str(self.recent_seq + len(self.recent)))
                 self.recent.append(m)
         evicted: list[MatureSlate] = []
-        if self.recent and self.recent[0].ts < horizon:
-            self.recent = [m for m in self.recent if m.ts >= horizon]  # their buckets are gone already
-            if self.touched is not None:
-                self.touched.add(CORE)
+        recent = self.recent
+        if recent and recent[0].ts < horizon:  # their buckets are gone already
+            # recent is in ts order (slates mature in ts order, and one served later than a
+            # matured one was pending at its maturity), so those before the horizon lead it.
+            cut = 1
+            while cut < len(recent) and recent[cut].ts < horizon:
+                cut += 1
+            self._drop_recent(cut)
         if len(self.recent) > limits.user_window_max:
             cut = len(self.recent) - limits.user_window_max
-            evicted, self.recent = self.recent[:cut], self.recent[cut:]
+            evicted = self.recent[:cut]
+            self._drop_recent(cut)
         return matured, evicted
+
+    def _drop_recent(self, n: int) -> None:
+        """Drop the first ``n`` slates of :attr:`recent`."""
+        if self.touched is not None:
+            self.touched.add(CORE)  # (recent_seq)
+            self.touched.update(RECENT + str(self.recent_seq + i) for i in range(n))
+        self.recent = self.recent[n:]
+        self.recent_seq += n
 
     def live_recent(self, horizon: float) -> list[MatureSlate]:
         """The user's holdout slates still inside the window."""
@@ -399,6 +420,7 @@ class UserState:
             "flagged": self.flagged,
             "pending": [_slate_to_list(p) for p in self.pending],
             "recent": [_mature_to_list(m) for m in self.recent],
+            "recent_seq": self.recent_seq,
             "seen": list(self.seen.items()),
             "version": self.version,
         }
@@ -417,6 +439,7 @@ class UserState:
             flagged=int(d["flagged"]),
             pending=[_slate_from_list(x) for x in d["pending"]],
             recent=[_mature_from_list(x, d["user_id"]) for x in d["recent"]],
+            recent_seq=int(d.get("recent_seq", 0)),
             seen={k: v for k, v in d["seen"]},
             version=int(d.get("version", 0)),
         )

@@ -3,17 +3,25 @@
 Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 
 * ``<user_id>`` → the user's *core* (msgpack): tag rules, reporting counts,
-  pending slates, recent mature slates, remembered event ids, version, input
-  positions;
+  pending slates, remembered event ids, version, input positions, and the
+  sequence number of the first recent slate;
 * ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
+* ``<user_id> NUL NUL r <seq>`` → one recent mature slate (``seq``: 8 bytes,
+  big-endian, so they sort in order), ~300 bytes;
 * ``NUL erased: <sha256>`` → a forget marker (:class:`TableErased`).
+
+A user's recent slates (the ``user:<id>`` group's window) were part of the core
+until format 4: up to ``user_window_max`` of them, ~300 kB for a heavy user,
+rewritten with every impression and maturity. Now a maturity writes the slate
+it adds and tombstones those it drops.
 
 Positions ride with the core rather than in a key of their own: a watch, most
 of the input, then writes one record (its entry) instead of two, and the stored
 position of the watch topic may lag (see
 :meth:`calibration.user_state.UserState.note_position` for why that is safe).
 Users written before (format 2) kept positions under ``<user_id> NUL NUL
-positions``; such a user is read from it and rewritten whole at its next flush.
+positions``. A user of an older format is read as it was written and rewritten
+whole, in this one, at its next flush.
 
 History is by far the largest part of a user (up to ``history_max`` entries)
 and a watch event changes exactly one entry, so each entry is its own key: a
@@ -43,10 +51,10 @@ import orjson
 from rocksdict import WriteBatch
 
 from calibration.safe_pool import HistoryEntry
-from calibration.user_state import CORE, MatureSlate, PendingSlate, UserState
+from calibration.user_state import CORE, RECENT, MatureSlate, PendingSlate, UserState
 
-__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "partition_items",
-           "partition_db", "phase", "ERASED_PREFIX", "SEP"]
+__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "encode_slate", "user_records",
+           "partition_items", "partition_db", "phase", "ERASED_PREFIX", "SEP"]
 
 #: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
 ERASED_PREFIX = b"\x00erased:"
@@ -54,11 +62,14 @@ ERASED_PREFIX = b"\x00erased:"
 SEP = b"\x00"
 #: After ``<user_id> SEP``: where format 2 kept the user's input positions (cannot be an item id).
 POSITIONS_SUFFIX = b"\x00positions"
+#: After ``<user_id> SEP``: the start of a recent slate's key (then its sequence number).
+SLATE_SUFFIX = b"\x00r"
 #: In TableUsers' unsynced keys: the user was written whole (as ``touched=None``).
 WHOLE = "\x00whole"
 # The core's first element. Format 1 cores were JSON objects holding the history too;
-# format 2 cores had no positions (they had a key of their own).
-_FORMAT = 3
+# format 2 cores had no positions (they had a key of their own); cores of formats 2
+# and 3 held the recent slates.
+_FORMAT = 4
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
@@ -70,7 +81,7 @@ def phase(partition: int) -> float:
 
 
 def encode_core(state: UserState) -> bytes:
-    """Everything of a user but the history, as one msgpack array (positions last)."""
+    """Everything of a user but the history and recent slates, as one msgpack array (positions last)."""
     return _enc.encode((
         _FORMAT,
         [(t, b, ts) for t, (b, ts) in state.tag_rules.items()],
@@ -78,8 +89,7 @@ def encode_core(state: UserState) -> bytes:
         state.flagged,
         [(p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
           p.repeat_pct) for p in state.pending],
-        [(m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha, m.scores, m.flags, m.replacement,
-          m.repeat_pct) for m in state.recent],
+        state.recent_seq,
         list(state.seen.items()),
         state.version,
         state.positions,
@@ -91,40 +101,86 @@ def encode_entry(e: HistoryEntry) -> bytes:
                         e.flag_ts, e.first_shown, e.first_watch_ts))
 
 
+def encode_slate(m: MatureSlate) -> bytes:
+    return _enc.encode(_slate_fields(m))
+
+
+def _slate_fields(m: MatureSlate) -> tuple:
+    return (m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha, m.scores, m.flags, m.replacement,
+            m.repeat_pct)
+
+
+def _slate(user_id: str, x) -> MatureSlate:
+    return MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], tuple(x[7]), tuple(x[8]), tuple(x[9]),
+                       tuple(x[10]))
+
+
+def slate_suffix(seq: int) -> bytes:
+    return SLATE_SUFFIX + seq.to_bytes(8, "big")
+
+
+def marker_suffix(marker: str) -> bytes | None:
+    """The key suffix (after ``<user_id> SEP``) a :attr:`UserState.touched` marker stands for; None: the core."""
+    if marker[:1] != "\x00":
+        return marker.encode()  # an item id
+    if marker[:2] == RECENT:
+        return slate_suffix(int(marker[2:]))
+    return None
+
+
+def user_records(state: UserState) -> list[tuple[bytes, bytes]]:
+    """``(suffix, value)`` of everything of a user stored apart from the core: history entries, recent slates."""
+    out = [(item.encode(), encode_entry(e)) for item, e in state.history.items()]
+    out.extend((slate_suffix(state.recent_seq + i), encode_slate(m)) for i, m in enumerate(state.recent))
+    return out
+
+
 def _entry(item_id: str, raw: bytes) -> HistoryEntry:
     rank, tags, pct, watched, shown, flagged, last_seen, flag_ts, *times = _dec.decode(raw)  # times: newer entries
     return HistoryEntry(item_id, rank, tuple(tags), pct, watched, shown, flagged, last_seen, flag_ts, *times)
 
 
-def decode_user(user_id: str, core: bytes, entries=(), positions: bytes | None = None) -> UserState:
-    """A user from its core and its ``(item_id, raw entry)`` pairs (a format-1 JSON core holds its history).
+def decode_user(user_id: str, core: bytes, keyed=()) -> UserState:
+    """A user from its core and the ``(suffix, value)`` pairs stored under ``<user_id> SEP``, in key order.
 
-    ``positions``: the format-2 positions key's value, read only for a format-2 core.
+    A format-1 core (JSON) holds the whole user.
     """
-    return _decode_user(user_id, core, entries, positions)[0]
+    return _decode_user(user_id, core, keyed)[0]
 
 
-def _decode_user(user_id: str, core: bytes, entries, positions: bytes | None) -> tuple[UserState, int]:
-    """:func:`decode_user`, and the format the core was written in."""
+def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tuple[UserState, int]:
+    """:func:`decode_user` (``history``: False to skip the entries), and the format the core was written in."""
     if core[:1] == b"{":
         return UserState.from_dict(orjson.loads(core)), 1
     fmt, rules, shown, flagged, pending, recent, seen, version, *rest = _dec.decode(core)
-    if fmt == _FORMAT:
-        stored = rest[0]
-    elif fmt == 2:
-        stored = {} if positions is None else _dec.decode(positions)
-    else:
+    if fmt not in (2, 3, _FORMAT):
         raise ValueError(f"unknown user state format {fmt!r}")
+    entries, slates, positions = {}, [], None
+    for suffix, raw in keyed:
+        if suffix[:1] != b"\x00":
+            if history:
+                item = suffix.decode()
+                entries[item] = _entry(item, raw)
+        elif suffix[:2] == SLATE_SUFFIX:
+            slates.append(raw)  # (in key order: by sequence number)
+        elif suffix == POSITIONS_SUFFIX:
+            positions = raw
+    if fmt == _FORMAT:
+        recent_seq, stored = recent, rest[0]
+        recent = [_dec.decode(raw) for raw in slates]
+    else:
+        recent_seq = 0
+        stored = rest[0] if fmt == 3 else ({} if positions is None else _dec.decode(positions))
     return UserState(
         user_id=user_id,
-        history={item: _entry(item, raw) for item, raw in entries},
+        history=entries,
         tag_rules={t: (bool(b), float(ts)) for t, b, ts in rules},
         shown=shown,
         flagged=flagged,
         pending=[PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]),
                               tuple(x[9])) for x in pending],
-        recent=[MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], tuple(x[7]), tuple(x[8]),
-                            tuple(x[9]), tuple(x[10])) for x in recent],
+        recent=[_slate(user_id, x) for x in recent],
+        recent_seq=recent_seq,
         seen={k: v for k, v in seen},
         version=version,
         positions=stored,
@@ -196,13 +252,7 @@ class TableUsers:
 
     def _decode(self, user_id: str, core: bytes, with_history: bool = True) -> tuple[UserState, int]:
         """The stored user, and the format its core was written in."""
-        entries, positions = [], None
-        for suffix, v in self._scan(user_id.encode()):
-            if suffix == POSITIONS_SUFFIX:
-                positions = v
-            elif with_history:
-                entries.append((suffix.decode(), v))
-        return _decode_user(user_id, core, entries, positions)
+        return _decode_user(user_id, core, self._scan(user_id.encode()), with_history)
 
     def _load(self, user_id: str) -> UserState | None:
         key = user_id.encode()
@@ -303,19 +353,26 @@ class TableUsers:
         prefix = key + SEP
         history = state.history
         if touched is None:  # whole, with tombstones for what the database holds of an earlier life
-            group = [(prefix + suffix, None) for suffix, _ in self._scan(key)
-                     if suffix == POSITIONS_SUFFIX or suffix.decode() not in history]
-            group.extend((prefix + item.encode(), encode_entry(e)) for item, e in history.items())
+            records = user_records(state)
+            held = {suffix for suffix, _ in records}
+            group = [(prefix + suffix, None) for suffix, _ in self._scan(key) if suffix not in held]
+            group.extend((prefix + suffix, value) for suffix, value in records)
             write_core = True
         else:
             group = []
             write_core = False
+            recent, first = state.recent, state.recent_seq
             for item in touched:
-                if item == CORE:
-                    write_core = True
-                else:
+                if item[:1] != "\x00":
                     e = history.get(item)
                     group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
+                elif item == CORE:
+                    write_core = True
+                elif item[:2] == RECENT:  # a slate added (still held) or dropped
+                    seq = int(item[2:])
+                    i = seq - first
+                    group.append((prefix + slate_suffix(seq),
+                                  encode_slate(recent[i]) if 0 <= i < len(recent) else None))
         if write_core:
             group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
         return group
@@ -344,7 +401,7 @@ class TableUsers:
             # Tombstones even for keys not held here: the changelog may hold the
             # user from before a rebalance, or entries not yet synced locally.
             suffixes = ({suffix for suffix, _ in self._scan(key)} | {POSITIONS_SUFFIX}
-                        | {item.encode() for item in held if item[:1] != "\x00"})  # (not CORE, WHOLE...)
+                        | {s for marker in held if (s := marker_suffix(marker)) is not None})  # (not CORE, WHOLE)
             group = [(key + SEP + suffix, None) for suffix in suffixes] + [(key, None)]
             groups.append(group)
             local.pop(uid, None)
@@ -356,8 +413,9 @@ class TableUsers:
             group = self._records(uid, state, touched)
             if group:
                 groups.append(group)
-            if touched is None:  # keep the ids written whole: a forget must tombstone them
+            if touched is None:  # keep the keys written whole: a forget must tombstone them
                 local.setdefault(uid, set()).update((WHOLE, *state.history))
+                local[uid].update(RECENT + str(state.recent_seq + i) for i in range(len(state.recent)))
             elif uid in local:
                 local[uid] |= touched
             else:

@@ -9,7 +9,7 @@ from calibration.engine import Engine, EngineConfig
 from calibration.synthetic import WorldConfig, generate_events
 from calibration.events import Impression, ShownItem, event_from_dict
 from calibration.user_state import Limits
-from streams.state import decode_user, encode_core, encode_entry
+from streams.state import decode_user, encode_core, encode_entry, user_records
 
 
 def _users():
@@ -27,8 +27,7 @@ def _users():
 
 
 def _round_trip(state):
-    return decode_user(state.user_id, encode_core(state),
-                       [(item, encode_entry(e)) for item, e in state.history.items()])
+    return decode_user(state.user_id, encode_core(state), user_records(state))
 
 
 def test_every_user_round_trips_through_core_and_entries():
@@ -102,7 +101,8 @@ def _world_events(seed: int) -> list[tuple[object, str, int | None]]:
     return out
 
 
-_CFG = EngineConfig(label_window=60.0, allowed_lateness=5.0, limits=Limits(history_max=25, user_window_max=15))
+# (user_window_max: users drop recent slates from the front, which flushes must tombstone)
+_CFG = EngineConfig(label_window=60.0, allowed_lateness=5.0, limits=Limits(history_max=25, user_window_max=3))
 
 
 def _table_users(tmp_path, name: str, cache_max: int, sync_interval: float, records: dict | None = None):
@@ -152,13 +152,13 @@ def _users_of(records: dict[bytes, bytes]) -> dict[str, object]:
     from streams.state import SEP
 
     cores = {k.decode(): v for k, v in records.items() if SEP not in k}
-    entries: dict[str, list] = {}
-    for k, v in records.items():
+    keyed: dict[str, list] = {}
+    for k, v in sorted(records.items()):  # in key order, as a store reads them
         if SEP in k:
-            uid, _, item = k.partition(SEP)
-            entries.setdefault(uid.decode(), []).append((item.decode(), v))
-    assert set(entries) <= set(cores), "history entries without their user's core"
-    return {uid: decode_user(uid, core, entries.get(uid, ())) for uid, core in cores.items()}
+            uid, _, suffix = k.partition(SEP)
+            keyed.setdefault(uid.decode(), []).append((suffix, v))
+    assert set(keyed) <= set(cores), "history entries or slates without their user's core"
+    return {uid: decode_user(uid, core, keyed.get(uid, ())) for uid, core in cores.items()}
 
 
 def _without_watch_position(state):
@@ -214,6 +214,7 @@ def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every,
     assert db[offset_key] == b"41"  # a restart on this database may skip the changelog up to here
     # the live states really were trimmed, matured and carried slates of their own
     assert any(s.recent for s in live.values()) and any(len(s.history) >= 25 for s in live.values())
+    assert any(s.recent_seq > 0 for s in live.values())
     assert all(s.positions for s in live.values())
 
 
@@ -288,30 +289,65 @@ def test_an_eviction_stores_the_positions_of_the_watches_before_it(tmp_path):
     assert restored.get("u") == live
 
 
-def test_a_format_2_user_loads_with_its_positions_and_is_rewritten_whole(tmp_path):
-    """Format 2 kept positions under their own key; such a user reads them and its next flush moves them to the core."""
+def _old_core(state, fmt: int) -> bytes:
+    """The core as formats 2 and 3 wrote it: recent slates inside; format 3 with positions last."""
     import msgspec
 
-    from streams.state import POSITIONS_SUFFIX, SEP
+    from streams.state import _slate_fields
+
+    fields = [fmt, [(t, b, ts) for t, (b, ts) in state.tag_rules.items()], state.shown, state.flagged,
+              [(p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
+                p.repeat_pct) for p in state.pending],
+              [_slate_fields(m) for m in state.recent], list(state.seen.items()), state.version]
+    return msgspec.msgpack.encode(fields + ([state.positions] if fmt == 3 else []))
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_a_user_of_an_older_format_loads_and_is_rewritten_whole(tmp_path, fmt):
+    """Format 2 kept positions under a key of their own, formats 2 and 3 the recent slates in the core.
+
+    Such a user loads as it was, and its next flush rewrites it whole in the
+    current format: slates under their own keys, the old positions key tombstoned.
+    """
+    import msgspec
+
+    from streams.state import POSITIONS_SUFFIX, SEP, slate_suffix
 
     eng = _users()
-    state = next(u for u in eng.users.values() if u.history and u.pending)
+    state = next(u for u in eng.users.values() if u.history and u.pending and u.recent)
     state.positions = {"impressions": 7, "watch": 12}
-    fmt, *fields, positions = msgspec.msgpack.decode(encode_core(state))
-    assert positions == state.positions
     key = state.user_id.encode()
-    records = {key: msgspec.msgpack.encode([2, *fields]),
-               key + SEP + POSITIONS_SUFFIX: msgspec.msgpack.encode(state.positions)}
+    records = {key: _old_core(state, fmt)}
+    if fmt == 2:
+        records[key + SEP + POSITIONS_SUFFIX] = msgspec.msgpack.encode(state.positions)
     records.update({key + SEP + i.encode(): encode_entry(e) for i, e in state.history.items()})
-    db, users = _table_users(tmp_path, "v2", 1000, 3600.0, records)
+    db, users = _table_users(tmp_path, f"v{fmt}", 1000, 3600.0, records)
     loaded = users.get(state.user_id)
-    assert loaded == state
-    users[state.user_id] = loaded  # dirty, with nothing noted: written whole
+    assert loaded == state and loaded.touched is None  # read as it was; not followed: written whole
+    users[state.user_id] = loaded
     _, _, groups = users.flush()
     (group,) = groups
-    assert (key + SEP + POSITIONS_SUFFIX, None) in group  # the old key tombstoned
-    assert group[-1] == (key, encode_core(state))  # positions now in the core
+    assert ((key + SEP + POSITIONS_SUFFIX, None) in group) == (fmt == 2)  # the old key tombstoned
+    assert group[-1] == (key, encode_core(state))
+    assert all(key + SEP + slate_suffix(i) in dict(group) for i in range(len(state.recent)))
     assert _users_of({k: v for k, v in group if v is not None})[state.user_id] == state
+
+
+def test_a_maturity_writes_the_slates_it_adds_and_drops_not_the_window():
+    """The core no longer holds the recent slates: it stays small however many a user has."""
+    from streams.state import RECENT
+
+    eng = _users()
+    state = max(eng.users.values(), key=lambda u: len(u.recent))
+    assert len(state.recent) >= 5
+    before = len(encode_core(state))
+    state.recent = state.recent * 20
+    assert len(encode_core(state)) == before
+    # slates added and dropped are noted one by one, by sequence number
+    state.touched = set()
+    state.recent_seq = 40
+    state._drop_recent(3)
+    assert state.recent_seq == 43 and {RECENT + "40", RECENT + "41", RECENT + "42"} <= state.touched
 
 
 @pytest.mark.parametrize("n", [2, 3, 8, 16, 64, 100])

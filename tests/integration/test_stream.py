@@ -181,8 +181,8 @@ def test_safe_pools_match_a_reference_built_from_the_same_events(run):
                 diff = set(got[uid][0]) ^ set(ref[uid][0])
                 prefix = uid.encode() + b"\x00"
                 ws = decode_user(uid, changelog[uid.encode()],
-                                 [(k[len(prefix):].decode(), v) for k, v in changelog.items()
-                                  if k.startswith(prefix) and v is not None and k[len(prefix):][:1] != b"\x00"])
+                                 sorted((k[len(prefix):], v) for k, v in changelog.items()
+                                        if k.startswith(prefix) and v is not None))
                 detail = [(i, ws.history.get(i), eng.users[uid].history.get(i)) for i in sorted(diff)[:3]]
                 assert got[uid] == ref[uid], (uid, detail)
         raise
