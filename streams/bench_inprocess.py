@@ -118,6 +118,7 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
                         batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
                         batch.append(key=k, value=v, timestamp=None)
                     counts["changelog"] += 1
+                    counts["changelog_bytes"] += len(k) + (0 if v is None else len(v))
             counts["outputs"] += len(out)
             t["outputs"] += t1 - t0
             t["table"] += t2 - t1
@@ -139,7 +140,8 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
     n = len(records)
     fig = {f"{k}_us": 1e6 * v / n for k, v in t.items()}
     fig.update(total_us=1e6 * wall / n, events_per_s=n / wall, events=n,
-               changelog_records_per_event=counts["changelog"] / n, outputs_per_event=counts["outputs"] / n)
+               changelog_records_per_event=counts["changelog"] / n,
+               changelog_bytes_per_event=counts["changelog_bytes"] / n, outputs_per_event=counts["outputs"] / n)
     table = Table(title=f"riskgate bench inprocess: {n:,} events, no Kafka")
     table.add_column("step")
     table.add_column("µs / event", justify="right")
@@ -148,5 +150,6 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
     table.add_row("total", f"{fig['total_us']:.2f}")
     console.print(table)
     console.print(f"{fig['events_per_s']:,.0f} events/s in-process; changelog records/event "
-                  f"{fig['changelog_records_per_event']:.2f}, outputs/event {fig['outputs_per_event']:.2f}")
+                  f"{fig['changelog_records_per_event']:.2f} ({fig['changelog_bytes_per_event']:,.0f} bytes), "
+                  f"outputs/event {fig['outputs_per_event']:.2f}")
     return fig

@@ -10,4 +10,5 @@ def test_the_in_process_bench_times_every_step_of_the_worker_path():
     assert fig["total_us"] >= sum(fig[f"{k}_us"] for k in STEPS) * 0.99
     # an impression writes its 20 entries, a watch one: the flushes did send what users changed
     assert 1.0 < fig["changelog_records_per_event"] < 5.0
+    assert 60 < fig["changelog_bytes_per_event"] / fig["changelog_records_per_event"] < 2000  # keys and values
     assert fig["outputs_per_event"] > 0
