@@ -382,6 +382,13 @@ class RiskgateApp:
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
         _, deleted, groups = part.users.flush(sync)
+        records = size = 0
+        for group in groups:
+            records += len(group)
+            for k, v in group:
+                size += len(k) + (0 if v is None else len(v))
+        self.metrics.changelog_records.inc(records)
+        self.metrics.changelog_bytes.inc(size)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()

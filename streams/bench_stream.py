@@ -380,6 +380,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             # holds the GIL); the broker's share is what it takes from the same two cores.
             fig["worker_cores"], fig["broker_cores"] = _cpu_share(sampler.cpu, first, last)
             _wait(lambda: _try_metrics(port).get("riskgate_consumer_lag", 1) == 0 or None, 60, "lag 0", proc, log)
+            m = _settled(port, "riskgate_changelog_records_total")  # (the last records' flush included)
+            fig["changelog_records_per_event"] = m.get("riskgate_changelog_records_total", 0) / total
+            fig["changelog_bytes_per_event"] = m.get("riskgate_changelog_bytes_total", 0) / total
         fig["backlog_lag"] = [(round(t - first, 2), lag) for t, _, lag, _ in sampler.samples if t >= first - 1][::8]
 
         if cfg.live_seconds > 0:
@@ -468,6 +471,18 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
     return out
 
 
+def _settled(port: int, name: str, every: float = 2.0, tries: int = 30) -> dict:
+    """The metrics once ``name`` stopped moving between two scrapes ``every`` s apart (a flush interval and more)."""
+    m = _try_metrics(port)
+    for _ in range(tries):
+        time.sleep(every)
+        again = _try_metrics(port)
+        if again.get(name) == m.get(name):
+            return again
+        m = again
+    return m
+
+
 def _try_metrics(port: int) -> dict:
     try:
         return _metrics(port)
@@ -478,6 +493,7 @@ def _try_metrics(port: int) -> dict:
 def _live_phase(cfg, bootstrap, names, prefix, tmp, sampler, proc, port, log, console) -> dict:
     out: dict = {}
     before = sampler.last.get("riskgate_records_applied_total", 0)
+    written = _try_metrics(port)
     flag_files = [tmp / f"flags-{i}.json" for i in range(cfg.live_producers)]
     cfg_json = json.dumps({k: v for k, v in cfg.__dict__.items() if k in ("users", "partitions")})
     rate = cfg.live_rate / cfg.live_producers
@@ -497,6 +513,10 @@ def _live_phase(cfg, bootstrap, names, prefix, tmp, sampler, proc, port, log, co
               "the live records to be applied", proc, log)
         caught_up = time.time()
         time.sleep(cfg.recompute_interval + 2)  # one more publication round for the last flags
+    now = _settled(port, "riskgate_changelog_records_total")
+    for name in ("records", "bytes"):
+        key = f"riskgate_changelog_{name}_total"
+        out[f"live_changelog_{name}_per_event"] = (now.get(key, 0) - written.get(key, 0)) / max(1, sent)
     pubs = _threshold_pubs(bootstrap, names)
     produced = [json.loads(f.read_text()) for f in flag_files]
     flags = sorted(t for d in produced for t in d["flags"])

@@ -76,6 +76,10 @@ class Metrics:
                                      "applying its latest input batch.", registry=r)
         self.flush = Histogram("riskgate_flush_seconds", "Time to write changed users and ack their records.",
                                registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.changelog_records = Counter("riskgate_changelog_records", "Records (changes and tombstones) this "
+                                         "worker sent to the users table's changelog.", registry=r)
+        self.changelog_bytes = Counter("riskgate_changelog_bytes", "Bytes of keys and values in those records "
+                                       "(before compression): the changelog's write volume.", registry=r)
         self.users_cached = Gauge("riskgate_users_cached", "Users held in memory by this worker's write-back "
                                   "caches (at most RISKGATE_USER_CACHE per partition): most of its RSS.", registry=r)
         self.inputs_age = Gauge("riskgate_threshold_inputs_age_seconds", "computed_at minus inputs_through of the "

@@ -138,6 +138,14 @@ def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix,
             healthy = wait_for(lambda: prom.query("riskgate_healthy == 1"), 30, what="riskgate_healthy == 1")
             assert healthy
 
+            # the changelog's write volume: every event changed a user, each record a key and most a value
+            written = wait_for(lambda: prom.query("riskgate_changelog_records_total > 0"), 30,
+                               what="riskgate_changelog_records_total")
+            records = float(written[0]["value"][1])
+            assert records >= float(ok[0]["value"][1]) / 25  # (a flush writes a user's changes once)
+            size = float(prom.query("riskgate_changelog_bytes_total")[0]["value"][1])
+            assert 20 * records < size < 4000 * records
+
             # everything the worker exports is declared in METRIC_NAMES (what dashboards and alerts may use)
             exported = {n for n in prom.names() if n.startswith("riskgate_")}
             assert "riskgate_events_total" in exported
