@@ -31,7 +31,7 @@ from .groups import band_of
 from .safe_pool import (HistoryEntry, SafeItem, SafePool, is_safe, pool_size_at, record_flag, record_view, record_watch,
                         trim_history)
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN"]
 
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
 #: i.e. anything but history entries (positions are stored with the core).
@@ -39,6 +39,10 @@ CORE = "\x00core"
 #: In :attr:`UserState.touched`, followed by a sequence number: that slate of
 #: :attr:`UserState.recent` was added or dropped (stores keep each one apart from the core).
 RECENT = "\x00r"
+#: In :attr:`UserState.touched`, followed by :attr:`PendingSlate.seq`: that pending slate was added or matured.
+PENDING = "\x00p"
+#: In :attr:`UserState.touched`, followed by a sequence number: that remembered event id was added or forgotten.
+SEEN = "\x00s"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class PendingSlate(msgspec.Struct, frozen=True, gc=False):
     scores: tuple[float, ...]
     replacement: tuple[bool, ...]
     repeat_pct: tuple[float | None, ...]  # first-view W% if the item was a repeat, unflagged then
+    seq: int = 0  # the user's count of pending slates before this one (UserState.pending_seq): its store key
 
 
 class MatureSlate(msgspec.Struct, frozen=True, gc=False):
@@ -100,6 +105,10 @@ class UserState:
     # appended and dropped from the front, so a store can key each slate by its number.
     recent_seq: int = 0
     seen: dict[str, float] = field(default_factory=dict)  # event_id -> ts, insertion-ordered
+    # Like recent_seq: the i-th remembered id is number seen_seq + i; and the number the next
+    # pending slate gets. Stores key these lists' members by them (streams.state).
+    seen_seq: int = 0
+    pending_seq: int = 0
     version: int = 0  # of this user's own published thresholds; only grows, kept with the state
     # Source log -> position (offset) of the last record of this user applied from it. A log
     # replayed after a crash re-delivers records; these are recognised however many there are
@@ -198,11 +207,16 @@ class UserState:
         return event_id in self.seen
 
     def _remember(self, event_id: str, ts: float, limits: Limits) -> None:
-        self.seen[event_id] = ts
-        if self.touched is not None:
-            self.touched.add(CORE)
-        while len(self.seen) > limits.dedup_max:
-            del self.seen[next(iter(self.seen))]
+        seen, touched = self.seen, self.touched
+        seen[event_id] = ts
+        if touched is not None:
+            touched.add(CORE)
+            touched.add(SEEN + str(self.seen_seq + len(seen) - 1))
+        while len(seen) > limits.dedup_max:
+            del seen[next(iter(seen))]
+            if touched is not None:
+                touched.add(SEEN + str(self.seen_seq))
+            self.seen_seq += 1
 
     # -- events ------------------------------------------------------------
     def on_impression(self, ev: Impression, watermark: float, limits: Limits) -> str:
@@ -222,7 +236,7 @@ class UserState:
             pending = PendingSlate(
                 ev.slate_id, ev.ts, ev.k, pool, ev.policy_applied, ev.alpha,
                 tuple(it.item_id for it in ev.items), tuple(it.score for it in ev.items),
-                tuple(it.replacement for it in ev.items), tuple(repeat),
+                tuple(it.replacement for it in ev.items), tuple(repeat), self.pending_seq,
             )
             if len(self.pending) >= limits.pending_max:
                 outcome = "pending_overflow"
@@ -301,6 +315,7 @@ class UserState:
             p = self.pending.pop(0)
             if self.touched is not None:
                 self.touched.add(CORE)
+                self.touched.add(PENDING + str(p.seq))
             if self._pending_items is not None:
                 self._pending_items -= len(p.item_ids)
             cutoff = p.ts + label_window
@@ -355,6 +370,9 @@ class UserState:
         while i > 0 and self.pending[i - 1].ts > p.ts:
             i -= 1
         self.pending.insert(i, p)
+        self.pending_seq += 1
+        if self.touched is not None:
+            self.touched.add(PENDING + str(p.seq))
         if self._pending_items is not None:
             self._pending_items += len(p.item_ids)
 
@@ -423,6 +441,8 @@ class UserState:
             "recent": [_mature_to_list(m) for m in self.recent],
             "recent_seq": self.recent_seq,
             "seen": list(self.seen.items()),
+            "seen_seq": self.seen_seq,
+            "pending_seq": self.pending_seq,
             "version": self.version,
         }
 
@@ -438,7 +458,9 @@ class UserState:
             tag_rules={t: (bool(b), float(ts)) for t, (b, ts) in d["tag_rules"].items()},
             shown=int(d["shown"]),
             flagged=int(d["flagged"]),
-            pending=[_slate_from_list(x) for x in d["pending"]],
+            pending=[_slate_from_list(x, i) for i, x in enumerate(d["pending"])],
+            pending_seq=int(d.get("pending_seq", len(d["pending"]))),
+            seen_seq=int(d.get("seen_seq", 0)),
             recent=[_mature_from_list(x, d["user_id"]) for x in d["recent"]],
             recent_seq=int(d.get("recent_seq", 0)),
             seen={k: v for k, v in d["seen"]},
@@ -448,11 +470,12 @@ class UserState:
 
 def _slate_to_list(p: PendingSlate) -> list:
     return [p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, list(p.item_ids), list(p.scores),
-            list(p.replacement), list(p.repeat_pct)]
+            list(p.replacement), list(p.repeat_pct), p.seq]
 
 
-def _slate_from_list(x: list) -> PendingSlate:
-    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]))
+def _slate_from_list(x: list, index: int) -> PendingSlate:
+    seq = x[10] if len(x) > 10 else index  # (lists written before pending slates were numbered)
+    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq)
 
 
 def _mature_to_list(m: MatureSlate) -> list:

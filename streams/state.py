@@ -2,18 +2,22 @@
 
 Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 
-* ``<user_id>`` → the user's *core* (msgpack): tag rules, reporting counts,
-  pending slates, remembered event ids, version, input positions, and the
-  sequence number of the first recent slate;
+* ``<user_id>`` → the user's *core* (msgpack, ~100 bytes): tag rules,
+  reporting counts, version, input positions and the sequence numbers below;
 * ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
-* ``<user_id> NUL NUL r <seq>`` → one recent mature slate (``seq``: 8 bytes,
-  big-endian, so they sort in order), ~300 bytes;
+* ``<user_id> NUL NUL q <seq>`` → one pending slate, ``seq`` its
+  :attr:`~calibration.user_state.PendingSlate.seq` (8 bytes, big-endian);
+* ``<user_id> NUL NUL r <seq>`` → one recent mature slate, ~300 bytes;
+* ``<user_id> NUL NUL s <seq>`` → one remembered event id and its ts;
 * ``NUL erased: <sha256>`` → a forget marker (:class:`TableErased`).
 
-A user's recent slates (the ``user:<id>`` group's window) were part of the core
-until format 4: up to ``user_window_max`` of them, ~300 kB for a heavy user,
-rewritten with every impression and maturity. Now a maturity writes the slate
-it adds and tombstones those it drops.
+Until format 5 the core held the lists: pending slates (a label window's
+worth), recent slates (the ``user:<id>`` window, up to ``user_window_max``)
+and remembered ids (up to ``dedup_max``), ~300 kB for a heavy user, all
+rewritten with every impression and maturity. Now each change writes the
+member it adds and tombstones those it drops; recent slates and remembered
+ids are only appended and dropped from the front, so a number per member (the
+first one kept in the core) gives each its key in list order.
 
 Positions ride with the core rather than in a key of their own: a watch, most
 of the input, then writes one record (its entry) instead of two, and the stored
@@ -51,7 +55,7 @@ import orjson
 from rocksdict import WriteBatch
 
 from calibration.safe_pool import HistoryEntry
-from calibration.user_state import CORE, RECENT, MatureSlate, PendingSlate, UserState
+from calibration.user_state import CORE, PENDING, RECENT, SEEN, MatureSlate, PendingSlate, UserState
 
 __all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "encode_slate", "user_records",
            "partition_items", "partition_db", "phase", "ERASED_PREFIX", "SEP"]
@@ -62,14 +66,18 @@ ERASED_PREFIX = b"\x00erased:"
 SEP = b"\x00"
 #: After ``<user_id> SEP``: where format 2 kept the user's input positions (cannot be an item id).
 POSITIONS_SUFFIX = b"\x00positions"
-#: After ``<user_id> SEP``: the start of a recent slate's key (then its sequence number).
+#: After ``<user_id> SEP``: the start of the keys of a recent slate, a pending slate and a remembered
+#: event id (then a sequence number, 8 bytes big-endian).
 SLATE_SUFFIX = b"\x00r"
+PENDING_SUFFIX = b"\x00q"  # (q for the queue of slates awaiting labels: b"\x00p" starts format 2's positions key)
+SEEN_SUFFIX = b"\x00s"
+_SUFFIX_OF = {RECENT: SLATE_SUFFIX, PENDING: PENDING_SUFFIX, SEEN: SEEN_SUFFIX}  # touched marker -> key suffix
 #: In TableUsers' unsynced keys: the user was written whole (as ``touched=None``).
 WHOLE = "\x00whole"
 # The core's first element. Format 1 cores were JSON objects holding the history too;
 # format 2 cores had no positions (they had a key of their own); cores of formats 2
-# and 3 held the recent slates.
-_FORMAT = 4
+# and 3 held the recent slates, and those of formats 2 to 4 the pending slates and remembered ids.
+_FORMAT = 5
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
@@ -81,16 +89,15 @@ def phase(partition: int) -> float:
 
 
 def encode_core(state: UserState) -> bytes:
-    """Everything of a user but the history and recent slates, as one msgpack array (positions last)."""
+    """A user's scalars, as one msgpack array (positions last): the lists have keys of their own."""
     return _enc.encode((
         _FORMAT,
         [(t, b, ts) for t, (b, ts) in state.tag_rules.items()],
         state.shown,
         state.flagged,
-        [(p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
-          p.repeat_pct) for p in state.pending],
+        state.pending_seq,
         state.recent_seq,
-        list(state.seen.items()),
+        state.seen_seq,
         state.version,
         state.positions,
     ))
@@ -115,23 +122,43 @@ def _slate(user_id: str, x) -> MatureSlate:
                        tuple(x[10]))
 
 
-def slate_suffix(seq: int) -> bytes:
-    return SLATE_SUFFIX + seq.to_bytes(8, "big")
+def encode_pending(p: PendingSlate) -> bytes:
+    return _enc.encode((p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores,
+                        p.replacement, p.repeat_pct))
+
+
+def _pending(x, seq: int) -> PendingSlate:
+    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq)
+
+
+def slate_suffix(seq: int, kind: bytes = SLATE_SUFFIX) -> bytes:
+    return kind + seq.to_bytes(8, "big")
 
 
 def marker_suffix(marker: str) -> bytes | None:
     """The key suffix (after ``<user_id> SEP``) a :attr:`UserState.touched` marker stands for; None: the core."""
     if marker[:1] != "\x00":
         return marker.encode()  # an item id
-    if marker[:2] == RECENT:
-        return slate_suffix(int(marker[2:]))
-    return None
+    kind = _SUFFIX_OF.get(marker[:2])
+    return None if kind is None else slate_suffix(int(marker[2:]), kind)
+
+
+def keyed_markers(state: UserState) -> set[str]:
+    """The :attr:`UserState.touched` markers of everything a user keeps apart from the core."""
+    out = set(state.history)
+    out.update(RECENT + str(state.recent_seq + i) for i in range(len(state.recent)))
+    out.update(SEEN + str(state.seen_seq + i) for i in range(len(state.seen)))
+    out.update(PENDING + str(p.seq) for p in state.pending)
+    return out
 
 
 def user_records(state: UserState) -> list[tuple[bytes, bytes]]:
-    """``(suffix, value)`` of everything of a user stored apart from the core: history entries, recent slates."""
+    """``(suffix, value)`` of everything of a user stored apart from the core."""
     out = [(item.encode(), encode_entry(e)) for item, e in state.history.items()]
     out.extend((slate_suffix(state.recent_seq + i), encode_slate(m)) for i, m in enumerate(state.recent))
+    out.extend((slate_suffix(p.seq, PENDING_SUFFIX), encode_pending(p)) for p in state.pending)
+    out.extend((slate_suffix(state.seen_seq + i, SEEN_SUFFIX), _enc.encode(kv))
+               for i, kv in enumerate(state.seen.items()))
     return out
 
 
@@ -153,35 +180,46 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
     if core[:1] == b"{":
         return UserState.from_dict(orjson.loads(core)), 1
     fmt, rules, shown, flagged, pending, recent, seen, version, *rest = _dec.decode(core)
-    if fmt not in (2, 3, _FORMAT):
+    if fmt not in (2, 3, 4, _FORMAT):
         raise ValueError(f"unknown user state format {fmt!r}")
-    entries, slates, positions = {}, [], None
-    for suffix, raw in keyed:
+    entries, slates, pendings, seens, positions = {}, [], [], [], None
+    for suffix, raw in keyed:  # (in key order: each list's members by sequence number)
         if suffix[:1] != b"\x00":
             if history:
                 item = suffix.decode()
                 entries[item] = _entry(item, raw)
         elif suffix[:2] == SLATE_SUFFIX:
-            slates.append(raw)  # (in key order: by sequence number)
+            slates.append(raw)
+        elif suffix[:2] == PENDING_SUFFIX:
+            pendings.append((int.from_bytes(suffix[2:], "big"), raw))
+        elif suffix[:2] == SEEN_SUFFIX:
+            seens.append(raw)
         elif suffix == POSITIONS_SUFFIX:
             positions = raw
+    recent_seq = seen_seq = 0
+    if fmt >= 4:
+        recent_seq, recent = recent, [_dec.decode(raw) for raw in slates]
     if fmt == _FORMAT:
-        recent_seq, stored = recent, rest[0]
-        recent = [_dec.decode(raw) for raw in slates]
+        pending_seq, seen_seq = pending, seen
+        # in ts order (by seq among equal ts), as UserState keeps them
+        pending = sorted((_pending(_dec.decode(raw), seq) for seq, raw in pendings), key=lambda p: (p.ts, p.seq))
+        seen = [_dec.decode(raw) for raw in seens]
     else:
-        recent_seq = 0
-        stored = rest[0] if fmt == 3 else ({} if positions is None else _dec.decode(positions))
+        pending = [_pending(x, i) for i, x in enumerate(pending)]
+        pending_seq = len(pending)
+    stored = rest[0] if fmt >= 3 else ({} if positions is None else _dec.decode(positions))
     return UserState(
         user_id=user_id,
         history=entries,
         tag_rules={t: (bool(b), float(ts)) for t, b, ts in rules},
         shown=shown,
         flagged=flagged,
-        pending=[PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]),
-                              tuple(x[9])) for x in pending],
+        pending=pending,
+        pending_seq=pending_seq,
         recent=[_slate(user_id, x) for x in recent],
         recent_seq=recent_seq,
         seen={k: v for k, v in seen},
+        seen_seq=seen_seq,
         version=version,
         positions=stored,
     ), fmt
@@ -361,18 +399,30 @@ class TableUsers:
         else:
             group = []
             write_core = False
-            recent, first = state.recent, state.recent_seq
+            pending = seen = None  # looked up by number once asked for
             for item in touched:
                 if item[:1] != "\x00":
                     e = history.get(item)
                     group.append((prefix + item.encode(), None if e is None else encode_entry(e)))
-                elif item == CORE:
+                    continue
+                if item == CORE:
                     write_core = True
-                elif item[:2] == RECENT:  # a slate added (still held) or dropped
-                    seq = int(item[2:])
-                    i = seq - first
-                    group.append((prefix + slate_suffix(seq),
-                                  encode_slate(recent[i]) if 0 <= i < len(recent) else None))
+                    continue
+                kind, seq = item[:2], int(item[2:])  # a member added (if still held) or dropped
+                if kind == RECENT:
+                    i = seq - state.recent_seq
+                    value = encode_slate(state.recent[i]) if 0 <= i < len(state.recent) else None
+                elif kind == PENDING:
+                    if pending is None:
+                        pending = {p.seq: p for p in state.pending}
+                    p = pending.get(seq)
+                    value = None if p is None else encode_pending(p)
+                else:  # SEEN
+                    if seen is None:
+                        seen = list(state.seen.items())
+                    i = seq - state.seen_seq
+                    value = _enc.encode(seen[i]) if 0 <= i < len(seen) else None
+                group.append((prefix + slate_suffix(seq, _SUFFIX_OF[kind]), value))
         if write_core:
             group.append((key, encode_core(state)))  # last, with its entries in one batch (see send_records)
         return group
@@ -414,8 +464,7 @@ class TableUsers:
             if group:
                 groups.append(group)
             if touched is None:  # keep the keys written whole: a forget must tombstone them
-                local.setdefault(uid, set()).update((WHOLE, *state.history))
-                local[uid].update(RECENT + str(state.recent_seq + i) for i in range(len(state.recent)))
+                local.setdefault(uid, set()).update((WHOLE, *keyed_markers(state)))
             elif uid in local:
                 local[uid] |= touched
             else:

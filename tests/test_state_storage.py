@@ -101,8 +101,10 @@ def _world_events(seed: int) -> list[tuple[object, str, int | None]]:
     return out
 
 
-# (user_window_max: users drop recent slates from the front, which flushes must tombstone)
-_CFG = EngineConfig(label_window=60.0, allowed_lateness=5.0, limits=Limits(history_max=25, user_window_max=3))
+# (user_window_max, dedup_max: users drop recent slates and remembered ids from the front,
+# which flushes must tombstone)
+_CFG = EngineConfig(label_window=60.0, allowed_lateness=5.0,
+                    limits=Limits(history_max=25, user_window_max=3, dedup_max=8))
 
 
 def _table_users(tmp_path, name: str, cache_max: int, sync_interval: float, records: dict | None = None):
@@ -214,7 +216,8 @@ def test_flushed_changes_rebuild_every_user_exactly(tmp_path, seed, flush_every,
     assert db[offset_key] == b"41"  # a restart on this database may skip the changelog up to here
     # the live states really were trimmed, matured and carried slates of their own
     assert any(s.recent for s in live.values()) and any(len(s.history) >= 25 for s in live.values())
-    assert any(s.recent_seq > 0 for s in live.values())
+    assert any(s.recent_seq > 0 for s in live.values()) and any(s.seen_seq > 0 for s in live.values())
+    assert any(s.pending_seq > len(s.pending) for s in live.values())  # matured: keys tombstoned
     assert all(s.positions for s in live.values())
 
 
@@ -290,59 +293,75 @@ def test_an_eviction_stores_the_positions_of_the_watches_before_it(tmp_path):
 
 
 def _old_core(state, fmt: int) -> bytes:
-    """The core as formats 2 and 3 wrote it: recent slates inside; format 3 with positions last."""
+    """The core as formats 2 to 4 wrote it: pending slates and remembered ids inside, recent slates too
+    before format 4 (which kept recent_seq there instead); positions last from format 3 on."""
     import msgspec
 
     from streams.state import _slate_fields
 
+    recent = state.recent_seq if fmt == 4 else [_slate_fields(m) for m in state.recent]
     fields = [fmt, [(t, b, ts) for t, (b, ts) in state.tag_rules.items()], state.shown, state.flagged,
               [(p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
                 p.repeat_pct) for p in state.pending],
-              [_slate_fields(m) for m in state.recent], list(state.seen.items()), state.version]
-    return msgspec.msgpack.encode(fields + ([state.positions] if fmt == 3 else []))
+              recent, list(state.seen.items()), state.version]
+    return msgspec.msgpack.encode(fields + ([state.positions] if fmt >= 3 else []))
 
 
-@pytest.mark.parametrize("fmt", [2, 3])
+@pytest.mark.parametrize("fmt", [2, 3, 4])
 def test_a_user_of_an_older_format_loads_and_is_rewritten_whole(tmp_path, fmt):
-    """Format 2 kept positions under a key of their own, formats 2 and 3 the recent slates in the core.
+    """Format 2 kept positions under a key of their own; the core held recent slates up to format 3, and
+    pending slates and remembered ids up to format 4.
 
-    Such a user loads as it was, and its next flush rewrites it whole in the
-    current format: slates under their own keys, the old positions key tombstoned.
+    Such a user loads as it was (its pending slates numbered afresh, in their
+    order), and its next flush rewrites it whole in the current format: every
+    list member under its own key, the old positions key tombstoned.
     """
     import msgspec
 
-    from streams.state import POSITIONS_SUFFIX, SEP, slate_suffix
+    from streams.state import PENDING_SUFFIX, POSITIONS_SUFFIX, SEEN_SUFFIX, SEP, encode_slate, slate_suffix
 
     eng = _users()
-    state = next(u for u in eng.users.values() if u.history and u.pending and u.recent)
+    state = next(u for u in eng.users.values() if u.history and u.pending and u.recent and u.seen)
     state.positions = {"impressions": 7, "watch": 12}
+    state.recent_seq = 5 if fmt == 4 else 0  # (recent slates were numbered from format 4 on)
     key = state.user_id.encode()
     records = {key: _old_core(state, fmt)}
     if fmt == 2:
         records[key + SEP + POSITIONS_SUFFIX] = msgspec.msgpack.encode(state.positions)
+    if fmt == 4:
+        records.update({key + SEP + slate_suffix(state.recent_seq + i): encode_slate(m)
+                        for i, m in enumerate(state.recent)})
     records.update({key + SEP + i.encode(): encode_entry(e) for i, e in state.history.items()})
     db, users = _table_users(tmp_path, f"v{fmt}", 1000, 3600.0, records)
     loaded = users.get(state.user_id)
-    assert loaded == state and loaded.touched is None  # read as it was; not followed: written whole
+    assert loaded.touched is None  # read as it was; not followed: written whole
+    assert [p.seq for p in loaded.pending] == list(range(len(state.pending))) == list(range(loaded.pending_seq))
+    state.pending = [msgspec.structs.replace(p, seq=i) for i, p in enumerate(state.pending)]
+    state.pending_seq = len(state.pending)
+    assert loaded == state
     users[state.user_id] = loaded
     _, _, groups = users.flush()
     (group,) = groups
-    assert ((key + SEP + POSITIONS_SUFFIX, None) in group) == (fmt == 2)  # the old key tombstoned
+    written = dict(group)
+    assert ((key + SEP + POSITIONS_SUFFIX) in written) == (fmt == 2) and written.get(key + SEP + POSITIONS_SUFFIX) is None
     assert group[-1] == (key, encode_core(state))
-    assert all(key + SEP + slate_suffix(i) in dict(group) for i in range(len(state.recent)))
+    assert all(key + SEP + slate_suffix(state.recent_seq + i) in written for i in range(len(state.recent)))
+    assert all(key + SEP + slate_suffix(i, PENDING_SUFFIX) in written for i in range(len(state.pending)))
+    assert all(key + SEP + slate_suffix(i, SEEN_SUFFIX) in written for i in range(len(state.seen)))
     assert _users_of({k: v for k, v in group if v is not None})[state.user_id] == state
 
 
 def test_a_maturity_writes_the_slates_it_adds_and_drops_not_the_window():
-    """The core no longer holds the recent slates: it stays small however many a user has."""
+    """The core holds no list (recent and pending slates, remembered ids): it stays small however long they are."""
     from streams.state import RECENT
 
     eng = _users()
     state = max(eng.users.values(), key=lambda u: len(u.recent))
-    assert len(state.recent) >= 5
+    assert len(state.recent) >= 5 and state.pending and state.seen
     before = len(encode_core(state))
-    state.recent = state.recent * 20
-    assert len(encode_core(state)) == before
+    state.recent, state.pending = state.recent * 20, state.pending * 20
+    state.seen = {f"{k}-{n}": v for k, v in state.seen.items() for n in range(20)}
+    assert len(encode_core(state)) == before < 200
     # slates added and dropped are noted one by one, by sequence number
     state.touched = set()
     state.recent_seq = 40
