@@ -118,9 +118,9 @@ class UserState:
     # a watch replayed is harmless as long as its entry is still there.
     positions: dict[str, int] = field(default_factory=dict)
     # What changed since a store last wrote this user, for stores that write changes
-    # only (streams.state): item ids of changed or evicted history entries, RECENT + the
-    # number of each recent slate added or dropped, and CORE when anything else changed.
-    # None: not tracked (a new user, or the replay's dict).
+    # only (streams.state): item ids of changed or evicted history entries, RECENT, PENDING
+    # or SEEN + the number of each member of those lists added or dropped, and CORE when
+    # anything else changed. None: not tracked (a new user, or the replay's dict).
     touched: set | None = field(default=None, compare=False, repr=False)
     # Items of pending slates, counted (trimming checks it on every event); None: recount.
     _pending_items: int | None = field(default=None, init=False, compare=False, repr=False)

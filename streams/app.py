@@ -382,13 +382,6 @@ class RiskgateApp:
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
         _, deleted, groups = part.users.flush(sync)
-        records = size = 0
-        for group in groups:
-            records += len(group)
-            for k, v in group:
-                size += len(k) + (0 if v is None else len(v))
-        self.metrics.changelog_records.inc(records)
-        self.metrics.changelog_bytes.inc(size)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
@@ -404,7 +397,10 @@ class RiskgateApp:
             for st in self.config.strategies:
                 outgoing.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
         changelog = self.users_table.changelog_topic.get_topic_name()
-        await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent, fence=self._fence)
+        records, size = await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent,
+                                           fence=self._fence)
+        self.metrics.changelog_records.inc(records)
+        self.metrics.changelog_bytes.inc(size)
         pools: dict[int, list] = defaultdict(list)
         for t, k, v in outgoing:
             if t is self.pools_topic:

@@ -37,8 +37,9 @@ FENCE_KEY = b"\x00fence"
 Record = tuple[bytes | None, bytes | None]
 
 
-def _size(group: Sequence[Record]) -> int:
-    n = 24 * len(group)  # a record's framing, generously
+def _payload(group: Sequence[Record]) -> int:
+    """Bytes of the group's keys and values."""
+    n = 0
     for k, v in group:  # (a plain loop: a generator costs more than the sums for 1-2 records)
         if k:
             n += len(k)
@@ -48,8 +49,10 @@ def _size(group: Sequence[Record]) -> int:
 
 
 async def send_records(app, topic: str, partition: int, groups: Iterable[Sequence[Record]],
-                       on_sent: Callable[[int], None] | None = None, fence: bool = False) -> int:
-    """Queue groups of ``(key, value)`` records for ``topic``/``partition`` in order; returns the records sent.
+                       on_sent: Callable[[int], None] | None = None, fence: bool = False) -> tuple[int, int]:
+    """Queue groups of ``(key, value)`` records for ``topic``/``partition`` in order.
+
+    Returns the records sent and the bytes of their keys and values (the fence not counted).
 
     ``on_sent(last_offset)`` is called once the last batch is on the broker.
     """
@@ -57,14 +60,17 @@ async def send_records(app, topic: str, partition: int, groups: Iterable[Sequenc
     new = lambda: BatchBuilder(BATCH_BYTES, 0, is_transactional=False)  # noqa: E731 (0: no compression)
     batch = new()
     last = None
-    count = n = 0
+    count = n = payload = 0
 
     async def send(b):
         nonlocal last, count
         last, count = await producer.send_batch(b, topic, partition=partition), b.record_count()
 
     for group in groups:
-        if batch.record_count() and batch.size() + _size(group) > BATCH_BYTES:  # (most groups are 1-2 records)
+        size = _payload(group)
+        payload += size
+        # (24: a record's framing, generously; most groups are 1-2 records)
+        if batch.record_count() and batch.size() + size + 24 * len(group) > BATCH_BYTES:
             await send(batch)  # this group starts a batch of its own
             batch = new()
         for key, value in group:
@@ -83,4 +89,4 @@ async def send_records(app, topic: str, partition: int, groups: Iterable[Sequenc
     if last is not None and on_sent is not None:
         last.add_done_callback(
             lambda f, c=count: None if f.cancelled() or f.exception() else on_sent(f.result().offset + c - 1))
-    return n
+    return n, payload

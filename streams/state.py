@@ -179,6 +179,7 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
     """:func:`decode_user` (``history``: False to skip the entries), and the format the core was written in."""
     if core[:1] == b"{":
         return UserState.from_dict(orjson.loads(core)), 1
+    # Fields 5-7 are the lists in older formats, their first numbers from format 5 (recent: 4) on.
     fmt, rules, shown, flagged, pending, recent, seen, version, *rest = _dec.decode(core)
     if fmt not in (2, 3, 4, _FORMAT):
         raise ValueError(f"unknown user state format {fmt!r}")
