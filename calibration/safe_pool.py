@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from bisect import bisect_right
 from typing import Container, Iterable, Mapping
 
 import msgspec
 
-__all__ = ["HistoryEntry", "SafeItem", "SafePool", "watch_pct", "is_safe", "safe_pool", "pool_size", "pool_size_at",
-           "record_view", "record_watch", "record_flag", "trim_history"]
+__all__ = ["HistoryEntry", "SafeItem", "SafePool", "SafeSpans", "watch_pct", "is_safe", "safe_pool", "pool_size",
+           "pool_size_at", "safe_span", "record_view", "record_watch", "record_flag", "trim_history"]
 
 
 def watch_pct(watch_ms: float, duration_ms: float) -> float | None:
@@ -317,6 +318,106 @@ def pool_size_at(
     return sum(1 for _, item in keys if item not in exclude)
 
 
+_INF = float("inf")
+
+
+def safe_span(e: HistoryEntry, beta: float | None, blocked: frozenset[str]) -> tuple[float, float] | None:
+    """When ``e`` counts in :func:`pool_size_at` (cap aside): at every ``t`` with ``start ≤ t < end``; None: never.
+
+    ``start`` is the first view (β numeric) or the first sight (β None), ``-inf``
+    for an entry written before those times were kept; ``end`` is the first flag,
+    ``inf`` if none.
+
+    Examples
+    --------
+    >>> e = HistoryEntry("a", 2.0, (), 90.0, watched=True, shown=True, flag_ts=9.0, first_shown=5.0, first_watch_ts=6.0)
+    >>> safe_span(e, 50.0, frozenset()), safe_span(e, None, frozenset()), safe_span(e, 95.0, frozenset())
+    ((6.0, 9.0), (5.0, 9.0), None)
+    """
+    if blocked and not blocked.isdisjoint(e.tags):
+        return None
+    if beta is not None:
+        if not e.watched or e.first_watch_pct is None or e.first_watch_pct <= beta:
+            return None
+        start = -_INF if e.first_watch_ts is None else e.first_watch_ts
+    elif e.watched:
+        start = -_INF if e.first_watch_ts is None else e.first_watch_ts
+        if e.shown:
+            shown = -_INF if e.first_shown is None else e.first_shown
+            if shown < start:
+                start = shown
+    elif e.shown:
+        start = -_INF if e.first_shown is None else e.first_shown
+    else:
+        return None
+    end = _INF if e.flag_ts is None else e.flag_ts
+    return (start, end) if start < end else None
+
+
+class SafeSpans:
+    """How many entries counted in the pool at any time ``t``: :func:`pool_size_at` without reading the history.
+
+    Each entry's :func:`safe_span` ``[start, end)``, as two sorted lists: the
+    entries counted at ``t`` (cap aside) number #{start ≤ t} − #{end ≤ t}, since
+    every span ends after it starts. A slate's ``p`` at maturity is then two
+    bisections and a look at the slate's own items, where :func:`pool_size_at`
+    walks the whole history (``history_max`` entries) for every slate. Kept
+    change by change (:meth:`update`, with the entry before and after, as
+    :class:`SafePool`); the rule is the same, so the two always agree
+    (``tests/test_safe_pool_incremental.py``). When more than the cap counted
+    at ``t``, which of them rank within it needs the entries: it falls back to
+    :func:`pool_size_at`.
+
+    Examples
+    --------
+    >>> h = {"a": HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, first_watch_ts=6.0, flag_ts=30.0),
+    ...      "b": HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, first_watch_ts=20.0)}
+    >>> spans = SafeSpans(h.values(), 50.0, frozenset())
+    >>> [spans.size_at(t, h, None, ()) for t in (5.0, 10.0, 25.0, 31.0)]
+    [0, 1, 2, 1]
+    >>> spans.size_at(25.0, h, None, {"a"}), spans.size_at(25.0, h, 1, ())
+    (1, 1)
+    """
+
+    __slots__ = ("beta", "blocked", "starts", "ends")
+
+    def __init__(self, history: Iterable[HistoryEntry], beta: float | None, blocked: frozenset[str]):
+        self.beta, self.blocked = beta, blocked
+        spans = [s for e in history if (s := safe_span(e, beta, blocked)) is not None]
+        self.starts = sorted(s for s, _ in spans)
+        self.ends = sorted(e for _, e in spans if e != _INF)  # (an open span never ends by any t)
+
+    def update(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
+        """Apply one entry's change (``old`` the entry these spans hold for it; ``new`` None: evicted)."""
+        beta, blocked = self.beta, self.blocked
+        before = None if old is None else safe_span(old, beta, blocked)
+        after = None if new is None else safe_span(new, beta, blocked)
+        if before == after:
+            return  # most changes (a later watch, a view): the span stays
+        if before is not None:
+            start, end = before
+            del self.starts[bisect.bisect_left(self.starts, start)]
+            if end != _INF:
+                del self.ends[bisect.bisect_left(self.ends, end)]
+        if after is not None:
+            start, end = after
+            bisect.insort(self.starts, start)
+            if end != _INF:
+                bisect.insort(self.ends, end)
+
+    def size_at(self, t: float, history: Mapping[str, HistoryEntry], max_size: int | None,
+                exclude: Iterable[str]) -> int:
+        """:func:`pool_size_at` of ``history`` (the entries these spans follow) at ``t``, minus ``exclude``."""
+        n = bisect_right(self.starts, t) - bisect_right(self.ends, t)
+        if max_size is not None and n > max_size:  # which of them rank within the cap: read the entries
+            return pool_size_at(history.values(), t, self.beta, self.blocked, max_size, exclude)
+        for item in exclude:
+            e = history.get(item)
+            if e is not None and (s := safe_span(e, self.beta, self.blocked)) is not None and s[0] <= t < s[1]:
+                n -= 1
+        return n
+
+
 def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[str]:
     """Item ids to evict so at most ``max_items`` remain: least recently seen first.
 
@@ -326,5 +427,15 @@ def trim_history(history: Mapping[str, HistoryEntry], max_items: int) -> list[st
     excess = len(history) - int(max_items)
     if excess <= 0:
         return []
-    order = sorted(history.values(), key=lambda e: (e.flagged, e.last_seen, e.item_id))
-    return [e.item_id for e in order[:excess]]
+    # The order is (flagged, last_seen, item_id). A trim runs every ~history_max/10 new
+    # items over the whole history, so it avoids sorting entries by a key tuple: the
+    # excess-th smallest last_seen of the unflagged (a sort of plain floats) bounds the
+    # ones evicted, and only those at or below it are sorted by the full key.
+    entries = history.values()
+    times = sorted([e.last_seen for e in entries if not e.flagged])
+    if len(times) < excess:  # flagged ones go too: the whole order
+        order = sorted(entries, key=lambda e: (e.flagged, e.last_seen, e.item_id))
+        return [e.item_id for e in order[:excess]]
+    cut = times[excess - 1]
+    oldest = sorted([(e.last_seen, e.item_id) for e in entries if e.last_seen <= cut and not e.flagged])
+    return [item for _, item in oldest[:excess]]

@@ -28,10 +28,16 @@ import msgspec
 
 from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
-from .safe_pool import (HistoryEntry, SafeItem, SafePool, is_safe, pool_size_at, record_flag, record_view, record_watch,
-                        trim_history)
+from .safe_pool import (HistoryEntry, SafeItem, SafePool, SafeSpans, is_safe, pool_size_at, record_flag, record_view,
+                        record_watch, trim_history)
 
-__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN"]
+__all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN", "SPANS_MIN"]
+
+#: Histories of at least this many entries count a maturing slate's ``p`` with
+#: :class:`calibration.safe_pool.SafeSpans` (kept change by change, ~16 bytes an
+#: entry); shorter ones walk the history (:func:`calibration.safe_pool.pool_size_at`),
+#: which costs less than keeping the spans.
+SPANS_MIN = 64
 
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
 #: i.e. anything but history entries (positions are stored with the core).
@@ -134,6 +140,8 @@ class UserState:
     # a caller that holds back additions may have handed out items the pool no longer shows.
     _pool_shown: dict | None = field(default=None, init=False, compare=False, repr=False)
     _blocked: frozenset | None = field(default=None, init=False, compare=False, repr=False)
+    # When each entry counted in the pool (p at maturity), for long histories (SPANS_MIN); None: not kept.
+    _spans: SafeSpans | None = field(default=None, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
     @property
@@ -173,6 +181,8 @@ class UserState:
         self._pool_shown = {item.item_id: item for item in items}
 
     def _entry_changed(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
+        if self._spans is not None:
+            self._spans.update(old, new)
         pool = self._pool
         if pool is None:
             self._pool_changed = self._pool_took_out = True
@@ -289,6 +299,7 @@ class UserState:
             if old is None or ev.ts >= old[1]:
                 self.tag_rules[tag] = (blocked, ev.ts)
                 self._pool, self._pool_changed, self._blocked = None, True, None  # blocked tags changed
+                self._spans = None
                 self._pool_took_out = True
         return "late" if ev.ts < watermark else "ok"
 
@@ -311,6 +322,10 @@ class UserState:
         matured: list[MatureSlate] = []
         band = self.band
         blocked = self.blocked_tags
+        spans = self._spans
+        if spans is None or spans.beta != limits.beta or (spans.blocked is not blocked and spans.blocked != blocked):
+            spans = self._spans = (SafeSpans(self.history.values(), limits.beta, blocked)
+                                   if len(self.history) >= SPANS_MIN else None)
         while self.pending and self.pending[0].ts + label_window <= watermark:
             p = self.pending.pop(0)
             if self.touched is not None:
@@ -327,8 +342,11 @@ class UserState:
             # the history as of its ts: by maturity every event up to ts + label_window
             # has been read (the watermark waits for lagging topics), so p no longer
             # depends on how far other topics had been read when the impression was.
-            pool = pool_size_at(self.history.values(), p.ts, limits.beta, blocked, limits.safe_pool_max,
-                                set(p.item_ids))
+            if spans is None:
+                pool = pool_size_at(self.history.values(), p.ts, limits.beta, blocked, limits.safe_pool_max,
+                                    set(p.item_ids))
+            else:  # the same count, without walking the history
+                pool = spans.size_at(p.ts, self.history, limits.safe_pool_max, set(p.item_ids))
             m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, pool, band, p.policy_applied, p.alpha,
                             p.scores, tuple(flags), p.replacement, p.repeat_pct)
             matured.append(m)

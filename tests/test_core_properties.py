@@ -125,6 +125,20 @@ def test_pool_size_is_the_size_of_the_capped_pool_minus_the_excluded(entries, be
     assert pool_size(entries, beta, blocked, cap, exclude) == want
 
 
+@settings(max_examples=400, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, 60), st.sampled_from([0.0, 1.0, 2.0, 3.5]), st.booleans()),
+                        max_size=40, unique_by=lambda x: x[0]),
+       keep=st.integers(0, 42))
+def test_trimming_evicts_the_least_recently_seen_unflagged_first(entries, keep):
+    """trim_history's shortcut is the order it documents: (flagged, last_seen, item_id), the first ones out."""
+    from calibration.safe_pool import HistoryEntry, trim_history
+
+    history = {f"i{i}": HistoryEntry(f"i{i}", 1.0, (), None, False, True, flagged, seen)
+               for i, seen, flagged in entries}
+    order = sorted(history.values(), key=lambda e: (e.flagged, e.last_seen, e.item_id))
+    assert trim_history(history, keep) == [e.item_id for e in order[:max(0, len(history) - keep)]]
+
+
 # -- the watermark: its shortcut against the rule it shortcuts --------------------
 class _PlainWatermark:
     """SPEC's rule as written: the least max ts over lagging sources (else over all), minus lateness, never down."""

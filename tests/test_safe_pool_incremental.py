@@ -10,12 +10,14 @@ only gained items may be published later, so a removal must always be said.
 from __future__ import annotations
 
 import heapq
+from unittest import mock
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from calibration.events import Constraints, Flag, Impression, ShownItem, Watch
 from calibration.safe_pool import HistoryEntry, pool_size, pool_size_at, safe_pool
+from calibration import user_state
 from calibration.user_state import Limits, UserState
 
 ITEMS = [f"i{n}" for n in range(12)]
@@ -136,6 +138,31 @@ def test_pool_size_at_equals_its_definition(ops, beta, cap, t, exclude):
         _apply(state, op, n, limits)
     got = pool_size_at(state.history.values(), t, beta, state.blocked_tags, cap, exclude)
     assert got == _pool_size_at_reference(state.history.values(), t, beta, state.blocked_tags, cap, exclude)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(event, max_size=60), st.sampled_from([None, 0.0, 50.0]), st.sampled_from([None, 0, 1, 3, 100]),
+       st.sampled_from([4, 6, 500]), st.lists(st.sampled_from([None, 10.0, 30.0, 50.0]), min_size=60, max_size=60))
+def test_p_at_maturity_from_the_spans_equals_the_walk(ops, beta, cap, history_max, maturities):
+    """p counted from SafeSpans (kept event by event from the first maturity on) is pool_size_at's.
+
+    Impressions stay pending (the watermark passed to them is -inf); now and then
+    the watermark jumps and matures some (``maturities``), with p compared to a
+    walk of the history as it stands then. Spans are kept for every history here.
+    """
+    limits = Limits(beta=beta, safe_pool_max=cap, history_max=history_max)
+    state = UserState("u")
+    with mock.patch.object(user_state, "SPANS_MIN", 0):
+        for n, op in enumerate(ops):
+            _apply(state, op, n, limits)
+            if maturities[n] is None:
+                continue
+            due = [p for p in state.pending if p.ts + 1.0 <= maturities[n]]
+            expected = [pool_size_at(state.history.values(), p.ts, beta, _blocked(state), cap, set(p.item_ids))
+                        for p in due]
+            matured, _ = state.mature(maturities[n], 1.0, float("-inf"), limits)
+            assert [m.pool for m in matured] == expected
+            assert state._spans is not None
 
 
 def test_the_cap_keeps_the_highest_rank_scores_as_items_enter():
