@@ -49,7 +49,8 @@ from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, phase
-from .topics import DLQ_MAX_BYTES, Topics, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
+from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, safe_pool_message,
+                     threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -548,8 +549,21 @@ class RiskgateApp:
         s = self.settings
         # A short buffer: a round's snapshots arrive together (aligned ticks).
         async for events in stream.take_events(1000, within=min(0.2, s.recompute_interval / 4)):
+            grid = len(self.config.grid)
             for event in events:
-                self.aggregator.update(*decode_snapshot(event.message.value))
+                msg = event.message
+                try:
+                    snapshot = decode_snapshot(msg.value, grid, s.topic_partitions)
+                except InvalidSnapshot as e:
+                    # Only workers write this topic; a record they could not have written
+                    # (another deployment's grid, a stray producer) must not stop the sums.
+                    log.error("a %s record that is not a snapshot (%s[%d]@%d): dead-lettered",
+                              self.names.partials, msg.topic, msg.partition, msg.offset)
+                    self.metrics.dlq.labels(self.names.base(msg.topic), "bad_snapshot").inc()
+                    self.dlq_topic.send_soon(key=msg.key, value=dead_letter(msg.topic, msg.partition, msg.offset,
+                                                                            msg.value, f"bad_snapshot: {e}", msg.key))
+                    continue
+                self.aggregator.update(*snapshot)
             _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
             pubs = self.aggregator.due(time.time())

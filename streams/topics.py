@@ -10,6 +10,8 @@ partition's window totals, read by the single aggregator).
 from __future__ import annotations
 
 import base64
+import binascii
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -33,6 +35,7 @@ __all__ = [
     "safe_pool_message",
     "encode_snapshot",
     "decode_snapshot",
+    "InvalidSnapshot",
 ]
 
 INPUT_TOPICS = ("impressions", "watch", "flags", "constraints", "forget")
@@ -159,13 +162,67 @@ def encode_snapshot(partition: int, watermark: float | None, span, totals: Mappi
     )
 
 
-def decode_snapshot(raw: bytes) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator],
-                                         float | None, int | None]:
-    """``(partition, watermark, span, totals, through, round)``, as :meth:`Aggregator.update` takes them."""
-    d = orjson.loads(raw)
+class InvalidSnapshot(ValueError):
+    """A ``riskgate-partials`` record that is not a snapshot this worker can sum; the message says why."""
+
+
+def _number(d: dict, name: str) -> float | None:
+    v = d.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise InvalidSnapshot(f"{name} must be a finite number or null")
+    return float(v)
+
+
+def decode_snapshot(raw: bytes, grid_size: int | None = None, partitions: int | None = None) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator],
+                               float | None, int | None]:
+    """``(partition, watermark, span, totals, through, round)``, as :meth:`Aggregator.update` takes them.
+
+    Raises :class:`InvalidSnapshot` for anything :func:`encode_snapshot` would not
+    have written, or written by a worker with another grid (``grid_size``) or
+    partition count (``partitions``): summing such totals would fail, or give λ̂
+    over windows that are not this deployment's. Totals of strategies or groups
+    this worker does not publish are kept; the sum ignores them (a rolling
+    deploy that adds a strategy).
+    """
+    try:
+        d = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError) as e:
+        raise InvalidSnapshot(f"not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise InvalidSnapshot("not a JSON object")
+    partition = d.get("partition")
+    if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0 or (
+            partitions is not None and partition >= partitions):
+        raise InvalidSnapshot(f"partition must be an input partition (0..{partitions - 1 if partitions else 'n'})")
+    round_ = d.get("round")
+    if round_ is not None and (isinstance(round_, bool) or not isinstance(round_, int)):
+        raise InvalidSnapshot("round must be an integer or null")
+    watermark, through = _number(d, "watermark"), _number(d, "through")
+    span = d.get("span")
+    if span is not None:
+        if not isinstance(span, list) or len(span) != 2:
+            raise InvalidSnapshot("span must be [start, end] or null")
+        span = (_number({"span": span[0]}, "span"), _number({"span": span[1]}, "span"))
+        if None in span:
+            raise InvalidSnapshot("span must be [start, end] or null")
+    raw_totals = d.get("totals")
+    if not isinstance(raw_totals, dict):
+        raise InvalidSnapshot("totals must be an object")
     totals = {}
-    for key, b64 in d["totals"].items():
-        s, g = key.split("|", 1)
-        totals[(s, g)] = CurveAccumulator.from_bytes(base64.b64decode(b64))
-    return (int(d["partition"]), d["watermark"], tuple(d["span"]) if d["span"] else None, totals, d.get("through"),
-            d.get("round"))
+    for key, b64 in raw_totals.items():
+        st, sep, group = key.partition("|")
+        if not sep:
+            raise InvalidSnapshot(f"totals key {key[:80]!r} is not strategy|group")
+        try:
+            data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+        except binascii.Error:
+            data = None
+        if not data or len(data) % 8:
+            raise InvalidSnapshot(f"totals[{key[:80]!r}] is not an encoded accumulator")
+        acc = CurveAccumulator.from_bytes(data)
+        if grid_size is not None and len(acc.increments) != grid_size:
+            raise InvalidSnapshot(f"totals[{key[:80]!r}] has {len(acc.increments)} grid points, this worker {grid_size}")
+        totals[(st, group)] = acc
+    return partition, watermark, span, totals, through, round_

@@ -1,14 +1,22 @@
 """The aggregator's publish rule and the ranker's threshold resolution, without Kafka."""
 
+import asyncio
+import base64
+from types import SimpleNamespace
+
 import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from calibration.engine import Engine, EngineConfig, combine
 from calibration.events import Flag, Impression, ShownItem
 from calibration.grid import make_grid
 from calibration.policy import Candidate
+from calibration.window import CurveAccumulator
 from streams.aggregator import Aggregator
 from streams.ranker import ThresholdBook
-from streams.topics import decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
+from streams.topics import InvalidSnapshot, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
 
 CFG = EngineConfig(alphas=(0.1, 0.3), label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11))
 
@@ -34,6 +42,90 @@ def test_snapshots_round_trip_and_sum_to_one_engine():
     want = {(r.strategy, r.group): r for r in combine(CFG, [e1.calibrator.snapshot(), e2.calibrator.snapshot()])}
     assert {k: (r.n, r.thresholds) for k, r in got.items()} == {k: (r.n, r.thresholds) for k, r in want.items()}
     assert got[("remove", "global")].n == 70
+
+
+def _snapshot(**change) -> bytes:
+    e = _engine("x", 10)
+    d = orjson.loads(encode_snapshot(3, e.watermark, e.calibrator.span(), e.calibrator.snapshot(), 99.5, 7))
+    d.update(change)
+    return orjson.dumps(d)
+
+
+def test_a_snapshot_decodes_to_what_was_encoded_and_is_checked_against_this_deployment():
+    part, wm, span, totals, through, round_ = decode_snapshot(_snapshot(), len(CFG.grid), 8)
+    assert (part, through, round_) == (3, 99.5, 7) and wm == _engine("x", 10).watermark
+    assert all(len(acc.increments) == len(CFG.grid) for acc in totals.values())
+    with pytest.raises(InvalidSnapshot, match="12 grid points, this worker 11"):
+        decode_snapshot(encode_snapshot(0, 1.0, None, {("remove", "global"): CurveAccumulator(12)}), 11, 8)
+    with pytest.raises(InvalidSnapshot, match="input partition"):
+        decode_snapshot(_snapshot(), len(CFG.grid), 2)  # from a deployment with more partitions
+
+
+ZERO = base64.b64encode(bytes(8 * 12)).decode()
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"{", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (_snapshot(partition="3"), "partition"),
+    (_snapshot(partition=True), "partition"),
+    (_snapshot(partition=-1), "partition"),
+    (_snapshot(round=1.5), "round"),
+    (_snapshot(watermark="soon"), "watermark"),
+    (_snapshot(through=[1]), "through"),
+    (_snapshot(span=[1.0]), "span"),
+    (_snapshot(span=[1.0, None]), "span"),
+    (_snapshot(totals=[]), "totals must be an object"),
+    (_snapshot(totals={"remove": ZERO}), "strategy|group"),
+    (_snapshot(totals={"remove|global": "not base64!"}), "not an encoded accumulator"),
+    (_snapshot(totals={"remove|global": base64.b64encode(b"abc").decode()}), "not an encoded accumulator"),
+    (_snapshot(totals={"remove|global": 5}), "not an encoded accumulator"),
+    (_snapshot(totals={"remove|global": ""}), "not an encoded accumulator"),
+])
+def test_a_record_no_worker_wrote_is_refused_with_its_reason(raw, reason):
+    with pytest.raises(InvalidSnapshot, match=reason):
+        decode_snapshot(raw, 12, 8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+                              lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                                  ["partition", "round", "through", "watermark", "span", "totals", "remove|global"]),
+                                  c, max_size=6), max_leaves=12).map(orjson.dumps)))
+def test_decoding_a_snapshot_raises_nothing_but_invalid_snapshot(raw):
+    try:
+        decode_snapshot(raw, 12, 8)
+    except InvalidSnapshot:
+        pass
+
+
+def test_the_aggregator_agent_dead_letters_a_bad_snapshot_and_sums_the_good_ones(tmp_path):
+    from streams.app import RiskgateApp
+    from streams.settings import load_settings
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
+    grid = len(rg.config.grid)
+    good = encode_snapshot(1, 5.0, None, {("remove", "global"): CurveAccumulator(grid)}, 4.0, 2)
+    bad = encode_snapshot(0, 5.0, None, {("remove", "global"): CurveAccumulator(grid + 1)}, 4.0, 2)
+    sent = []
+    rg.dlq_topic.send_soon = lambda key, value: sent.append(orjson.loads(value))
+
+    class Stream:
+        async def take_events(self, n, within):
+            yield [SimpleNamespace(message=SimpleNamespace(topic="riskgate-partials", partition=0, offset=o, key=None,
+                                                           value=v))
+                   for o, v in enumerate([bad, good])]
+
+    import streams.app as app_module
+    real, app_module._in_event_of = app_module._in_event_of, lambda event: None
+    try:
+        asyncio.run(rg._aggregate(Stream()))
+    finally:
+        app_module._in_event_of = real
+    assert [(d["offset"], d["reason"].split(":")[0]) for d in sent] == [(0, "bad_snapshot")]
+    assert "grid points" in sent[0]["reason"] and base64.b64decode(sent[0]["value"]) == bad
+    assert sorted(rg.aggregator.snapshots) == [1] and rg.aggregator.missing() == [0]
 
 
 def test_publish_rule_interval_heartbeat_and_growing_versions():
