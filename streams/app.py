@@ -77,7 +77,7 @@ def engine_config(s: Settings) -> EngineConfig:
         label_window=s.label_window, allowed_lateness=s.allowed_lateness, window=s.window, buckets=s.buckets,
         min_slates=s.min_slates,
         limits=Limits(beta=s.beta, history_max=s.history_max, pending_max=s.pending_max,
-                      safe_pool_max=s.safe_pool_max),
+                      safe_pool_max=s.safe_pool_max, user_window_max=s.user_window_max),
     )
 
 

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     # bounds (SPEC §3) and throughput
     history_max: int = Field(500, ge=1)
     pending_max: int = Field(2000, ge=1)
+    # Mature holdout slates kept per user for their own `user:<id>` λ̂ (SPEC §5); with the
+    # 24 h window these are most of a heavy user's memory (~0.5 kB a slate of 20 items).
+    user_window_max: int = Field(1000, ge=1)
     safe_pool_max: int = Field(100, ge=0)
     max_items: int = Field(200, ge=1)
     holdout_share: float = Field(0.05, ge=0, le=1)  # ranker: share of slates served unfiltered (SPEC §8)

@@ -63,6 +63,17 @@ def test_scalars_parse_from_env(monkeypatch):
         "rg", 3600, 12, "high_probability", 0.05, "per_slot", 30, 7001, 3)
 
 
+def test_the_per_user_bounds_reach_the_engine(monkeypatch):
+    from streams.app import engine_config
+
+    lim = engine_config(load(monkeypatch, history_max="40", pending_max="30", safe_pool_max="20",
+                             user_window_max="10", beta="60")).limits
+    assert (lim.history_max, lim.pending_max, lim.safe_pool_max, lim.user_window_max, lim.beta) == (40, 30, 20, 10, 60)
+    from calibration.user_state import Limits
+
+    assert Settings.model_fields["user_window_max"].default == Limits().user_window_max  # one default, two places
+
+
 def test_settings_are_immutable(monkeypatch):
     s = load(monkeypatch)
     with pytest.raises(Exception):
@@ -103,6 +114,7 @@ def test_a_bad_alpha_names_the_variable(monkeypatch):
     ({"web_port": "70000"}, "RISKGATE_WEB_PORT"),
     ({"web_port": "0"}, "RISKGATE_WEB_PORT"),  # Faust refuses port 0: fail at start, by name
     ({"history_max": "0"}, "RISKGATE_HISTORY_MAX"),
+    ({"user_window_max": "0"}, "RISKGATE_USER_WINDOW_MAX"),
     ({"max_items": "-5"}, "RISKGATE_MAX_ITEMS"),
     ({"holdout_share": "1.5"}, "RISKGATE_HOLDOUT_SHARE"),
     ({"broker": "localhost:9092"}, "RISKGATE_BROKER"),
