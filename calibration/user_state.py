@@ -96,7 +96,7 @@ class MatureSlate(msgspec.Struct, frozen=True, gc=False):
     repeat_pct: tuple[float | None, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class UserState:
     """Everything riskgate holds about one user. Mutated in place by the ``on_*`` methods."""
 
