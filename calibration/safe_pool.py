@@ -19,7 +19,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from bisect import bisect_right
-from typing import Container, Iterable, Mapping
+from typing import Collection, Container, Iterable, Mapping
 
 import msgspec
 
@@ -365,8 +365,9 @@ class SafeSpans:
     change by change (:meth:`update`, with the entry before and after, as
     :class:`SafePool`); the rule is the same, so the two always agree
     (``tests/test_safe_pool_incremental.py``). When more than the cap counted
-    at ``t``, which of them rank within it needs the entries: it falls back to
-    :func:`pool_size_at`.
+    at ``t``, which of them rank within it needs their rank scores: from then on
+    the spans are also kept in the pool's order, and the count walks them up to
+    the cap.
 
     Examples
     --------
@@ -379,38 +380,64 @@ class SafeSpans:
     (1, 1)
     """
 
-    __slots__ = ("beta", "blocked", "starts", "ends")
+    __slots__ = ("beta", "blocked", "starts", "ends", "ranked")
 
     def __init__(self, history: Iterable[HistoryEntry], beta: float | None, blocked: frozenset[str]):
         self.beta, self.blocked = beta, blocked
         spans = [s for e in history if (s := safe_span(e, beta, blocked)) is not None]
         self.starts = sorted(s for s, _ in spans)
         self.ends = sorted(e for _, e in spans if e != _INF)  # (an open span never ends by any t)
+        # (-rank score, item id, start, end) of every span, in the pool's order: kept only once
+        # more than the cap counted at some t (see size_at), as it costs ~90 bytes an entry.
+        self.ranked: list[tuple] | None = None
 
     def update(self, old: HistoryEntry | None, new: HistoryEntry | None) -> None:
         """Apply one entry's change (``old`` the entry these spans hold for it; ``new`` None: evicted)."""
-        beta, blocked = self.beta, self.blocked
+        beta, blocked, ranked = self.beta, self.blocked, self.ranked
         before = None if old is None else safe_span(old, beta, blocked)
         after = None if new is None else safe_span(new, beta, blocked)
-        if before == after:
-            return  # most changes (a later watch, a view): the span stays
-        if before is not None:
-            start, end = before
-            del self.starts[bisect.bisect_left(self.starts, start)]
-            if end != _INF:
-                del self.ends[bisect.bisect_left(self.ends, end)]
-        if after is not None:
-            start, end = after
-            bisect.insort(self.starts, start)
-            if end != _INF:
-                bisect.insort(self.ends, end)
+        if before == after and (ranked is None or before is None or old.first_rank_score == new.first_rank_score):
+            return  # most changes (a later watch, a view): the span, and its place in the order, stay
+        if before != after:
+            if before is not None:
+                start, end = before
+                del self.starts[bisect.bisect_left(self.starts, start)]
+                if end != _INF:
+                    del self.ends[bisect.bisect_left(self.ends, end)]
+            if after is not None:
+                start, end = after
+                bisect.insort(self.starts, start)
+                if end != _INF:
+                    bisect.insort(self.ends, end)
+        if ranked is not None:
+            if before is not None:  # (a 2-tuple sorts just before the 4-tuples it begins)
+                del ranked[bisect.bisect_left(ranked, (-old.first_rank_score, old.item_id))]
+            if after is not None:
+                bisect.insort(ranked, (-new.first_rank_score, new.item_id, *after))
 
     def size_at(self, t: float, history: Mapping[str, HistoryEntry], max_size: int | None,
-                exclude: Iterable[str]) -> int:
+                exclude: Collection[str]) -> int:
         """:func:`pool_size_at` of ``history`` (the entries these spans follow) at ``t``, minus ``exclude``."""
         n = bisect_right(self.starts, t) - bisect_right(self.ends, t)
-        if max_size is not None and n > max_size:  # which of them rank within the cap: read the entries
-            return pool_size_at(history.values(), t, self.beta, self.blocked, max_size, exclude)
+        if max_size is not None and n > max_size:
+            # Which of them rank within the cap: walk the spans in the pool's order up to the
+            # cap-th counted at t (a heavy user's history holds more safe items than the cap).
+            if max_size <= 0:
+                return 0
+            ranked = self.ranked
+            if ranked is None:
+                beta, blocked = self.beta, self.blocked
+                ranked = self.ranked = sorted((-e.first_rank_score, e.item_id, *s) for e in history.values()
+                                              if (s := safe_span(e, beta, blocked)) is not None)
+            counted = taken = 0
+            for _, item, start, end in ranked:
+                if start <= t < end:
+                    counted += 1
+                    if item in exclude:
+                        taken += 1
+                    if counted == max_size:
+                        break
+            return counted - taken
         for item in exclude:
             e = history.get(item)
             if e is not None and (s := safe_span(e, self.beta, self.blocked)) is not None and s[0] <= t < s[1]:

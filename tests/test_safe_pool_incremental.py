@@ -16,7 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from calibration.events import Constraints, Flag, Impression, ShownItem, Watch
-from calibration.safe_pool import HistoryEntry, pool_size, pool_size_at, safe_pool
+from calibration.safe_pool import HistoryEntry, SafeSpans, pool_size, pool_size_at, safe_pool
 from calibration import user_state
 from calibration.user_state import Limits, UserState
 
@@ -163,6 +163,47 @@ def test_p_at_maturity_from_the_spans_equals_the_walk(ops, beta, cap, history_ma
             matured, _ = state.mature(maturities[n], 1.0, float("-inf"), limits)
             assert [m.pool for m in matured] == expected
             assert state._spans is not None
+
+
+_FEW_TIMES = st.sampled_from([5.0, 20.0, 40.0])  # few: changes that keep an entry's span are common
+_ANY_ENTRY = st.builds(
+    HistoryEntry, item_id=item, first_rank_score=st.sampled_from([0.0, 1.0, 2.0, 3.0]),
+    tags=st.sampled_from([(), ("a",), ("b", "c")]), first_watch_pct=st.none() | st.sampled_from([0.0, 40.0, 90.0]),
+    watched=st.booleans(), shown=st.booleans(), flagged=st.booleans(), flag_ts=st.none() | _FEW_TIMES,
+    first_shown=st.none() | _FEW_TIMES, first_watch_ts=st.none() | _FEW_TIMES)
+_RANKED = lambda i, r: HistoryEntry(i, r, (), 90.0, True, True)  # noqa: E731 (safe at every time)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_ANY_ENTRY | item.map(lambda i: ("evict", i)), max_size=40), st.sampled_from([None, 0.0, 50.0]),
+       st.sets(st.sampled_from(TAGS), max_size=1), st.sampled_from([None, 0, 1, 2, 3, 5]),
+       st.lists(st.booleans(), min_size=40, max_size=40), st.sets(item, max_size=4))
+# An entry's rank score changes, its span does not: the order by rank must follow it.
+@example([_RANKED("i0", 1.0), _RANKED("i1", 2.0), _RANKED("i0", 3.0)], 50.0, set(), 1, [False, True, True] + [False] * 37,
+         {"i0"})
+def test_spans_follow_any_change_of_entries(ops, beta, blocked, cap, asks, exclude):
+    """SafeSpans.size_at is pool_size_at after any entry changes: ranks, times, flags, evictions.
+
+    Entries here change any field (a rank score with its span unchanged, say), which
+    events rarely do; counts are asked now and then at every time, so the order by
+    rank is built (once more than the cap count) and then followed change by change.
+    """
+    blocked = frozenset(blocked)
+    history: dict[str, HistoryEntry] = {}
+    spans = SafeSpans((), beta, blocked)
+    for n, op in enumerate(ops):
+        if isinstance(op, tuple):
+            old = history.pop(op[1], None)
+            if old is not None:
+                spans.update(old, None)
+        else:
+            old = history.get(op.item_id)
+            history[op.item_id] = op
+            spans.update(old, op)
+        if asks[n]:
+            for t in range(0, 62, 3):
+                assert (spans.size_at(float(t), history, cap, exclude)
+                        == pool_size_at(history.values(), float(t), beta, blocked, cap, exclude))
 
 
 def test_the_cap_keeps_the_highest_rank_scores_as_items_enter():
