@@ -35,8 +35,8 @@ __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT
 
 #: Histories of at least this many entries count a maturing slate's ``p`` with
 #: :class:`calibration.safe_pool.SafeSpans` (kept change by change, ~16 bytes an
-#: entry); shorter ones walk the history (:func:`calibration.safe_pool.pool_size_at`),
-#: which costs less than keeping the spans.
+#: entry, ~90 more once more than the cap were safe at a slate's ts); shorter ones walk
+#: the history (:func:`calibration.safe_pool.pool_size_at`), which costs less than keeping the spans.
 SPANS_MIN = 64
 
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
