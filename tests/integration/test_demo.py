@@ -1,0 +1,36 @@
+"""``riskgate demo``, the first of the README's two commands, run as a newcomer runs it.
+
+It always uses the embedded broker (the local ``tansu``; that is what the
+command is for), so unlike the other integration tests it does not take
+``kafka_bootstrap``. It must exit 0 and print threshold updates as the worker
+publishes them: versions that grow per key, and, within 30 s of synthetic
+traffic, a global λ̂ calibrated on matured slates (n > 0, a number for some α).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+LINE = re.compile(r"^v(\d+)\s+(remove|replace):(\S+)\s+n=(\d+)\s+(.*)$")
+
+
+def test_the_demo_prints_thresholds_as_the_worker_publishes_them(tmp_path):
+    env = dict(os.environ, COLUMNS="240")  # one line per update (rich wraps at the terminal's width)
+    env = {k: v for k, v in env.items() if not k.startswith("RISKGATE_")}  # the demo's own settings only
+    out = subprocess.run([sys.executable, "-m", "streams.cli", "demo", "--duration", "30"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    updates = [LINE.match(line) for line in out.stdout.splitlines()]
+    updates = [m for m in updates if m]
+    assert len(updates) >= 6, out.stdout[-3000:]  # every strategy × shared group at least once
+    versions: dict[str, list[int]] = {}
+    for m in updates:
+        versions.setdefault(f"{m[2]}:{m[3]}", []).append(int(m[1]))
+    assert {"remove:global", "replace:global", "remove:band:low", "replace:band:high"} <= set(versions)
+    assert all(a < b for v in versions.values() for a, b in zip(v, v[1:])), versions  # each update a new version
+    calibrated = [m for m in updates if m[3] == "global" and int(m[4]) > 0 and "λ̂=" in m[5]]
+    assert calibrated, "no global threshold calibrated on matured slates within 30 s:\n" + out.stdout[-3000:]
+    assert re.search(r"produced [\d,]+ events, \d+ threshold updates", out.stdout)
