@@ -17,7 +17,9 @@ counted, and never stops or crashes processing". Black box, so:
 
 Two single-case tests name the inputs that take a worker down when they fail:
 a value over 1 MB (its dead-letter record is larger still) and invalid UTF-8
-inside a JSON string.
+inside a JSON string. A last one sends records no worker could have written to
+the internal snapshots topic: dead-lettered as ``bad_snapshot``, and the
+aggregator goes on publishing.
 """
 
 from __future__ import annotations
@@ -682,3 +684,39 @@ def test_a_single_hostile_value_is_dead_lettered_and_the_worker_goes_on(case, ka
         assert worker.healthy()
     finally:
         worker.stop()
+
+
+def test_a_stray_record_on_the_snapshots_topic_is_dead_lettered_and_publication_goes_on(kafka_bootstrap, topic_prefix,
+                                                                                         app_id, tmp_path):
+    """Only workers write ``riskgate-partials``; a record none could have written must not stop the aggregator.
+
+    Its agent used to raise on it (and Faust restarts a crashed agent on the next
+    record); now it goes to the dead-letter topic as ``bad_snapshot`` and the sums
+    go on: publications keep coming with growing versions.
+    """
+    names = make_topics(kafka_bootstrap, topic_prefix, PARTITIONS)
+    worker = Worker(kafka_bootstrap, app_id, tmp_path / "data", tmp_path, PARTITIONS, topic_prefix,
+                    **dict(SETTINGS, recompute_interval=1, heartbeat=2)).start()
+    key = "remove:global"
+
+    def version() -> int:
+        return published_thresholds(kafka_bootstrap, names.thresholds).get(key, {}).get("version", 0)
+
+    try:
+        worker.wait_healthy()
+        before = wait_for(lambda: _alive(worker) or version(), 60, interval=0.5, what="a first publication")
+        stray = orjson.dumps({"partition": 0, "round": 1, "watermark": None, "span": None,
+                              "totals": {"remove|global": base64.b64encode(bytes(8 * 3)).decode()}})  # 2 grid points
+        produce_pipelined(kafka_bootstrap, [(names.partials, b"0", stray), (names.partials, b"x", b"not json")])
+        dlq = wait_for(lambda: _alive(worker) or (len(r := read_topic(kafka_bootstrap, names.dlq)) >= 2 and r), 60,
+                       interval=0.5, what="two dead-letter records")
+        assert sorted(json_of(v)["reason"].split(":")[0] for _, v, _ in dlq) == ["bad_snapshot", "bad_snapshot"]
+        assert {base64.b64decode(json_of(v)["value"]) for _, v, _ in dlq} == {stray, b"not json"}
+        assert worker.metric("riskgate_dlq_total", reason="bad_snapshot") == 2
+        # The aggregator is still summing: the heartbeat publishes again, with a newer version.
+        wait_for(lambda: _alive(worker) or version() >= before + 2, 60, interval=0.5,
+                 what="publications after the stray records")
+        assert worker.healthy()
+    finally:
+        worker.stop()
+
