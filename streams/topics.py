@@ -175,7 +175,8 @@ def _number(d: dict, name: str) -> float | None:
     return float(v)
 
 
-def decode_snapshot(raw: bytes, grid_size: int | None = None, partitions: int | None = None) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator],
+def decode_snapshot(raw: bytes, grid_size: int | None = None, partitions: int | None = None
+                    ) -> tuple[int, float | None, tuple | None, dict[tuple[str, str], CurveAccumulator],
                                float | None, int | None]:
     """``(partition, watermark, span, totals, through, round)``, as :meth:`Aggregator.update` takes them.
 
@@ -222,6 +223,8 @@ def decode_snapshot(raw: bytes, grid_size: int | None = None, partitions: int | 
         if not data or len(data) % 8:
             raise InvalidSnapshot(f"totals[{key[:80]!r}] is not an encoded accumulator")
         acc = CurveAccumulator.from_bytes(data)
+        if acc.n < 0:
+            raise InvalidSnapshot(f"totals[{key[:80]!r}] counts {acc.n} slates")
         if grid_size is not None and len(acc.increments) != grid_size:
             raise InvalidSnapshot(f"totals[{key[:80]!r}] has {len(acc.increments)} grid points, this worker {grid_size}")
         totals[(st, group)] = acc

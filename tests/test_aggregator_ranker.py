@@ -16,7 +16,13 @@ from calibration.policy import Candidate
 from calibration.window import CurveAccumulator
 from streams.aggregator import Aggregator
 from streams.ranker import ThresholdBook
-from streams.topics import InvalidSnapshot, decode_snapshot, encode_snapshot, safe_pool_message, threshold_message
+from streams.topics import (
+    InvalidSnapshot,
+    decode_snapshot,
+    encode_snapshot,
+    safe_pool_message,
+    threshold_message,
+)
 
 CFG = EngineConfig(alphas=(0.1, 0.3), label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11))
 
@@ -81,6 +87,8 @@ ZERO = base64.b64encode(bytes(8 * 12)).decode()
     (_snapshot(totals={"remove|global": base64.b64encode(b"abc").decode()}), "not an encoded accumulator"),
     (_snapshot(totals={"remove|global": 5}), "not an encoded accumulator"),
     (_snapshot(totals={"remove|global": ""}), "not an encoded accumulator"),
+    (_snapshot(totals={"remove|global": base64.b64encode((-1).to_bytes(8, "little", signed=True) + bytes(8 * 12)).decode()}),
+     "counts -1 slates"),
 ])
 def test_a_record_no_worker_wrote_is_refused_with_its_reason(raw, reason):
     with pytest.raises(InvalidSnapshot, match=reason):
@@ -168,8 +176,8 @@ def test_ranker_resolves_user_then_band_then_global_and_fails_closed():
     older = orjson.loads(threshold_message(e.results()[0], CFG, 3))
     book.on_threshold("remove:global", orjson.dumps(older))
     assert book.thresholds["remove:global"]["version"] == 7  # an older version never replaces a newer one
-    from calibration.safe_pool import SafeItem
     from calibration.engine import GroupResult
+    from calibration.safe_pool import SafeItem
     from calibration.threshold import Threshold
 
     fixed = GroupResult("replace", "band:high", 500, (0.0, 1.0), (Threshold(0.3, 0.5, False, 0.2),))
