@@ -298,21 +298,10 @@ def pool_size_at(
     >>> pool_size_at(h, 10.0, 50.0), pool_size_at(h, 25.0, 50.0), pool_size_at(h, 31.0, 50.0)
     (2, 3, 2)
     """
-    # One pass, no entries built: this runs for every slate that matures.
+    # The rule is safe_span's, the one SafeSpans keeps for long histories.
     blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
-    keys = []
-    for e in history:
-        if e.flag_ts is not None and e.flag_ts <= t:
-            continue
-        watched = e.watched and (e.first_watch_ts is None or e.first_watch_ts <= t)
-        if beta is not None:
-            if not watched or e.first_watch_pct is None or e.first_watch_pct <= beta:
-                continue
-        elif not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
-            continue  # not seen yet at t
-        if blocked and not blocked.isdisjoint(e.tags):
-            continue
-        keys.append((-e.first_rank_score, e.item_id))
+    keys = [(-e.first_rank_score, e.item_id) for e in history
+            if (s := safe_span(e, beta, blocked)) is not None and s[0] <= t < s[1]]
     if max_size is not None and len(keys) > max_size:  # only the cap's highest rank scores count
         keys = heapq.nsmallest(max(0, int(max_size)), keys)
     return sum(1 for _, item in keys if item not in exclude)

@@ -131,6 +131,8 @@ def _pool_size_at_reference(history, t, beta, blocked, max_size, exclude):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(event, max_size=40), st.sampled_from([None, 0.0, 50.0]), st.sampled_from([None, 0, 2, 100]),
        ts, st.sets(item, max_size=4))
+# W% exactly β: not safe (Eq. 7 asks W% > β).
+@example([("imp", ["i0"], 1.0, [1.0] * 4, _EMPTY_TAGS), ("watch", "i0", 2.0, 50, 100)], 50.0, None, 5.0, set())
 def test_pool_size_at_equals_its_definition(ops, beta, cap, t, exclude):
     limits = Limits(beta=beta, safe_pool_max=cap)
     state = UserState("u")
