@@ -499,9 +499,11 @@ class RiskgateApp:
                 behind.add(self.names.base(topic))
         return behind
 
-    def _dead_letter(self, msg, err: InvalidEvent) -> None:
+    def _dead_letter(self, msg, err: InvalidEvent, event: bool = True) -> None:
+        """Send ``msg`` to the dead-letter topic with its reason; ``event``: an input event, counted as ``invalid``."""
         topic = self.names.base(msg.topic)
-        self.metrics.events.labels(_KIND.get(topic, topic), "invalid").inc()
+        if event:
+            self.metrics.events.labels(_KIND.get(topic, topic), "invalid").inc()
         self.metrics.dlq.labels(topic, err.code).inc()
         # send_soon: no await inside a batch (offsets are committed only after the
         # producer buffer is flushed, so the record is not lost on a crash).
@@ -548,8 +550,8 @@ class RiskgateApp:
     async def _aggregate(self, stream) -> None:
         s = self.settings
         # A short buffer: a round's snapshots arrive together (aligned ticks).
+        grid = len(self.config.grid)
         async for events in stream.take_events(1000, within=min(0.2, s.recompute_interval / 4)):
-            grid = len(self.config.grid)
             for event in events:
                 msg = event.message
                 try:
@@ -559,9 +561,7 @@ class RiskgateApp:
                     # (another deployment's grid, a stray producer) must not stop the sums.
                     log.error("a %s record that is not a snapshot (%s[%d]@%d): dead-lettered",
                               self.names.partials, msg.topic, msg.partition, msg.offset)
-                    self.metrics.dlq.labels(self.names.base(msg.topic), "bad_snapshot").inc()
-                    self.dlq_topic.send_soon(key=msg.key, value=dead_letter(msg.topic, msg.partition, msg.offset,
-                                                                            msg.value, f"bad_snapshot: {e}", msg.key))
+                    self._dead_letter(msg, InvalidEvent("bad_snapshot", str(e)), event=False)
                     continue
                 self.aggregator.update(*snapshot)
             _in_event_of(events[-1])  # version table writes
