@@ -166,8 +166,7 @@ class InvalidSnapshot(ValueError):
     """A ``riskgate-partials`` record that is not a snapshot this worker can sum; the message says why."""
 
 
-def _number(d: dict, name: str) -> float | None:
-    v = d.get(name)
+def _number(v, name: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -200,12 +199,12 @@ def decode_snapshot(raw: bytes, grid_size: int | None = None, partitions: int | 
     round_ = d.get("round")
     if round_ is not None and (isinstance(round_, bool) or not isinstance(round_, int)):
         raise InvalidSnapshot("round must be an integer or null")
-    watermark, through = _number(d, "watermark"), _number(d, "through")
+    watermark, through = _number(d.get("watermark"), "watermark"), _number(d.get("through"), "through")
     span = d.get("span")
     if span is not None:
         if not isinstance(span, list) or len(span) != 2:
             raise InvalidSnapshot("span must be [start, end] or null")
-        span = (_number({"span": span[0]}, "span"), _number({"span": span[1]}, "span"))
+        span = (_number(span[0], "span"), _number(span[1], "span"))
         if None in span:
             raise InvalidSnapshot("span must be [start, end] or null")
     raw_totals = d.get("totals")
