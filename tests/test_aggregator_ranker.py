@@ -108,7 +108,8 @@ def test_decoding_a_snapshot_raises_nothing_but_invalid_snapshot(raw):
         pass
 
 
-def test_the_aggregator_agent_dead_letters_a_bad_snapshot_and_sums_the_good_ones(tmp_path):
+def test_the_aggregator_agent_dead_letters_a_bad_snapshot_and_sums_the_good_ones(tmp_path, monkeypatch):
+    import streams.app as app_module
     from streams.app import RiskgateApp
     from streams.settings import load_settings
 
@@ -125,12 +126,8 @@ def test_the_aggregator_agent_dead_letters_a_bad_snapshot_and_sums_the_good_ones
                                                            value=v))
                    for o, v in enumerate([bad, good])]
 
-    import streams.app as app_module
-    real, app_module._in_event_of = app_module._in_event_of, lambda event: None
-    try:
-        asyncio.run(rg._aggregate(Stream()))
-    finally:
-        app_module._in_event_of = real
+    monkeypatch.setattr(app_module, "_in_event_of", lambda event: None)  # (no Faust event to write tables in)
+    asyncio.run(rg._aggregate(Stream()))
     assert [(d["offset"], d["reason"].split(":")[0]) for d in sent] == [(0, "bad_snapshot")]
     assert "grid points" in sent[0]["reason"] and base64.b64decode(sent[0]["value"]) == bad
     assert sorted(rg.aggregator.snapshots) == [1] and rg.aggregator.missing() == [0]
