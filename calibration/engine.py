@@ -363,7 +363,10 @@ class Engine:
     """One partition's processing: the replay's engine and, per partition, the stream's.
 
     ``users`` is any mutable mapping of user id to :class:`UserState`: a dict for
-    the replay, a write-back view of a Faust table in the stream.
+    the replay, a write-back view of a Faust table in the stream. A store whose
+    ``get`` raises ``LookupError`` for a user it cannot read gets the error back
+    from :meth:`process` for that user's event (nothing changed), and that
+    user's slates stay pending when another event's watermark would mature them.
     """
 
     def __init__(self, config: EngineConfig, users=None, clock: Watermark | None = None, erased=None):
@@ -428,12 +431,11 @@ class Engine:
             # or an older one arriving late) must not take it.
             outcome = "duplicate"
         elif kind == "forget":
-            state = self.users.get(uid)
-            if state is not None:
-                self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
             # Delete even when nothing is held here: a store may still need its
             # tombstones (a changelog written before a rebalance, an output topic).
-            self.users.pop(uid, None)
+            state = self.users.pop(uid, None)
+            if state is not None:
+                self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
             erased[erasure_key(uid)] = ev.ts  # (later than any earlier forget's: see above)
             self.changed.discard(uid)
             outcome = "ok"
@@ -502,7 +504,10 @@ class Engine:
         evicted: list[MatureSlate] = []
         while self._due and self._due[0][0] <= wm:
             _, uid = heapq.heappop(self._due)
-            state = self.users.get(uid)
+            try:
+                state = self.users.get(uid)
+            except LookupError:  # a store that cannot read this user (streams.state.UnreadableUser): left pending
+                continue
             if state is None:
                 continue  # forgotten
             ms, ev = state.mature(wm, cfg.label_window, horizon, cfg.limits)

@@ -48,7 +48,7 @@ from .consumer import BatchingApp, MessageContext
 from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
-from .state import TableErased, TableUsers, phase
+from .state import TableErased, TableUsers, UnreadableUser, phase
 from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, safe_pool_message,
                      threshold_message)
 
@@ -326,7 +326,13 @@ class RiskgateApp:
         part.unacked.extend(msg for msg, _, _ in items)
         for i, (msg, topic, rec) in enumerate(items):
             if rec is not None:
-                counts[(topic, process(rec, topic, msg.offset))] += 1
+                try:
+                    counts[(topic, process(rec, topic, msg.offset))] += 1
+                except UnreadableUser as e:  # raised before the event changed anything
+                    if e.user_id != rec.user_id:
+                        raise  # another user's (maturing): not this event's to answer for
+                    counts[(topic, "unreadable_state")] += 1
+                    self._dead_letter(msg, InvalidEvent("unreadable_state", str(e)), event=False)
             if final[topic] == i and topic not in behind:
                 clock.set_lagging(topic, False)
                 eng.advance_clock()  # the watermark may move now that this topic is read up to its end
@@ -600,6 +606,8 @@ class RiskgateApp:
 
     # -- health and lag -------------------------------------------------------
     async def _check_health(self) -> None:
+        # (set aside on reading: when rebuilding an assigned partition, or on a user's next event)
+        self.metrics.unreadable_users.set(sum(len(part.users.unreadable) for part in self.partitions.values()))
         tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs]
         consumer = self.app.consumer
         try:

@@ -20,8 +20,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         # stream health
-        self.events = Counter("riskgate_events", "Events consumed, by type and outcome "
-                              "(ok, late, duplicate, invalid, pending_overflow).", ["type", "outcome"], registry=r)
+        self.events = Counter("riskgate_events", "Events consumed, by type and outcome (ok, late, duplicate, "
+                              "invalid, pending_overflow, unreadable_state).", ["type", "outcome"], registry=r)
         self.dlq = Counter("riskgate_dlq", "Events sent to the dead-letter topic, by source topic and reason.",
                            ["topic", "reason"], registry=r)
         self.lag = Gauge("riskgate_consumer_lag", "Messages behind the log end, by topic and partition.",
@@ -82,6 +82,9 @@ class Metrics:
                                        "(before compression): the changelog's write volume.", registry=r)
         self.users_cached = Gauge("riskgate_users_cached", "Users held in memory by this worker's write-back "
                                   "caches (at most RISKGATE_USER_CACHE per partition): most of its RSS.", registry=r)
+        self.unreadable_users = Gauge("riskgate_unreadable_users", "Users whose stored state this worker cannot "
+                                      "read (corrupt, or from a newer riskgate): set aside, their events "
+                                      "dead-lettered as unreadable_state.", registry=r)
         self.inputs_age = Gauge("riskgate_threshold_inputs_age_seconds", "computed_at minus inputs_through of the "
                                 "last publication: how old the newest inputs every partition had applied were.",
                                 ["strategy", "group"], registry=r)

@@ -46,6 +46,7 @@ users (every key of theirs). It needs no event context.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from typing import Iterator
@@ -57,8 +58,10 @@ from rocksdict import WriteBatch
 from calibration.safe_pool import HistoryEntry
 from calibration.user_state import CORE, PENDING, RECENT, SEEN, MatureSlate, PendingSlate, UserState
 
-__all__ = ["TableUsers", "TableErased", "encode_core", "decode_user", "encode_entry", "encode_slate", "user_records",
-           "partition_items", "partition_db", "phase", "ERASED_PREFIX", "SEP"]
+__all__ = ["TableUsers", "TableErased", "UnreadableUser", "encode_core", "decode_user", "encode_entry", "encode_slate",
+           "user_records", "partition_items", "partition_db", "phase", "ERASED_PREFIX", "SEP"]
+
+log = logging.getLogger("riskgate.state")
 
 #: Keys of forget markers in the users table (a NUL byte cannot start a user id we accept).
 ERASED_PREFIX = b"\x00erased:"
@@ -242,6 +245,21 @@ def partition_items(table, partition: int) -> Iterator[tuple[bytes, bytes]]:
     yield from store._visible_items(db)
 
 
+class UnreadableUser(LookupError):
+    """A user whose stored state cannot be decoded: a corrupt record, or a format from a newer riskgate.
+
+    The user is set aside, not guessed at: reading it as new would drop its
+    flags and blocked tags. Its records stay as they are for a repair or a roll
+    forward, the worker goes on with every other user, and the caller decides
+    what becomes of the user's events (the worker dead-letters them; the
+    engine leaves its slates pending when another user's event matures them).
+    """
+
+    def __init__(self, user_id: str, reason: str):
+        super().__init__(f"the stored state of user {user_id!r} cannot be read ({reason})")
+        self.user_id, self.reason = user_id, reason
+
+
 class TableUsers:
     """Write-back, size-bounded cache of one partition's users over a Faust table.
 
@@ -273,6 +291,9 @@ class TableUsers:
         # UserState.touched; with WHOLE: the whole user, and the ids it held then).
         self._local: dict[str, set] = {}
         self._sent: int | None = None  # last changelog offset known to be on the broker
+        # Users whose stored state cannot be decoded (UnreadableUser) -> why, remembered so
+        # that each of their events does not read and fail again; a forget clears them.
+        self.unreadable: dict[str, str] = {}
         # Partitions assigned together would all sync in the same flush, one long
         # flush holding the event loop for all of them: each starts at its own
         # phase of the interval.
@@ -290,8 +311,17 @@ class TableUsers:
         return out
 
     def _decode(self, user_id: str, core: bytes, with_history: bool = True) -> tuple[UserState, int]:
-        """The stored user, and the format its core was written in."""
-        return _decode_user(user_id, core, self._scan(user_id.encode()), with_history)
+        """The stored user, and the format its core was written in; raises :class:`UnreadableUser`."""
+        try:
+            return _decode_user(user_id, core, self._scan(user_id.encode()), with_history)
+        except Exception as e:  # whatever the bytes made the decoder raise: the user is set aside
+            reason = f"{type(e).__name__}: {e}"[:300]
+            if user_id not in self.unreadable:
+                log.error("users table partition %d: user %r set aside, its stored state cannot be read (%s); "
+                          "its events go to the dead-letter topic (docs/operations.md)", self.partition, user_id,
+                          reason)
+            self.unreadable[user_id] = reason
+            raise UnreadableUser(user_id, reason) from e
 
     def _load(self, user_id: str) -> UserState | None:
         key = user_id.encode()
@@ -314,11 +344,14 @@ class TableUsers:
     # Recency for eviction is refreshed once per flush for the users it wrote, not on every
     # read and write: these two run for every event.
     def get(self, user_id: str, default=None):
+        """The user, ``default`` if none is stored; raises :class:`UnreadableUser` for one that cannot be read."""
         state = self._cache.get(user_id)
         if state is not None:
             return state
         if user_id in self._deleted:
             return default
+        if user_id in self.unreadable:
+            raise UnreadableUser(user_id, self.unreadable[user_id])
         state = self._load(user_id)
         if state is None:
             return default
@@ -343,14 +376,32 @@ class TableUsers:
     def __delitem__(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
         self._dirty.discard(user_id)
+        self.unreadable.pop(user_id, None)  # (its keys are tombstoned like any user's: a forget needs no decoding)
         # Keys in the changelog but not in the local database get tombstones too: those
         # flushed since the last sync (the flush scans the database for the others).
         self._deleted.setdefault(user_id, set()).update(self._local.get(user_id, ()))
 
     def pop(self, user_id: str, default=None):
-        state = self.get(user_id)
+        """Delete the user and return it (``default`` if none).
+
+        One that cannot be read is deleted all the same (a forget needs no
+        decoding); it returns what of it can be read without its history (its
+        slates, which a forget takes back out of the windows), else ``default``.
+        """
+        try:
+            state = self.get(user_id)
+        except UnreadableUser:
+            state = self._core_only(user_id)
         self.__delitem__(user_id)
         return default if state is None else state
+
+    def _core_only(self, user_id: str) -> UserState | None:
+        key = user_id.encode()
+        core = self._db.get(key)
+        try:
+            return None if core is None else _decode_user(user_id, core, self._scan(key), history=False)[0]
+        except Exception:  # the core itself is unreadable: no window held its slates (cores() skipped it)
+            return None
 
     def _stored_ids(self) -> Iterator[tuple[str, bytes]]:
         """(user id, core) of every user the partition's database holds: one seek per user."""
@@ -364,7 +415,13 @@ class TableUsers:
                 continue
             user, sep, _ = key.partition(SEP)
             if not sep:  # a core
-                yield user.decode(), it.value()
+                try:
+                    uid = user.decode()
+                except UnicodeDecodeError:  # no event can name it (ids are text): reported, never read
+                    uid = None
+                    self.unreadable.setdefault(repr(user), "the key is not UTF-8")
+                if uid is not None:
+                    yield uid, it.value()
             # else entries whose core never reached the changelog (a crash cut a flush
             # short): their events were not acked and are applied again, core and all.
             it.seek(user + b"\x01")  # past this user's history entries
@@ -374,16 +431,24 @@ class TableUsers:
         for uid, state in list(self._cache.items()):
             yield uid, state
         for uid, core in self._stored_ids():
-            if uid not in self._cache and uid not in self._deleted:
-                yield uid, self._decode(uid, core)[0]
+            if uid not in self._cache and uid not in self._deleted and uid not in self.unreadable:
+                try:
+                    state = self._decode(uid, core)[0]
+                except UnreadableUser:
+                    continue  # set aside (self.unreadable)
+                yield uid, state
 
     def cores(self) -> Iterator[tuple[str, UserState]]:
         """Every user with its core only (history not read): what rebuilding the windows needs."""
         for uid, state in list(self._cache.items()):
             yield uid, state
         for uid, core in self._stored_ids():
-            if uid not in self._cache and uid not in self._deleted:
-                yield uid, self._decode(uid, core, with_history=False)[0]
+            if uid not in self._cache and uid not in self._deleted and uid not in self.unreadable:
+                try:
+                    state = self._decode(uid, core, with_history=False)[0]
+                except UnreadableUser:
+                    continue  # set aside (self.unreadable): its slates are in no window
+                yield uid, state
 
     # -- persistence -------------------------------------------------------
     def _records(self, uid: str, state: UserState, touched: set | None) -> list[tuple[bytes, bytes | None]]:

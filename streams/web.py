@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 from typing import TYPE_CHECKING
 
+from .state import UnreadableUser
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import RiskgateApp
@@ -69,7 +70,10 @@ def register_views(rg: "RiskgateApp") -> None:
         if not _authorised(rg, request):
             return web.json({"error": "forbidden"}, status=403)
         for part in rg.partitions.values():
-            state = part.users.get(user_id)
+            try:
+                state = part.users.get(user_id)
+            except UnreadableUser as e:  # set aside: its events are dead-lettered
+                return web.json({"error": str(e), "user_id": user_id}, status=409)
             if state is not None:
                 lim = rg.config.limits
                 return web.json({

@@ -383,3 +383,60 @@ def test_partitions_sync_at_spread_phases(n):
     assert all(0.0 <= x < 1.0 for x in ph)
     gaps = [b - a for a, b in zip(ph, ph[1:])] + [1.0 - ph[-1] + ph[0]]
     assert min(gaps) >= 0.5 / n and max(gaps) <= 2.0 / n
+
+
+_NEWER_CORE = b"\x93\x63\x90\x00"  # msgpack [99, [], 0]: a core from a riskgate with a format this one lacks
+
+
+@pytest.mark.parametrize("what,value", [("core of a newer format", _NEWER_CORE), ("core not msgpack", b"\xc1garbage"),
+                                        ("entry not msgpack", b"\xc1")])
+def test_a_user_whose_stored_state_cannot_be_read_is_set_aside_and_the_rest_load(tmp_path, what, value):
+    """A corrupt record (or one from a newer riskgate, after a roll back) must not stop the partition.
+
+    That user raises :class:`UnreadableUser` naming it and why (never read as a
+    new user: that would drop its flags and blocked tags), is remembered as
+    unreadable, and is left out of ``items``; ``cores`` (what rebuilds the
+    windows) leaves it out too unless only a history entry is bad. Every other
+    user loads as stored. A forget deletes it all the same (the flush
+    tombstones its core and every entry) and hands back its slates when the
+    core can be read, so that the windows they were folded into lose them.
+    """
+    from streams.state import SEP, UnreadableUser
+
+    eng = _users()
+    states = [s for s in eng.users.values() if s.history and s.recent][:3]
+    bad, good = states[0], states[1:]
+    records = {}
+    for s in states:
+        key = s.user_id.encode()
+        records[key] = encode_core(s)
+        records.update({key + SEP + suffix: v for suffix, v in user_records(s)})
+    bad_key = bad.user_id.encode()
+    core_bad = not what.startswith("entry")
+    if core_bad:
+        records[bad_key] = value
+    else:
+        records[bad_key + SEP + next(iter(bad.history)).encode()] = value
+    db, users = _table_users(tmp_path, "corrupt", 1000, 3600.0, records)
+
+    rebuilt = dict(users.cores())  # as Engine.rebuild reads them, before any event
+    assert set(rebuilt) == {s.user_id for s in good} | (set() if core_bad else {bad.user_id})
+    with pytest.raises(UnreadableUser) as err:
+        users.get(bad.user_id)
+    assert err.value.user_id == bad.user_id and bad.user_id in str(err.value) and err.value.reason
+    assert users.unreadable == {bad.user_id: err.value.reason}
+    with pytest.raises(UnreadableUser):
+        users.get(bad.user_id)  # remembered: not read again
+    for s in good:
+        assert users.get(s.user_id) == s
+    assert {uid for uid, _ in users.items()} == {uid for uid, _ in users.cores()} == {s.user_id for s in good}
+
+    popped = users.pop(bad.user_id)
+    assert (popped is None) if core_bad else (popped.recent == bad.recent and rebuilt[bad.user_id].recent == bad.recent)
+    assert users.unreadable == {}
+    _, deleted, groups = users.flush()
+    assert deleted == {bad.user_id}
+    tombstoned = {k for group in groups for k, v in group if v is None}
+    assert {k for k in records if k == bad_key or k.startswith(bad_key + SEP)} <= tombstoned
+    assert not any(k == bad_key or k.startswith(bad_key + SEP) for k in db.keys())
+    assert users.get(bad.user_id) is None

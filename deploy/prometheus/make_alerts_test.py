@@ -44,6 +44,7 @@ def case(comment, series, checks):
 RR, CV, P1 = "RiskgateRealisedRiskAboveAlpha", "RiskgateConstraintViolation", "RiskgateProperty1ReflagRateHigh"
 ST, MI, FA = "RiskgateThresholdsStale", "RiskgateThresholdsMissing", "RiskgateFilterAllPublished"
 DL, LG, UH = "RiskgateDLQRateHigh", "RiskgateConsumerLagGrowing", "RiskgateWorkerUnhealthy"
+UR = "RiskgateUnreadableUserState"
 i1, i2, i3 = {"instance": "w1"}, {"instance": "w2"}, {"instance": "w3"}
 
 case("realised risk above alpha, weighted over two workers, sustained 30m", [
@@ -196,6 +197,14 @@ case("DLQ: half a percent rejected", [
     s("riskgate_dlq_total", {**i1, "topic": "watch", "reason": "bad_json"}, "0+1x30"),
 ], [
     ("20m", DL, []),
+])
+
+case("unreadable user state for 5m fires per worker; one that a forget cleared in 3m does not", [
+    s("riskgate_unreadable_users", i1, "0x5 2x25"),
+    s("riskgate_unreadable_users", i2, "0x5 1x3 0x22"),
+], [
+    ("8m", UR, []),
+    ("20m", UR, [({"instance": "w1"}, "2")]),
 ])
 
 case("consumer lag: high and growing fires; high but flat, growing but small, lingering gauge do not", [

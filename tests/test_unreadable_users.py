@@ -1,0 +1,119 @@
+"""A user whose stored state cannot be read, through the worker's own batch path (no broker).
+
+``streams.state.UnreadableUser`` sets such a user aside; the worker must then
+dead-letter that user's events with the reason (they are kept, to be replayed
+once the state is repaired or the newer riskgate that wrote it is back), go on
+with every other user, count them, and still honour a forget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+
+import orjson
+
+from streams.app import RiskgateApp
+from streams.schemas import decode_event
+from streams.settings import load_settings
+from streams.state import partition_db
+
+NEWER_CORE = b"\x93\x63\x90\x00"  # msgpack [99, [], 0]: a core in a format this riskgate does not know
+
+
+class _Record:
+    def __init__(self, topic, offset, key, value):
+        self.topic, self.partition, self.offset, self.key, self.value, self.timestamp = topic, 0, offset, key, value, 0
+
+
+class _Consumer:
+    """Faust's consumer as the batch path asks it: end offsets (None: unknown, so every topic holds the watermark)."""
+
+    _committed_offset: dict = {}
+
+    def __init__(self, ends: dict | None = None):
+        self.ends = ends
+
+    def highwater(self, tp):
+        return None if self.ends is None else self.ends.get(tp.topic, 0)
+
+
+def test_events_of_an_unreadable_user_are_dead_lettered_and_the_rest_go_on(tmp_path):
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    partition_db(rg.users_table, 0)[b"bad"] = NEWER_CORE  # as a restore from the changelog would leave it
+    part = rg._partition(0)  # (rebuilds the windows from the stored users: the bad one is set aside)
+    assert part.users.unreadable.keys() == {"bad"}
+    rg.app._consumer = _Consumer()
+    sent = []
+    rg.dlq_topic.send_soon = lambda key, value: sent.append((key, value))
+    full = {rg.names.base(t): t for t in rg.names.inputs}
+
+    def run(*events):
+        items = []
+        for offset, (topic, value) in enumerate(events):
+            raw = orjson.dumps(value)
+            msg = _Record(full[topic], offset, value["user_id"].encode(), raw)
+            items.append((msg, topic, decode_event(topic, raw, msg.key)))
+        rg._run_partition(0, items)
+        return items
+
+    imp = {"event_id": "e1", "user_id": "bad", "slate_id": "s1", "ts": 1_700_000_000.0, "k": 1,
+           "policy_applied": False, "items": [{"item_id": "i1", "score": 0.5}]}
+    items = run(("impressions", imp), ("watch", {"event_id": "e2", "user_id": "good", "item_id": "i2",
+                                                 "watch_ms": 9000, "duration_ms": 10000, "ts": 1_700_000_001.0}))
+    assert len(sent) == 1
+    key, value = sent[0]
+    record = orjson.loads(value)
+    assert key == b"bad" and record["reason"].startswith("unreadable_state: ") and "'bad'" in record["reason"]
+    assert base64.b64decode(record["value"]) == items[0][0].value  # the original bytes, to replay after a repair
+    assert rg._counts == collections.Counter({("impressions", "unreadable_state"): 1, ("watch", "ok"): 1})
+    assert part.users.get("good").history["i2"].watched
+    asyncio.run(rg._check_health())
+    assert rg.metrics.unreadable_users._value.get() == 1
+
+    run(("forget", {"event_id": "e3", "user_id": "bad", "ts": 1_700_000_002.0}))  # erasure needs no decoding
+    assert len(sent) == 1 and part.users.unreadable == {}
+    _, deleted, groups = part.users.flush()
+    assert deleted == {"bad"} and (b"bad", None) in [r for group in groups for r in group]
+    asyncio.run(rg._check_health())
+    assert rg.metrics.unreadable_users._value.get() == 0
+
+
+def test_a_pending_slate_of_an_unreadable_user_stays_pending_and_the_others_mature(tmp_path):
+    """Only a history entry is bad: the core was read when the partition was assigned, so its slate is due.
+
+    When another user's event moves the watermark past it, the engine must not
+    fail on that user (it is not the event's) nor label the slate from a history
+    it cannot read: the slate stays pending, the others mature.
+    """
+    from calibration.engine import Engine
+    from streams.state import SEP, encode_core, user_records
+
+    settings = load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                             label_window=10.0, allowed_lateness=1.0)
+    rg = RiskgateApp(settings)
+    eng = Engine(rg.config)  # the users as a first worker left them: a slate each, awaiting its labels
+    for uid, ts in (("bad", 100.0), ("ok", 101.0)):
+        eng.process(decode_event("impressions", orjson.dumps(
+            {"event_id": f"{uid}-1", "user_id": uid, "slate_id": f"{uid}-s", "ts": ts, "k": 1,
+             "policy_applied": False, "items": [{"item_id": f"{uid}-i", "score": 0.5}]}), uid.encode()), "impressions")
+    db = partition_db(rg.users_table, 0)
+    for uid, state in eng.users.items():
+        db[uid.encode()] = encode_core(state)
+        for suffix, value in user_records(state):
+            db[uid.encode() + SEP + suffix] = value
+    db[b"bad" + SEP + b"bad-i"] = b"\xc1"  # not msgpack
+    part = rg._partition(0)
+    assert part.engine.pending == 2 and part.users.unreadable == {}  # (cores read: the entry is not)
+    rg.app._consumer = _Consumer({rg.names.prefix + "watch": 1})  # the tick below is the last record of any topic
+    rg.dlq_topic.send_soon = lambda key, value: None
+
+    raw = orjson.dumps({"event_id": "t-1", "user_id": "tick", "item_id": "x", "watch_ms": 1, "duration_ms": 2,
+                        "ts": 200.0})
+    tick = _Record(rg.names.prefix + "watch", 0, b"tick", raw)
+    rg._run_partition(0, [(tick, "watch", decode_event("watch", raw, b"tick"))])
+    assert part.engine.matured_counts["holdout"] == 1  # "ok"'s slate
+    assert part.users.get("ok").pending == [] and len(part.users.get("ok").recent) == 1
+    assert part.users.unreadable.keys() == {"bad"}
+    assert rg._counts == collections.Counter({("watch", "ok"): 1})
