@@ -183,6 +183,7 @@ class RiskgateApp:
         app.batch_max = s.batch_max
         app.on_batch = self._on_batch
         app.before_revoke = self._flush_and_sync
+        app.on_fetch = self._on_fetch
         app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
         app.agent(self.partials_topic, name="riskgate.aggregate")(self._aggregate)
         app.task(self._snapshot_ticks)
@@ -301,6 +302,11 @@ class RiskgateApp:
         now = time.monotonic()
         if self._unflushed >= s.flush_max_events or now - self._flushed_at >= s.flush_interval:
             await self._flush_all()
+
+    def _on_fetch(self, waited: float, records: bool) -> None:
+        self.metrics.fetch_wait.inc(waited)
+        if records:
+            self.metrics.fetches.inc()
 
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)

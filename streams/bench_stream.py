@@ -221,6 +221,15 @@ def _cpu_share(cpu: list[tuple[float, float, float]], t0: float, t1: float) -> t
     return (wb - wa) / (tb - ta), (bb - ba) / (tb - ta)
 
 
+def _fetch_share(fetch: list[tuple[float, float, float, float]], t0: float, t1: float) -> tuple[float, float]:
+    """Share of wall time spent waiting for fetches, and input records applied per fetch, between ``t0`` and ``t1``."""
+    inside = [f for f in fetch if t0 <= f[0] <= t1]
+    if len(inside) < 2 or inside[-1][2] == inside[0][2]:
+        return float("nan"), float("nan")
+    (ta, wa, fa, aa), (tb, wb, fb, ab) = inside[0], inside[-1]
+    return (wb - wa) / (tb - ta), (ab - aa) / (fb - fa)
+
+
 def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -234,6 +243,7 @@ class _Sampler(threading.Thread):
         self.samples: list[tuple[float, float, float, int]] = []
         self.cpu: list[tuple[float, float, float]] = []
         self.users: list[tuple[float, float]] = []  # (t, users cached): what RSS grows with
+        self.fetch: list[tuple[float, float, float, float]] = []  # (t, s waited for fetches, fetches, applied)
         self.last: dict[str, float] = {}
         self._halt = threading.Event()
 
@@ -246,6 +256,8 @@ class _Sampler(threading.Thread):
                                      m.get("riskgate_consumer_lag", 0.0), _proc_kb(self.pid, "VmRSS")))
                 self.cpu.append((time.time(), _cpu_s(self.pid), _cpu_s(self.broker_pid)))
                 self.users.append((time.time(), m.get("riskgate_users_cached", 0.0)))
+                self.fetch.append((time.time(), m.get("riskgate_fetch_wait_seconds_total", 0.0),
+                                   m.get("riskgate_fetches_total", 0.0), m.get("riskgate_records_applied_total", 0.0)))
             except (OSError, ValueError):
                 pass
             self._halt.wait(self.interval)
@@ -379,6 +391,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             # Cores used while catching up: a worker near 1.0 is CPU-bound (one Python thread
             # holds the GIL); the broker's share is what it takes from the same two cores.
             fig["worker_cores"], fig["broker_cores"] = _cpu_share(sampler.cpu, first, last)
+            # Waiting for records while behind: time the worker did not work (its consumer thread
+            # parsing a fetch, or the broker). Near 0: the worker's own processing is the limit.
+            fig["fetch_wait_share"], fig["records_per_fetch"] = _fetch_share(sampler.fetch, first, last)
             _wait(lambda: _try_metrics(port).get("riskgate_consumer_lag", 1) == 0 or None, 60, "lag 0", proc, log)
             m = _settled(port, "riskgate_changelog_records_total")  # (the last records' flush included)
             fig["changelog_records_per_event"] = m.get("riskgate_changelog_records_total", 0) / total

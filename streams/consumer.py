@@ -88,6 +88,7 @@ class BatchConsumer(_AIOKafkaConsumer):
         commit_every = self._commit_every
         acks_enabled_for = app.topics.acks_enabled_for
         inbound = app.monitor.stream_inbound_time
+        on_fetch = app.on_fetch
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -95,7 +96,10 @@ class BatchConsumer(_AIOKafkaConsumer):
                 # async generator step and a ConsumerMessage per record cost about as much as
                 # riskgate's own work on a watch. Records of the batch topics stay aiokafka
                 # ConsumerRecords (timestamps in ms); only other topics get Faust messages.
+                waiting = monotonic()
                 records, active = await self._wait_next_records(1.0)
+                if on_fetch is not None:  # (idle when caught up; when behind, the time not spent working)
+                    on_fetch(monotonic() - waiting, bool(records))
                 await self.sleep(0)
                 if self.should_stop:
                     break
@@ -186,13 +190,16 @@ class BatchingApp(faust.App):
     Set :attr:`batch_topics` (topic names), :attr:`on_batch` (an async callable
     taking a list of messages), :attr:`batch_max` (most records per call) and,
     optionally, :attr:`before_revoke` (awaited at the start of a rebalance, while
-    every table partition is still writable).
+    every table partition is still writable) and :attr:`on_fetch` (told how long
+    each wait for records took).
     """
 
     batch_topics: frozenset = frozenset()
     batch_max: int = 2000
     on_batch: BatchCallback | None = None
     before_revoke: Callable[[], Awaitable[None]] | None = None
+    #: Called after each wait for a fetch: (seconds waited, whether it brought records).
+    on_fetch: Callable[[float, bool], None] | None = None
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]

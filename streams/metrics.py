@@ -82,6 +82,11 @@ class Metrics:
                                        "(before compression): the changelog's write volume.", registry=r)
         self.users_cached = Gauge("riskgate_users_cached", "Users held in memory by this worker's write-back "
                                   "caches (at most RISKGATE_USER_CACHE per partition): most of its RSS.", registry=r)
+        self.fetch_wait = Counter("riskgate_fetch_wait_seconds", "Time the input loop waited for its next fetch: "
+                                  "all of it when caught up; while behind, the share of time not spent working "
+                                  "(near 0: the worker is the bottleneck).", registry=r)
+        self.fetches = Counter("riskgate_fetches", "Fetches that brought records, of any topic (input records per fetch: at most "
+                               "riskgate_records_applied_total / this).", registry=r)
         self.unreadable_users = Gauge("riskgate_unreadable_users", "Users whose stored state this worker cannot "
                                       "read (corrupt, or from a newer riskgate): set aside, their events "
                                       "dead-lettered as unreadable_state.", registry=r)

@@ -12,3 +12,14 @@ def test_the_in_process_bench_times_every_step_of_the_worker_path():
     assert 1.0 < fig["changelog_records_per_event"] < 5.0
     assert 60 < fig["changelog_bytes_per_event"] / fig["changelog_records_per_event"] < 2000  # keys and values
     assert fig["outputs_per_event"] > 0
+
+
+def test_the_fetch_wait_share_and_records_per_fetch_come_from_the_samples_inside_the_window():
+    from streams.bench_stream import _fetch_share
+
+    # (t, seconds waited, fetches, records applied), sampled every second; the backlog ran from 1 to 4
+    samples = [(0.0, 5.0, 0, 0), (1.0, 5.5, 1, 0), (2.0, 5.6, 3, 4000), (3.0, 5.7, 5, 8000), (4.0, 5.8, 7, 12000),
+               (5.0, 6.8, 7, 12000)]
+    share, per_fetch = _fetch_share(samples, 1.0, 4.0)
+    assert abs(share - 0.1) < 1e-9 and per_fetch == 2000.0
+    assert all(x != x for x in _fetch_share(samples[:1], 0.0, 4.0))  # one sample: no rate (nan)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -112,6 +113,7 @@ def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix,
                     alphas=",".join(map(str, ALPHAS)), label_window=60, allowed_lateness=5, min_slates=10)
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
+    started = time.time()
     worker.start()
     try:
         worker.wait_healthy(90)
@@ -145,6 +147,13 @@ def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix,
             assert records >= float(ok[0]["value"][1]) / 25  # (a flush writes a user's changes once)
             size = float(prom.query("riskgate_changelog_bytes_total")[0]["value"][1])
             assert 20 * records < size < 4000 * records
+
+            # the input loop's waits for records (all of its time once caught up): what the dashboard's
+            # busy share is 1 minus; and the fetches that brought the events
+            waited = wait_for(lambda: prom.query("riskgate_fetch_wait_seconds_total > 0"), 30,
+                              what="riskgate_fetch_wait_seconds_total")
+            assert 0 < float(waited[0]["value"][1]) < time.time() - started
+            assert 0 < float(prom.query("riskgate_fetches_total")[0]["value"][1]) <= float(ok[0]["value"][1])
 
             # everything the worker exports is declared in METRIC_NAMES (what dashboards and alerts may use)
             exported = {n for n in prom.names() if n.startswith("riskgate_")}
