@@ -723,7 +723,16 @@ class _IntTable:
 
     def get(self, key: str, default=0) -> int:
         raw = self.table.get(key.encode())
-        return default if raw is None else int(raw)
+        if raw is None:
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            # Versions only grow (rankers drop a version older than theirs): restart above any
+            # counter, from the clock in ms; the next publication writes it back.
+            version = int(time.time() * 1000)
+            log.error("threshold version of %s unreadable (%r); going on from %d", key, raw[:40], version)
+            return version
 
     def __setitem__(self, key: str, value: int) -> None:
         self.table[key.encode()] = str(int(value)).encode()

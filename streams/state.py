@@ -606,7 +606,20 @@ class TableErased:
             for key, raw in partition_db(table, partition).items():
                 if not key.startswith(ERASED_PREFIX):
                     break
-                self._cache[key[len(ERASED_PREFIX):].decode()] = float(raw)
+                name = key[len(ERASED_PREFIX):].decode("utf-8", "replace")
+                try:
+                    ts = float(raw)
+                except ValueError:
+                    ts = float("nan")
+                if ts != ts:  # unreadable (NaN would let every event through)
+                    # Whose forget it was is the key; when is lost, but no later than now (a forget
+                    # from the future is refused): that user's events up to now stay dropped, and the
+                    # marker is written back so that a restart does not move it again.
+                    ts = time.time()
+                    self._dirty.add(name)
+                    log.error("users table partition %d: forget marker %s unreadable (%r); read as a forget at "
+                              "%.3f, now", partition, name, raw[:40], ts)
+                self._cache[name] = ts
 
     def __len__(self) -> int:
         return len(self._cache)

@@ -440,3 +440,58 @@ def test_a_user_whose_stored_state_cannot_be_read_is_set_aside_and_the_rest_load
     assert {k for k in records if k == bad_key or k.startswith(bad_key + SEP)} <= tombstoned
     assert not any(k == bad_key or k.startswith(bad_key + SEP) for k in db.keys())
     assert users.get(bad.user_id) is None
+
+
+def test_an_unreadable_forget_marker_is_read_as_a_forget_now_and_written_back(tmp_path):
+    """A forget marker's ts that cannot be read (corrupt, or NaN, which would let every event through).
+
+    It must not stop the partition, nor be dropped (the forgotten user's late
+    events would come back): it is read as a forget at the worker's clock (a
+    forget is never later than that), and the next flush writes that value, so
+    a restart does not move it again. Readable markers load as written.
+    """
+    import time
+
+    from rocksdict import Options, Rdict
+
+    from streams.state import ERASED_PREFIX, TableErased
+
+    db = Rdict(str(tmp_path / "erased"), options=Options(raw_mode=True))
+    db[ERASED_PREFIX + b"aa"] = repr(1_700_000_000.5).encode()
+    db[ERASED_PREFIX + b"bb"] = b"\xff garbage"
+    db[ERASED_PREFIX + b"cc"] = b"nan"
+    db[b"user-1"] = b"a core: not a marker"
+
+    class Table(_Table):
+        written: dict = {}
+
+        def __setitem__(self, key, value):
+            self.written[key] = value
+
+    table = Table(db)
+    before = time.time()
+    erased = TableErased(table, 0)
+    after = time.time()
+    assert len(erased) == 3 and erased.get("aa") == 1_700_000_000.5
+    for name in ("bb", "cc"):
+        assert before <= erased.get(name) <= after
+    erased.flush()
+    assert {k: float(v) for k, v in table.written.items()} == {ERASED_PREFIX + b"bb": erased.get("bb"),
+                                                                 ERASED_PREFIX + b"cc": erased.get("cc")}
+
+
+def test_an_unreadable_threshold_version_goes_on_above_any_counter():
+    """Rankers drop a version older than the one they hold: an unreadable one must not restart at 1."""
+    import time
+
+    from streams.app import _IntTable
+
+    class Table(dict):
+        def get(self, key, default=None):
+            return super().get(key, default)
+
+    versions = _IntTable(Table({b"remove:global": b"41", b"replace:global": b"\x00\x01"}))
+    assert versions.get("remove:global") == 41 and versions.get("remove:band:low") == 0
+    assert versions.get("replace:global") >= int(time.time() * 1000) - 1000
+    versions["replace:global"] = versions.get("replace:global") + 1
+    assert int(versions.table[b"replace:global"]) > 1_000_000_000_000
