@@ -244,11 +244,8 @@ class RiskgateApp:
         part = self.partitions.get(p)
         if part is None:
             users = TableUsers(self.users_table, p, self.settings.user_cache, self.settings.local_sync_interval)
-            meta = self.meta_table.get(str(p).encode())
-            meta = orjson.loads(meta) if meta else {}
-            wm = meta.get("watermark")
-            clock = Watermark(self.config.allowed_lateness, float("-inf") if wm is None else wm,
-                              meta.get("max_ts_by_topic"))
+            wm, max_ts = _read_meta(p, self.meta_table.get(str(p).encode()))
+            clock = Watermark(self.config.allowed_lateness, float("-inf") if wm is None else wm, max_ts)
             engine = Engine(self.config, users=users, clock=clock, erased=TableErased(self.users_table, p))
             engine.rebuild()
             cap = self.settings.user_cache
@@ -713,6 +710,30 @@ def _in_event_of(event) -> None:
     buffer is filling loses one event and duplicates another.
     """
     _current_event.set(weakref.ref(event))
+
+
+def _read_meta(p: int, raw: bytes | None) -> tuple[float | None, dict[str, float]]:
+    """A partition's stored watermark and largest ts per topic; nothing if none or unreadable.
+
+    Unreadable (a corrupt record: only workers write it) is logged and read as
+    none: the watermark then starts again from the events read, which is what a
+    new partition does; it only ever decides lateness and maturity, and slates
+    mature once whatever it restarts from passes them.
+    """
+    if not raw:
+        return None, {}
+    try:
+        meta = orjson.loads(raw)
+        wm = meta.get("watermark")
+        max_ts = meta.get("max_ts_by_topic") or {}
+        if not (wm is None or isinstance(wm, (int, float))) or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) for k, v in max_ts.items()):
+            raise ValueError("wrong types")
+        return (None if wm is None else float(wm)), {k: float(v) for k, v in max_ts.items()}
+    except (ValueError, AttributeError) as e:  # (orjson.JSONDecodeError is a ValueError)
+        log.error("partition-meta of partition %d unreadable (%s: %r); the watermark starts afresh", p,
+                  type(e).__name__, raw[:60])
+        return None, {}
 
 
 class _IntTable:

@@ -117,3 +117,16 @@ def test_a_pending_slate_of_an_unreadable_user_stays_pending_and_the_others_matu
     assert part.users.get("ok").pending == [] and len(part.users.get("ok").recent) == 1
     assert part.users.unreadable.keys() == {"bad"}
     assert rg._counts == collections.Counter({("watch", "ok"): 1})
+
+
+def test_an_unreadable_partition_meta_record_starts_the_watermark_afresh():
+    from streams.app import _read_meta
+
+    good = orjson.dumps({"watermark": 1_700_000_000.5, "max_ts_by_topic": {"watch": 1_700_000_010, "flags": 3.5}})
+    assert _read_meta(0, good) == (1_700_000_000.5, {"watch": 1_700_000_010.0, "flags": 3.5})
+    assert _read_meta(0, orjson.dumps({"watermark": None, "max_ts_by_topic": None})) == (None, {})
+    assert _read_meta(0, None) == (None, {})
+    for bad in (b"{not json", b"[1, 2]", orjson.dumps({"watermark": "soon"}),
+                orjson.dumps({"watermark": 1.0, "max_ts_by_topic": {"watch": "x"}}),
+                orjson.dumps({"watermark": 1.0, "max_ts_by_topic": [1]})):
+        assert _read_meta(0, bad) == (None, {}), bad
