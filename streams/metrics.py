@@ -85,8 +85,8 @@ class Metrics:
         self.fetch_wait = Counter("riskgate_fetch_wait_seconds", "Time the input loop waited for its next fetch: "
                                   "all of it when caught up; while behind, the share of time not spent working "
                                   "(near 0: the worker is the bottleneck).", registry=r)
-        self.fetches = Counter("riskgate_fetches", "Fetches that brought records, of any topic (input records per fetch: at most "
-                               "riskgate_records_applied_total / this).", registry=r)
+        self.fetches = Counter("riskgate_fetches", "Fetches that brought records, of any topic (input records "
+                               "per fetch: at most riskgate_records_applied_total / this).", registry=r)
         self.unreadable_users = Gauge("riskgate_unreadable_users", "Users whose stored state this worker cannot "
                                       "read (corrupt, or from a newer riskgate): set aside, their events "
                                       "dead-lettered as unreadable_state.", registry=r)
