@@ -182,6 +182,36 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
     _dump({"produced": dict(counts)})
 
 
+@main.command("dlq-replay")
+@click.option("--broker", required=True, help="kafka://host:port of the broker.")
+@click.option("--reason", "reasons", multiple=True,
+              help="Replay only dead letters with this reason code (e.g. unreadable_state); repeat. Default: all.")
+@click.option("--key", "keys", multiple=True, help="Replay only this user's (record key); repeat. Default: all.")
+@click.option("--from-offset", "start", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First DLQ offset to read (the next_offset a previous replay printed).")
+@click.option("--dry-run", is_flag=True, help="Count what would be replayed; produce nothing.")
+def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
+    """Produce dead letters' original key and value again to the input topic each came from, in DLQ order.
+
+    For after the cause is fixed: a producer corrected, or a user's unreadable
+    state repaired (docs/operations.md). Topic prefix and credentials come from
+    the RISKGATE_* settings, as for the worker.
+    """
+    import asyncio
+
+    from .dlq import replay_dead_letters
+    from .settings import SettingsError, load_settings
+    from .topics import Topics
+
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        raise click.UsageError(f"bad configuration: {e}") from None
+    _dump(asyncio.run(replay_dead_letters(broker.removeprefix("kafka://"), Topics(settings.topic_prefix),
+                                          reasons=reasons, keys=[k.encode() for k in keys], start=start,
+                                          dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures (never pass/fail)."""
