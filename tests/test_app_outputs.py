@@ -32,13 +32,8 @@ def _items(pool) -> list[str]:
     return [p if isinstance(p, str) else p["item_id"] for p in pool]
 
 
-def test_an_item_made_unsafe_by_a_watch_alone_is_withdrawn_at_once(tmp_path):
-    """X handed out, pushed past the cap by an addition held back, then made unsafe by an earlier first view.
-
-    The watch changes no core and the shown pool's top does not change, but
-    the ranker holds X: the flush must send the pool without it, not wait for
-    the round of additions an hour away.
-    """
+def _with_an_addition_held(tmp_path):
+    """User u handed [x], then y (rank 2.0) made safe: an addition, held for the round an hour away."""
     rg = _app(tmp_path)
     part = rg._partition(0)
     eng = part.engine
@@ -46,28 +41,30 @@ def test_an_item_made_unsafe_by_a_watch_alone_is_withdrawn_at_once(tmp_path):
                 "impressions")
     eng.process(Watch("e2", "u", "x", 80.0, 100.0, 10.0), "watch")
     assert [_items(p) for p in _flush(rg, part)] == [["x"]]  # x is safe (y is not watched yet)
-
-    eng.process(Watch("e3", "u", "y", 90.0, 100.0, 11.0), "watch")  # y (rank 2.0) outranks x: an addition
+    eng.process(Watch("e3", "u", "y", 90.0, 100.0, 11.0), "watch")  # y outranks x: an addition
     assert _flush(rg, part) == []  # held for the round of additions
+    return rg, part
 
+
+def test_an_item_made_unsafe_by_a_watch_alone_is_withdrawn_at_once(tmp_path):
+    """X handed out, pushed past the cap by an addition held back, then made unsafe by an earlier first view.
+
+    The watch changes no core and the shown pool's top does not change, but
+    the ranker holds X: the flush must send the pool without it, not wait for
+    the round of additions an hour away.
+    """
+    rg, part = _with_an_addition_held(tmp_path)
+    eng = part.engine
     eng.process(Watch("e4", "u", "x", 10.0, 100.0, 5.0), "watch")  # x's first view was earlier, at W% 10
     state = part.users.get("u")
     assert [s.item_id for s in state.safe_pool(rg.config.limits)] == ["y"]
     assert [_items(p) for p in _flush(rg, part)] == [["y"]]
 
 
-
 def test_held_additions_go_out_with_the_user_s_next_other_change(tmp_path):
     """An impression changes nothing of the value but the held addition: the flush sends it, not the round."""
-    rg = _app(tmp_path)
-    part = rg._partition(0)
+    rg, part = _with_an_addition_held(tmp_path)
     eng = part.engine
-    eng.process(Impression("e1", "u", "s1", 1.0, 2, False, (ShownItem("x", 1.0), ShownItem("y", 0.5, 2.0))),
-                "impressions")
-    eng.process(Watch("e2", "u", "x", 80.0, 100.0, 10.0), "watch")
-    assert [_items(p) for p in _flush(rg, part)] == [["x"]]
-    eng.process(Watch("e3", "u", "y", 90.0, 100.0, 11.0), "watch")  # y outranks x: an addition, held
-    assert _flush(rg, part) == []
     eng.process(Impression("e4", "u", "s2", 12.0, 1, False, (ShownItem("z", 0.1),)), "impressions")
     assert [_items(p) for p in _flush(rg, part)] == [["y"]]
     eng.process(Impression("e5", "u", "s3", 13.0, 1, False, (ShownItem("w", 0.1),)), "impressions")
@@ -75,7 +72,7 @@ def test_held_additions_go_out_with_the_user_s_next_other_change(tmp_path):
 
 
 def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_path):
-    """Skipping the encoding of unchanged values (most core changes) never leaves a ranker a stale one.
+    """What flushes publish never leaves a ranker a stale safe-pools value (band, tags, versions, own λ̂, pool).
 
     A seeded synthetic stream with many flags, tag rules and forgets, small
     pools and few slates per own λ̂ (so bands, blocked tags, versions, own
