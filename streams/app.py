@@ -335,7 +335,7 @@ class RiskgateApp:
                     if e.user_id != rec.user_id:
                         raise  # another user's (maturing): not this event's to answer for
                     counts[(topic, "unreadable_state")] += 1
-                    self._dead_letter(msg, InvalidEvent("unreadable_state", str(e)), event=False)
+                    self._dead_letter(msg, InvalidEvent("unreadable_state", str(e)), invalid_event=False)
             if final[topic] == i and topic not in behind:
                 clock.set_lagging(topic, False)
                 eng.advance_clock()  # the watermark may move now that this topic is read up to its end
@@ -508,10 +508,10 @@ class RiskgateApp:
                 behind.add(self.names.base(topic))
         return behind
 
-    def _dead_letter(self, msg, err: InvalidEvent, event: bool = True) -> None:
-        """Send ``msg`` to the dead-letter topic with its reason; ``event``: an input event, counted as ``invalid``."""
+    def _dead_letter(self, msg, err: InvalidEvent, invalid_event: bool = True) -> None:
+        """Send ``msg`` to the dead-letter topic with its reason (``invalid_event``: counted as an invalid event)."""
         topic = self.names.base(msg.topic)
-        if event:
+        if invalid_event:
             self.metrics.events.labels(_KIND.get(topic, topic), "invalid").inc()
         self.metrics.dlq.labels(topic, err.code).inc()
         # send_soon: no await inside a batch (offsets are committed only after the
@@ -570,7 +570,7 @@ class RiskgateApp:
                     # (another deployment's grid, a stray producer) must not stop the sums.
                     log.error("a %s record that is not a snapshot (%s[%d]@%d): dead-lettered",
                               self.names.partials, msg.topic, msg.partition, msg.offset)
-                    self._dead_letter(msg, InvalidEvent("bad_snapshot", str(e)), event=False)
+                    self._dead_letter(msg, InvalidEvent("bad_snapshot", str(e)), invalid_event=False)
                     continue
                 self.aggregator.update(*snapshot)
             _in_event_of(events[-1])  # version table writes

@@ -37,6 +37,11 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
 
+    @property
+    def code(self) -> str:
+        """The reason's code: the part before the first ``:`` (``unreadable_state``, ``schema``, ...)."""
+        return self.reason.split(":", 1)[0]
+
 
 def parse(offset: int, raw: bytes | None) -> DeadLetter | None:
     """The dead letter in a DLQ record's value, None if the value is not one (nothing to replay)."""
@@ -61,7 +66,7 @@ def select(letters: Iterable[DeadLetter], names: Topics, reasons: Iterable[str] 
     for d in letters:
         if d.topic not in inputs or d.value is None:
             continue  # (internal topics' records, e.g. bad_snapshot, are not events)
-        if codes and d.reason.split(":", 1)[0] not in codes:
+        if codes and d.code not in codes:
             continue
         if wanted and d.key not in wanted:
             continue
@@ -113,10 +118,10 @@ async def replay_dead_letters(bootstrap: str, names: Topics, *, reasons: Iterabl
         try:
             for d in chosen:  # one at a time, acknowledged: DLQ order is kept, retries or not
                 await producer.send_and_wait(d.topic, d.value, key=d.key)
-                replayed[f"{names.base(d.topic)} {d.reason.split(':', 1)[0]}"] += 1
+                replayed[f"{names.base(d.topic)} {d.code}"] += 1
         finally:
             await producer.stop()
     else:
-        replayed.update(f"{names.base(d.topic)} {d.reason.split(':', 1)[0]}" for d in chosen)
+        replayed.update(f"{names.base(d.topic)} {d.code}" for d in chosen)
     return {"read": len(records), "unparsable": len(records) - len(letters), "selected": len(chosen),
             "would_replay" if dry_run else "replayed": dict(replayed), "next_offset": end}

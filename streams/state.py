@@ -428,24 +428,19 @@ class TableUsers:
 
     def items(self) -> Iterator[tuple[str, UserState]]:
         """Every user of the partition, whole (the table as flushed, overlaid with the cache)."""
-        for uid, state in list(self._cache.items()):
-            yield uid, state
-        for uid, core in self._stored_ids():
-            if uid not in self._cache and uid not in self._deleted and uid not in self.unreadable:
-                try:
-                    state = self._decode(uid, core)[0]
-                except UnreadableUser:
-                    continue  # set aside (self.unreadable)
-                yield uid, state
+        return self._users(with_history=True)
 
     def cores(self) -> Iterator[tuple[str, UserState]]:
         """Every user with its core only (history not read): what rebuilding the windows needs."""
+        return self._users(with_history=False)
+
+    def _users(self, with_history: bool) -> Iterator[tuple[str, UserState]]:
         for uid, state in list(self._cache.items()):
             yield uid, state
         for uid, core in self._stored_ids():
             if uid not in self._cache and uid not in self._deleted and uid not in self.unreadable:
                 try:
-                    state = self._decode(uid, core, with_history=False)[0]
+                    state = self._decode(uid, core, with_history)[0]
                 except UnreadableUser:
                     continue  # set aside (self.unreadable): its slates are in no window
                 yield uid, state
