@@ -215,22 +215,30 @@ def _cpu_s(pid: int | None) -> float:
         return 0.0
 
 
+def _deltas(samples: list[tuple], t0: float, t1: float) -> tuple | None:
+    """(Δt, Δ of each other field) between the first and last samples taken in [t0, t1]; None if fewer than 2."""
+    inside = [x for x in samples if t0 <= x[0] <= t1]
+    if len(inside) < 2:
+        return None
+    return tuple(b - a for a, b in zip(inside[0], inside[-1]))
+
+
 def _cpu_share(cpu: list[tuple[float, float, float]], t0: float, t1: float) -> tuple[float, float]:
     """Cores the worker and the broker used on average between wall times ``t0`` and ``t1``."""
-    inside = [c for c in cpu if t0 <= c[0] <= t1]
-    if len(inside) < 2:
+    d = _deltas(cpu, t0, t1)
+    if d is None:
         return float("nan"), float("nan")
-    (ta, wa, ba), (tb, wb, bb) = inside[0], inside[-1]
-    return (wb - wa) / (tb - ta), (bb - ba) / (tb - ta)
+    dt, worker, broker = d
+    return worker / dt, broker / dt
 
 
 def _fetch_share(fetch: list[tuple[float, float, float, float]], t0: float, t1: float) -> tuple[float, float]:
     """Share of wall time spent waiting for fetches, and input records applied per fetch, between ``t0`` and ``t1``."""
-    inside = [f for f in fetch if t0 <= f[0] <= t1]
-    if len(inside) < 2 or inside[-1][2] == inside[0][2]:
+    d = _deltas(fetch, t0, t1)
+    if d is None or d[2] == 0:
         return float("nan"), float("nan")
-    (ta, wa, fa, aa), (tb, wb, fb, ab) = inside[0], inside[-1]
-    return (wb - wa) / (tb - ta), (ab - aa) / (fb - fa)
+    dt, waited, fetches, applied = d
+    return waited / dt, applied / fetches
 
 
 def _du(path: Path) -> int:
