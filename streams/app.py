@@ -184,6 +184,7 @@ class RiskgateApp:
         app.on_batch = self._on_batch
         app.before_revoke = self._flush_and_sync
         app.on_fetch = self._on_fetch
+        app.on_restore = self._on_restore
         app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
         app.agent(self.partials_topic, name="riskgate.aggregate")(self._aggregate)
         app.task(self._snapshot_ticks)
@@ -304,6 +305,10 @@ class RiskgateApp:
         self.metrics.fetch_wait.inc(waited)
         if records:
             self.metrics.fetches.inc()
+
+    def _on_restore(self, tp, records: int) -> None:
+        table = self.app.tables.recovery.tp_to_table.get(tp)
+        self.metrics.restored.labels(table.name if table is not None else tp.topic).inc(records)
 
     def _run_partition(self, p: int, items) -> None:
         part = self._partition(p)

@@ -12,7 +12,9 @@ their changelogs, recovery, offset commits, timers, agents for the internal
 topics, the web server — and changes one thing: records of the topics named in
 :attr:`BatchingApp.batch_topics` are collected per fetch and passed, as a list
 of aiokafka ``ConsumerRecord`` (timestamps in ms), to :attr:`BatchingApp.on_batch`. Records of every
-other topic take Faust's usual path.
+other topic take Faust's usual path, except a fetch of a changelog partition
+under recovery, which is written to its table in one step
+(:func:`streams.restore.restore_fetch`).
 
 Offsets stay Faust's business: the callback *acks* records
 (:meth:`BatchConsumer.ack_offsets`) once their effects are in the tables, and
@@ -39,6 +41,8 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers.aiokafka import Consumer as _AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as _AIOKafkaTransport
 from faust.types.tuples import ack_lock
+
+from .restore import restore_fetch
 
 __all__ = ["BatchingApp", "BatchConsumer", "BatchTransport", "MessageContext"]
 
@@ -89,6 +93,7 @@ class BatchConsumer(_AIOKafkaConsumer):
         acks_enabled_for = app.topics.acks_enabled_for
         inbound = app.monitor.stream_inbound_time
         on_fetch = app.on_fetch
+        on_restore = app.on_restore
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -152,6 +157,12 @@ class BatchConsumer(_AIOKafkaConsumer):
                             break  # a rebalance while delivering: the new assignment seeks and re-reads
                         await self._deliver(on_batch, batch[i:i + max_batch], fetched, inbound)
                 for tp, recs in others:
+                    restored = restore_fetch(app, tp, recs)  # a changelog partition under recovery: in bulk
+                    if restored is not None:
+                        set_read_offset(tp, recs[-1].offset)
+                        if on_restore is not None:
+                            on_restore(tp, restored)
+                        continue
                     for r in recs:
                         await self.wait_first(callback(to_message(tp, r)), self.suspend_flow.wait())
                         set_read_offset(tp, r.offset)
@@ -191,7 +202,7 @@ class BatchingApp(faust.App):
     taking a list of messages), :attr:`batch_max` (most records per call) and,
     optionally, :attr:`before_revoke` (awaited at the start of a rebalance, while
     every table partition is still writable) and :attr:`on_fetch` (told how long
-    each wait for records took).
+    each wait for records took) and :attr:`on_restore`.
     """
 
     batch_topics: frozenset = frozenset()
@@ -200,6 +211,8 @@ class BatchingApp(faust.App):
     before_revoke: Callable[[], Awaitable[None]] | None = None
     #: Called after each wait for a fetch: (seconds waited, whether it brought records).
     on_fetch: Callable[[float, bool], None] | None = None
+    #: Called after a fetch of a changelog partition was restored in bulk (streams.restore): (tp, records written).
+    on_restore: Callable[[object, int], None] | None = None
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]

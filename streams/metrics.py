@@ -87,6 +87,9 @@ class Metrics:
                                   "(near 0: the worker is the bottleneck).", registry=r)
         self.fetches = Counter("riskgate_fetches", "Fetches that brought records, of any topic (input records "
                                "per fetch: at most riskgate_records_applied_total / this).", registry=r)
+        self.restored = Counter("riskgate_changelog_restored_records", "Changelog records written to a table's "
+                                "local store while restoring it, by table (a fetch at a time: streams.restore).",
+                                ["table"], registry=r)
         self.unreadable_users = Gauge("riskgate_unreadable_users", "Users whose stored state this worker cannot "
                                       "read (corrupt, or from a newer riskgate): set aside, their events "
                                       "dead-lettered as unreadable_state.", registry=r)

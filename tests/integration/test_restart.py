@@ -10,7 +10,9 @@ local stores are written by evictions and by the stop alone. Then:
   Faust recovery started past the beginning of each users changelog (the stop
   synced the offset the local store covers);
 * after more events, a third worker on an empty directory, restored from the
-  changelogs alone, holds every user exactly as the restarted one does.
+  changelogs alone, holds every user exactly as the restarted one does, and
+  wrote every record of the users changelog through the bulk restore
+  (``streams.restore``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import pytest
 from calibration.synthetic import WorldConfig
 from streams.producer import produce_events
 
-from .harness import Worker, events_with_forgets_and_ticks, json_of, make_topics, wait_for
+from .harness import (Worker, events_with_forgets_and_ticks, json_of, make_topics, read_topic, users_changelog,
+                      wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -110,9 +113,13 @@ def test_a_clean_restart_on_the_same_directory_keeps_every_user(kafka_bootstrap,
         again.stop()
     assert all(after[u] == 404 for u in forgotten)
 
+    changelog = read_topic(kafka_bootstrap, users_changelog(app_id))  # what the fresh worker must restore
     fresh = Worker(kafka_bootstrap, app_id, tmp_path / "empty", tmp_path, PARTITIONS, topic_prefix, **SETTINGS).start()
     try:
         fresh.wait_healthy()
         _await_users(fresh, uids, after)
+        # Every record of the users changelog was written a fetch at a time (streams.restore), none by
+        # Faust's own record-by-record path, and each once.
+        assert fresh.metric("riskgate_changelog_restored_records_total", table="users") == len(changelog) > 0
     finally:
         fresh.stop()
