@@ -66,7 +66,7 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
 
     from .app import GC_THRESHOLDS, RiskgateApp
     from .batch_send import BATCH_BYTES
-    from .bench_stream import StreamBenchConfig, _encoded, _world
+    from .bench_stream import BACKLOG_START_TS, StreamBenchConfig, _encoded, _world
     from .schemas import decode_event
     from .settings import load_settings
 
@@ -74,7 +74,7 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
     tmp = tempfile.mkdtemp(prefix="riskgate-inprocess-")
 
     world = _world(StreamBenchConfig(events=cfg.events, users=cfg.users, partitions=cfg.partitions, seed=cfg.seed),
-                   cfg.events, cfg.seed, 1_700_000_000.0, 2_000.0, "e-")
+                   cfg.events, cfg.seed, BACKLOG_START_TS, 2_000.0, "e-")
     # the settings of `bench stream`'s worker; the broker is never contacted
     rg = RiskgateApp(load_settings(data_dir=tmp, broker="kafka://127.0.0.1:1", topic_partitions=cfg.partitions,
                                    label_window=120.0, allowed_lateness=5.0))

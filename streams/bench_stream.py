@@ -26,6 +26,13 @@ ratios of one run). What it does, on the local tansu broker unless
    heartbeat). With ``--live-rate`` above what the worker sustains this is the
    soak: lag grows during the phase and must recover after it.
 5. **Size.** RocksDB bytes on disk per 100k users, peak RSS.
+6. **Restore** (unless ``--no-restore``). The worker stops; a new one starts
+   on an empty data directory, as after a lost disk or on a new machine, and
+   restores every table from its changelog. Figures: records restored, the
+   restore's own seconds (first to last restored record, from its
+   ``/metrics``), and seconds from the process start until it applied a
+   probe event produced at that start: how long its partitions went
+   unprocessed.
 
 ``--profile FILE`` runs the worker under py-spy and prints where its time went.
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -60,6 +68,8 @@ from .topics import Topics
 
 __all__ = ["bench_stream", "StreamBenchConfig"]
 
+#: Event time of the backlog's start (its events come 2,000 a second of event time).
+BACKLOG_START_TS = 1_700_000_000.0
 EVENTS_PER_SLATE = 21.2  # impression + ~20 watches + flags/constraints, measured on the synthetic world
 
 
@@ -78,6 +88,7 @@ class StreamBenchConfig:
     out: str | None = None
     worker_env: dict = field(default_factory=dict)
     keep: bool = False  # keep the temporary directory (worker log, RocksDB data)
+    restore: bool = True  # then time a new worker restoring the tables from their changelogs
     workers: int = 1  # more than one: the backlog only, the workers' combined rate once the group settled
 
 
@@ -361,7 +372,7 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
 
         with console.status("generating and producing the backlog"):
             t0 = time.perf_counter()
-            world = _world(cfg, cfg.events, cfg.seed, 1_700_000_000.0, 2_000.0, "e-")
+            world = _world(cfg, cfg.events, cfg.seed, BACKLOG_START_TS, 2_000.0, "e-")
             records = list(_encoded(world))
             fig["generate_s"] = time.perf_counter() - t0
             kinds = collections.Counter(t for t, _, _ in records)
@@ -444,6 +455,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         fig["rocksdb_mb_per_100k_users"] = size / users * 100_000 / 2**20
         if cfg.profile:
             fig["profile_top"] = _profile_summary(cfg.profile)
+        proc = None
+        if cfg.restore:
+            fig.update(_restore_phase(cfg, bootstrap, prefix, tmp, console))
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -507,6 +521,47 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
     out["per_worker_cores"] = [round(w, 3) for w, _ in cores]
     out["broker_cores"] = cores[0][1]
     return out
+
+
+def _restore_phase(cfg, bootstrap, prefix, tmp, console) -> dict:
+    """A worker on an empty data directory: how long it restores, and until it processes again."""
+    fig: dict = {}
+    cfg = dataclasses.replace(cfg, profile=None)
+    log = tmp / "restore.log"
+    with console.status("a new worker restoring the tables from their changelogs"):
+        t0 = time.monotonic()
+        proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
+        try:
+            # A watch of a new user, produced at the start: applied once its partition is restored. Its
+            # ts is the backlog's first (a late watch, still applied): it matures no slate, moves no window.
+            probe = {"event_id": "bench-restore-probe", "user_id": "bench-restore-probe", "item_id": "i-probe",
+                     "watch_ms": 1000, "duration_ms": 2000, "ts": BACKLOG_START_TS}
+            asyncio.run(_produce(bootstrap, [("watch", b"bench-restore-probe", orjson.dumps(probe))], prefix))
+            restored: list[tuple[float, float]] = []  # (monotonic, records restored so far) when it moved
+
+            def probed():
+                m = _try_metrics(port)
+                n = m.get("riskgate_changelog_restored_records_total", 0.0)
+                if n and (not restored or n > restored[-1][1]):
+                    restored.append((time.monotonic(), n))
+                return m.get("riskgate_records_applied_total", 0) >= 1
+
+            _wait(probed, 1800, "the restored worker to apply a probe event", proc, log)
+            fig["restart_to_processing_s"] = time.monotonic() - t0
+            m = _settled(port, "riskgate_changelog_restored_records_total", every=1.0)
+            fig["restored_records"] = int(m.get("riskgate_changelog_restored_records_total", 0))
+            if restored:
+                # from the first sample that saw records restored (up to one scrape late) to the last move
+                fig["restore_s"] = restored[-1][0] - restored[0][0]
+                if fig["restore_s"] > 0:
+                    fig["restore_records_per_s"] = (restored[-1][1] - restored[0][1]) / fig["restore_s"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return fig
 
 
 def _settled(port: int, name: str, every: float = 2.0, tries: int = 30) -> dict:

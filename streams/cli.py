@@ -262,8 +262,10 @@ def bench_inprocess(n_events, users, seed) -> None:
 @click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
               help="More than one: workers of one group on the backlog (no live phase, no profile); their "
                    "combined rate once every one of them applies records.")
+@click.option("--restore/--no-restore", default=True, show_default=True,
+              help="Then time a new worker on an empty directory restoring the tables from their changelogs.")
 def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_rate, live_producers,
-                 recompute_interval, profile, out, worker_env, keep, workers) -> None:
+                 recompute_interval, profile, out, worker_env, keep, workers, restore) -> None:
     """One worker against a real broker: throughput vs. a bare consumer, lag, freshness, RSS, RocksDB size."""
     from .bench_stream import StreamBenchConfig, bench_stream as run
 
@@ -279,7 +281,7 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
     run(StreamBenchConfig(events=n_events, users=users, partitions=partitions, seed=seed, broker=broker,
                           live_seconds=live_seconds, live_rate=live_rate, live_producers=live_producers,
                           recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env,
-                          keep=keep, workers=workers))
+                          keep=keep, workers=workers, restore=restore))
 
 
 @main.command()
