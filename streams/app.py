@@ -113,6 +113,9 @@ class RiskgateApp:
         self.healthy = False
         self._exported: dict = {}
         self._counts: dict = defaultdict(int)  # (topic, outcome) -> events since the last flush
+        # Input partition -> dead-letter records of its records since its last flush, sent by that
+        # flush before it acks them (as changelog records are: a few µs each, not send_soon's ~40).
+        self._dead: dict[int, list] = defaultdict(list)
         self._flush_lock = asyncio.Lock()
         self._pool_parts = list(range(s.topic_partitions))
         # One-record producer batches are the tansu settings (docs/operations.md): there the
@@ -394,6 +397,7 @@ class RiskgateApp:
         """
         eng = part.engine
         unacked, part.unacked = part.unacked, []
+        dead = self._dead.pop(p, None)
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
         _, deleted, groups = part.users.flush(sync)
@@ -425,6 +429,8 @@ class RiskgateApp:
         for topic, key, value in outgoing:
             if topic is not self.pools_topic:
                 topic.send_soon(key=key, value=value)
+        if dead:
+            await send_records(self.app, self.names.dlq, 0, [[r] for r in dead])
         by_topic: dict = defaultdict(list)
         for msg in unacked:
             by_topic[msg.topic].append(msg.offset)
@@ -519,10 +525,16 @@ class RiskgateApp:
         if invalid_event:
             self.metrics.events.labels(_KIND.get(topic, topic), "invalid").inc()
         self.metrics.dlq.labels(topic, err.code).inc()
-        # send_soon: no await inside a batch (offsets are committed only after the
-        # producer buffer is flushed, so the record is not lost on a crash).
-        self.dlq_topic.send_soon(key=msg.key, value=dead_letter(msg.topic, msg.partition, msg.offset, msg.value,
-                                                                 err.reason, msg.key))
+        value = dead_letter(msg.topic, msg.partition, msg.offset, msg.value, err.reason, msg.key)
+        if msg.topic in self._base_names:
+            # An input record: its dead letter goes out with its partition's flush, before the
+            # record is acked (so a crash re-reads it rather than losing it). A flood of
+            # malformed input then costs what valid input does, not a Faust send per record.
+            self._dead[msg.partition].append((msg.key, value))
+        else:
+            # send_soon: no await here (offsets are committed only after the producer
+            # buffer is flushed, so the record is not lost on a crash).
+            self.dlq_topic.send_soon(key=msg.key, value=value)
 
     # -- snapshots and the aggregator ----------------------------------------
     async def _snapshot_ticks(self) -> None:

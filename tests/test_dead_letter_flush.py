@@ -1,0 +1,102 @@
+"""A malformed input record's dead letter goes out with its partition's flush, before the record is acked.
+
+The worker's own batch path and flush (no broker): ``send_records`` and the
+consumer's acks are recorded in one log, so the order is what is checked.
+Sending the dead letter after the ack would lose it in a crash between the
+two (the record is committed, never read again); not sending it loses it
+outright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import orjson
+import pytest
+
+import streams.app as app_module
+from streams.app import RiskgateApp
+from streams.settings import load_settings
+
+
+class _Record:
+    """What the worker reads of an aiokafka ConsumerRecord."""
+
+    def __init__(self, topic, partition, offset, key, value):
+        self.topic, self.partition, self.offset, self.key, self.value, self.timestamp = (
+            topic, partition, offset, key, value, 0)
+
+
+class _Consumer:
+    """What the batch path and the flush ask of Faust's consumer, with acks noted in ``log``."""
+
+    _committed_offset: dict = {}
+
+    def __init__(self, log):
+        self.log = log
+
+    def highwater(self, tp):
+        return 3
+
+    def topic_partitions(self, topic):
+        return 2
+
+    def ack_offsets(self, tp, offsets):
+        self.log.append(("ack", tp.topic, tp.partition, sorted(offsets)))
+
+
+@pytest.fixture
+def worker(tmp_path, monkeypatch):
+    log = []
+
+    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
+        groups = [list(g) for g in groups]
+        log.append(("send", topic, partition, groups))
+        return sum(len(g) for g in groups), 0
+
+    monkeypatch.setattr(app_module, "send_records", send_records)
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
+    rg.app._consumer = _Consumer(log)
+    return rg, log
+
+
+def _watch(event_id: str, duration_ms: int) -> bytes:
+    return orjson.dumps({"event_id": event_id, "user_id": "u", "item_id": "i", "watch_ms": 1,
+                         "duration_ms": duration_ms, "ts": 1_700_000_000.0})
+
+
+def test_a_dead_letter_is_sent_with_its_partition_s_flush_before_the_ack(worker):
+    rg, log = worker
+    watch = rg.names.prefix + "watch"
+    bad, bad_too = _watch("e1", -5), b"{not json"
+    records = [_Record(watch, 1, 0, b"u", bad), _Record(watch, 1, 1, b"u", _watch("e2", 5)),
+               _Record(watch, 0, 0, b"v", bad_too)]
+    asyncio.run(rg._on_batch(records))
+    asyncio.run(rg._flush_all())
+
+    dlq = [(i, entry) for i, entry in enumerate(log) if entry[0] == "send" and entry[1] == rg.names.dlq]
+    acks = {(entry[2]): i for i, entry in enumerate(log) if entry[0] == "ack"}
+    assert acks.keys() == {0, 1}
+    # one send per partition's flush, each before that partition's ack, each record whole and once
+    assert len(dlq) == 2
+    sent = {}
+    for i, (_, _, partition, groups) in dlq:
+        assert partition == 0  # (the DLQ topic has one partition)
+        for (key, value), in groups:
+            letter = orjson.loads(value)
+            sent[(letter["partition"], letter["offset"])] = (i, key, letter)
+    assert sent.keys() == {(1, 0), (0, 0)}
+    i, key, letter = sent[(1, 0)]
+    assert i < acks[1] and key == b"u" and base64.b64decode(letter["value"]) == bad
+    assert letter["reason"].startswith("schema: duration_ms")
+    i, key, letter = sent[(0, 0)]
+    assert i < acks[0] and key == b"v" and base64.b64decode(letter["value"]) == bad_too
+    assert log[acks[1]][3] == [0, 1]  # the dead-lettered record is acked with the good one
+
+    # nothing is sent twice: the partition's next flush has no dead letters left
+    log.clear()
+    asyncio.run(rg._on_batch([_Record(watch, 1, 2, b"u", _watch("e3", 5))]))
+    asyncio.run(rg._flush_all())
+    assert [entry[:3] for entry in log if entry[0] == "ack"] == [("ack", watch, 1)]
+    assert not any(entry[0] == "send" and entry[1] == rg.names.dlq for entry in log)
