@@ -89,6 +89,7 @@ class StreamBenchConfig:
     worker_env: dict = field(default_factory=dict)
     keep: bool = False  # keep the temporary directory (worker log, RocksDB data)
     restore: bool = True  # then time a new worker restoring the tables from their changelogs
+    malformed_share: float = 0.0  # of the backlog's watch events made invalid (dead-lettered by the worker)
     workers: int = 1  # more than one: the backlog only, the workers' combined rate once the group settled
 
 
@@ -97,6 +98,21 @@ def _world(cfg: StreamBenchConfig, n_events: int, seed: int, start_ts: float, ra
     return WorldConfig(seed=seed, n_users=cfg.users, n_items=200_000, n_slates=n_slates, start_ts=start_ts,
                        slates_per_second=rate / EVENTS_PER_SLATE, holdout_share=0.2, label_delay=60.0,
                        id_prefix=prefix)
+
+
+def _malform(records: list, share: float, seed: int) -> int:
+    """Make a seeded ``share`` of the watch events invalid in place (a negative duration); returns how many."""
+    import random
+
+    rng = random.Random(seed)
+    n = 0
+    for i, (topic, key, value) in enumerate(records):
+        if topic == "watch" and rng.random() < share:
+            v = orjson.loads(value)
+            v["duration_ms"] = -1  # rejected by validation: dead-lettered with its reason
+            records[i] = (topic, key, orjson.dumps(v))
+            n += 1
+    return n
 
 
 # -- producing -------------------------------------------------------------------
@@ -374,6 +390,8 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             t0 = time.perf_counter()
             world = _world(cfg, cfg.events, cfg.seed, BACKLOG_START_TS, 2_000.0, "e-")
             records = list(_encoded(world))
+            if cfg.malformed_share > 0:
+                fig["malformed"] = _malform(records, cfg.malformed_share, cfg.seed)
             fig["generate_s"] = time.perf_counter() - t0
             kinds = collections.Counter(t for t, _, _ in records)
             fig["event_mix"] = dict(kinds)
@@ -430,6 +448,8 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             m = _settled(port, "riskgate_changelog_records_total")  # (the last records' flush included)
             fig["changelog_records_per_event"] = m.get("riskgate_changelog_records_total", 0) / total
             fig["changelog_bytes_per_event"] = m.get("riskgate_changelog_bytes_total", 0) / total
+            if cfg.malformed_share > 0:
+                fig["dead_lettered"] = int(m.get("riskgate_dlq_total", 0))
         ceiling("after")  # (the worker caught up and idle)
         fig["ratio_to_ceiling"] = fig["worker_events_per_s"] / fig["ceiling_events_per_s"]
         fig["backlog_lag"] = [(round(t - first, 2), lag) for t, _, lag, _ in sampler.samples if t >= first - 1][::8]
