@@ -2,7 +2,7 @@
 
 Figures are never asserted against goals (machines are noisy); what is checked
 is that each phase ran and measured what it says: the worker applied the whole
-backlog, and the restore phase's new worker restored at least every record the
+backlog (dead-lettering each malformed event once), and the restore phase's new worker restored at least every record the
 first one wrote to the users changelog, through the bulk path
 (``streams.restore``), before it applied the probe event.
 """
@@ -18,10 +18,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_bench_stream_measures_the_backlog_and_the_restore(kafka_bootstrap):
-    cfg = StreamBenchConfig(events=20_000, users=2_000, partitions=4, broker=kafka_bootstrap)
+    cfg = StreamBenchConfig(events=20_000, users=2_000, partitions=4, broker=kafka_bootstrap, malformed_share=0.05)
     fig = bench_stream(cfg, Console(quiet=True))
     assert fig["events"] > 0.9 * cfg.events  # (whole slates: a few fewer than asked)
     assert fig["worker_events_per_s"] > 0 and 0 < fig["ratio_to_ceiling"]
+    assert fig["dead_lettered"] == fig["malformed"] > 0  # every malformed watch, once
     written = fig["changelog_records_per_event"] * fig["events"]  # by the first worker, to the users changelog
     assert written > fig["events"]  # (~2 an event)
     assert fig["restored_records"] >= round(written)
