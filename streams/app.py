@@ -236,6 +236,9 @@ class RiskgateApp:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         for tp in revoked:
             self.partitions.pop(tp.partition, None)
+            # Dead letters of records not acked (the flush before the revoke failed): the
+            # records are read again by the partition's next owner, which sends them.
+            self._dead.pop(tp.partition, None)
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.
@@ -243,6 +246,9 @@ class RiskgateApp:
         for p in list(self.partitions):
             if p not in keep:
                 del self.partitions[p]
+        for p in list(self._dead):
+            if p not in keep:
+                del self._dead[p]
 
     def _partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)

@@ -100,3 +100,19 @@ def test_a_dead_letter_is_sent_with_its_partition_s_flush_before_the_ack(worker)
     asyncio.run(rg._flush_all())
     assert [entry[:3] for entry in log if entry[0] == "ack"] == [("ack", watch, 1)]
     assert not any(entry[0] == "send" and entry[1] == rg.names.dlq for entry in log)
+
+
+def test_dead_letters_of_a_revoked_partition_are_left_to_its_next_owner(worker):
+    """The revoke's flush failed (broker gone): the records are not acked, so the next owner re-reads them."""
+    from faust.types import TP
+
+    rg, log = worker
+    watch = rg.names.prefix + "watch"
+    asyncio.run(rg._on_batch([_Record(watch, 1, 0, b"u", _watch("e1", -5)),
+                              _Record(watch, 0, 0, b"v", _watch("e2", -5))]))
+    asyncio.run(rg._on_revoked(rg.app, {TP(watch, 1)}))
+    asyncio.run(rg._on_assigned(rg.app, {TP(watch, 0)}))
+    assert set(rg._dead) == {0}  # partition 1's dead letter is not sent by this worker later
+    asyncio.run(rg._flush_all())
+    letters = [orjson.loads(v) for e in log if e[0] == "send" and e[1] == rg.names.dlq for (_, v), in e[3]]
+    assert [(x["partition"], x["offset"]) for x in letters] == [(0, 0)]

@@ -2,9 +2,10 @@
 
 Figures are never asserted against goals (machines are noisy); what is checked
 is that each phase ran and measured what it says: the worker applied the whole
-backlog (dead-lettering each malformed event once), and the restore phase's new worker restored at least every record the
-first one wrote to the users changelog, through the bulk path
-(``streams.restore``), before it applied the probe event.
+backlog (dead-lettering each malformed event once), and the restore phase's
+new worker restored at least every record the first one wrote to the users
+changelog, through the bulk path (``streams.restore``), before it applied the
+probe event.
 """
 
 from __future__ import annotations
