@@ -36,6 +36,7 @@ from __future__ import annotations
 from time import monotonic
 from typing import Sequence
 
+import rocksdict
 from faust.stores.rocksdb import Store as RocksDBStore
 
 __all__ = ["restore_fetch"]
@@ -58,8 +59,6 @@ def restore_fetch(app, tp, records: Sequence) -> int | None:
     store = table.data
     if not isinstance(store, RocksDBStore) or not store.use_rocksdict:
         return None
-    import rocksdict
-
     offsets = recovery.active_offsets
     seen = offsets.get(tp)
     if seen is not None:
