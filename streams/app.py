@@ -235,20 +235,21 @@ class RiskgateApp:
 
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         for tp in revoked:
-            self.partitions.pop(tp.partition, None)
-            # Dead letters of records not acked (the flush before the revoke failed): the
-            # records are read again by the partition's next owner, which sends them.
-            self._dead.pop(tp.partition, None)
+            self._drop_partition(tp.partition)
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.
         keep = {tp.partition for tp in assigned if tp.topic in self.names.inputs}
-        for p in list(self.partitions):
+        for p in set(self.partitions) | set(self._dead):
             if p not in keep:
-                del self.partitions[p]
-        for p in list(self._dead):
-            if p not in keep:
-                del self._dead[p]
+                self._drop_partition(p)
+
+    def _drop_partition(self, p: int) -> None:
+        """Forget what this worker holds for input partition ``p``, no longer its own."""
+        self.partitions.pop(p, None)
+        # Dead letters of records not acked (the flush before the revoke failed): the
+        # records are read again by the partition's next owner, which sends them.
+        self._dead.pop(p, None)
 
     def _partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)

@@ -44,6 +44,7 @@ import collections
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -102,8 +103,6 @@ def _world(cfg: StreamBenchConfig, n_events: int, seed: int, start_ts: float, ra
 
 def _malform(records: list, share: float, seed: int) -> int:
     """Make a seeded ``share`` of the watch events invalid in place (a negative duration); returns how many."""
-    import random
-
     rng = random.Random(seed)
     n = 0
     for i, (topic, key, value) in enumerate(records):
