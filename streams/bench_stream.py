@@ -33,6 +33,10 @@ ratios of one run). What it does, on the local tansu broker unless
    ``/metrics``), and seconds from the process start until it applied a
    probe event produced at that start: how long its partitions went
    unprocessed.
+   Then (unless ``--no-crash``) that worker is killed (SIGKILL) and another
+   starts on its directory: seconds until it applies a probe event, which
+   takes the broker giving up on the dead member (the session timeout) and a
+   second full restore (an unclean stop's local stores are dropped).
 
 ``--profile FILE`` runs the worker under py-spy and prints where its time went.
 """
@@ -90,6 +94,7 @@ class StreamBenchConfig:
     worker_env: dict = field(default_factory=dict)
     keep: bool = False  # keep the temporary directory (worker log, RocksDB data)
     restore: bool = True  # then time a new worker restoring the tables from their changelogs
+    crash: bool = True  # and then kill it and time a worker restarting on its directory
     malformed_share: float = 0.0  # of the backlog's watch events made invalid (dead-lettered by the worker)
     workers: int = 1  # more than one: the backlog only, the workers' combined rate once the group settled
 
@@ -551,11 +556,7 @@ def _restore_phase(cfg, bootstrap, prefix, tmp, console) -> dict:
         t0 = time.monotonic()
         proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
         try:
-            # A watch of a new user, produced at the start: applied once its partition is restored. Its
-            # ts is the backlog's first (a late watch, still applied): it matures no slate, moves no window.
-            probe = {"event_id": "bench-restore-probe", "user_id": "bench-restore-probe", "item_id": "i-probe",
-                     "watch_ms": 1000, "duration_ms": 2000, "ts": BACKLOG_START_TS}
-            asyncio.run(_produce(bootstrap, [("watch", b"bench-restore-probe", orjson.dumps(probe))], prefix))
+            _produce_probe(bootstrap, prefix, "bench-restore-probe")  # at the start: applied once restored
             restored: list[tuple[float, float]] = []  # (monotonic, records restored so far) when it moved
 
             def probed():
@@ -575,12 +576,54 @@ def _restore_phase(cfg, bootstrap, prefix, tmp, console) -> dict:
                 if fig["restore_s"] > 0:
                     fig["restore_records_per_s"] = (restored[-1][1] - restored[0][1]) / fig["restore_s"]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if cfg.crash:
+                proc.kill()  # no LeaveGroup, no flush, no clean-stop marker: an OOM kill, a lost node
+                proc.wait()
+            else:
+                _stop(proc)
+    if cfg.crash:
+        fig.update(_crash_restart(cfg, bootstrap, prefix, tmp, console))
     return fig
+
+
+def _crash_restart(cfg, bootstrap, prefix, tmp, console) -> dict:
+    """A worker started on the directory of one that was killed: until it processes again.
+
+    It waits for the broker to give up on the dead member (the session timeout,
+    twice ``RISKGATE_REBALANCE_TIMEOUT``) and restores every table again (the
+    local stores of an unclean stop are dropped).
+    """
+    fig: dict = {}
+    log = tmp / "crash-restart.log"
+    with console.status("a worker restarting on the directory of a killed one"):
+        t0 = time.monotonic()
+        proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
+        try:
+            _produce_probe(bootstrap, prefix, "bench-crash-probe")
+            _wait(lambda: _try_metrics(port).get("riskgate_records_applied_total", 0) >= 1, 1800,
+                  "the worker restarted after a crash to apply a probe event", proc, log)
+            fig["crash_restart_to_processing_s"] = time.monotonic() - t0
+            m = _settled(port, "riskgate_changelog_restored_records_total", every=1.0)
+            fig["crash_restored_records"] = int(m.get("riskgate_changelog_restored_records_total", 0))
+        finally:
+            _stop(proc)
+    return fig
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _produce_probe(bootstrap: str, prefix: str, name: str) -> None:
+    """A watch of a new user: applied once the worker processes again. Its ts is the backlog's first
+    (a late watch, still applied): it matures no slate, moves no window."""
+    probe = {"event_id": name, "user_id": name, "item_id": "i-probe", "watch_ms": 1000, "duration_ms": 2000,
+             "ts": BACKLOG_START_TS}
+    asyncio.run(_produce(bootstrap, [("watch", name.encode(), orjson.dumps(probe))], prefix))
 
 
 def _settled(port: int, name: str, every: float = 2.0, tries: int = 30) -> dict:

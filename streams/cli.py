@@ -264,10 +264,12 @@ def bench_inprocess(n_events, users, seed) -> None:
                    "combined rate once every one of them applies records.")
 @click.option("--restore/--no-restore", default=True, show_default=True,
               help="Then time a new worker on an empty directory restoring the tables from their changelogs.")
+@click.option("--crash/--no-crash", default=True, show_default=True,
+              help="After the restore, kill that worker and time another restarting on its directory.")
 @click.option("--malformed-share", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
               help="Share of the backlog's watch events made invalid: the worker's rate with dead letters.")
 def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_rate, live_producers,
-                 recompute_interval, profile, out, worker_env, keep, workers, restore, malformed_share) -> None:
+                 recompute_interval, profile, out, worker_env, keep, workers, restore, crash, malformed_share) -> None:
     """One worker against a real broker: throughput vs. a bare consumer, lag, freshness, RSS, RocksDB size."""
     from .bench_stream import StreamBenchConfig, bench_stream as run
 
@@ -283,7 +285,7 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
     run(StreamBenchConfig(events=n_events, users=users, partitions=partitions, seed=seed, broker=broker,
                           live_seconds=live_seconds, live_rate=live_rate, live_producers=live_producers,
                           recompute_interval=recompute_interval, profile=profile, out=out, worker_env=env,
-                          keep=keep, workers=workers, restore=restore, malformed_share=malformed_share))
+                          keep=keep, workers=workers, restore=restore, crash=crash, malformed_share=malformed_share))
 
 
 @main.command()

@@ -5,7 +5,9 @@ is that each phase ran and measured what it says: the worker applied the whole
 backlog (dead-lettering each malformed event once), and the restore phase's
 new worker restored at least every record the first one wrote to the users
 changelog, through the bulk path (``streams.restore``), before it applied the
-probe event.
+probe event; and a worker started on the directory of that one, killed,
+restored them all again (a crash drops the local stores) before it processed
+anything.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from streams.bench_stream import StreamBenchConfig, bench_stream
 pytestmark = pytest.mark.integration
 
 
-def test_bench_stream_measures_the_backlog_and_the_restore(kafka_bootstrap):
+def test_bench_stream_measures_the_backlog_the_restore_and_a_crash(kafka_bootstrap):
     cfg = StreamBenchConfig(events=20_000, users=2_000, partitions=4, broker=kafka_bootstrap, malformed_share=0.05)
     fig = bench_stream(cfg, Console(quiet=True))
     assert fig["events"] > 0.9 * cfg.events  # (whole slates: a few fewer than asked)
@@ -28,3 +30,7 @@ def test_bench_stream_measures_the_backlog_and_the_restore(kafka_bootstrap):
     assert written > fig["events"]  # (~2 an event)
     assert fig["restored_records"] >= round(written)
     assert fig["restart_to_processing_s"] > fig["restore_s"] >= 0
+    # The killed worker left no clean-stop marker: its successor restored everything again, and
+    # then some (the probe and the user it added, the versions its flushes wrote).
+    assert fig["crash_restored_records"] >= fig["restored_records"]
+    assert fig["crash_restart_to_processing_s"] > 0
