@@ -548,64 +548,54 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
 
 
 def _restore_phase(cfg, bootstrap, prefix, tmp, console) -> dict:
-    """A worker on an empty data directory: how long it restores, and until it processes again."""
-    fig: dict = {}
+    """A worker on an empty data directory; then (``cfg.crash``) that worker killed and another on its directory.
+
+    The second waits for the broker to give up on the dead member (the session
+    timeout, twice ``RISKGATE_REBALANCE_TIMEOUT``) and restores every table
+    again (the local stores of an unclean stop are dropped).
+    """
     cfg = dataclasses.replace(cfg, profile=None)
-    log = tmp / "restore.log"
     with console.status("a new worker restoring the tables from their changelogs"):
-        t0 = time.monotonic()
-        proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
-        try:
-            _produce_probe(bootstrap, prefix, "bench-restore-probe")  # at the start: applied once restored
-            restored: list[tuple[float, float]] = []  # (monotonic, records restored so far) when it moved
-
-            def probed():
-                m = _try_metrics(port)
-                n = m.get("riskgate_changelog_restored_records_total", 0.0)
-                if n and (not restored or n > restored[-1][1]):
-                    restored.append((time.monotonic(), n))
-                return m.get("riskgate_records_applied_total", 0) >= 1
-
-            _wait(probed, 1800, "the restored worker to apply a probe event", proc, log)
-            fig["restart_to_processing_s"] = time.monotonic() - t0
-            m = _settled(port, "riskgate_changelog_restored_records_total", every=1.0)
-            fig["restored_records"] = int(m.get("riskgate_changelog_restored_records_total", 0))
-            if restored:
-                # from the first sample that saw records restored (up to one scrape late) to the last move
-                fig["restore_s"] = restored[-1][0] - restored[0][0]
-                if fig["restore_s"] > 0:
-                    fig["restore_records_per_s"] = (restored[-1][1] - restored[0][1]) / fig["restore_s"]
-        finally:
-            if cfg.crash:
-                proc.kill()  # no LeaveGroup, no flush, no clean-stop marker: an OOM kill, a lost node
-                proc.wait()
-            else:
-                _stop(proc)
+        fig = _restart(cfg, bootstrap, prefix, tmp, "restore", kill=cfg.crash)
     if cfg.crash:
-        fig.update(_crash_restart(cfg, bootstrap, prefix, tmp, console))
+        with console.status("a worker restarting on the directory of a killed one"):
+            fig.update({f"crash_{k}": v for k, v in _restart(cfg, bootstrap, prefix, tmp, "crash").items()})
     return fig
 
 
-def _crash_restart(cfg, bootstrap, prefix, tmp, console) -> dict:
-    """A worker started on the directory of one that was killed: until it processes again.
-
-    It waits for the broker to give up on the dead member (the session timeout,
-    twice ``RISKGATE_REBALANCE_TIMEOUT``) and restores every table again (the
-    local stores of an unclean stop are dropped).
-    """
+def _restart(cfg, bootstrap, prefix, tmp, name: str, kill: bool = False) -> dict:
+    """A worker started on ``tmp/restored``: seconds until it applied a probe event produced at its start,
+    the records it restored and how fast; ``kill``: then SIGKILL it (no LeaveGroup, no flush, no clean-stop
+    marker: an OOM kill, a lost node), else stop it cleanly."""
     fig: dict = {}
-    log = tmp / "crash-restart.log"
-    with console.status("a worker restarting on the directory of a killed one"):
-        t0 = time.monotonic()
-        proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
-        try:
-            _produce_probe(bootstrap, prefix, "bench-crash-probe")
-            _wait(lambda: _try_metrics(port).get("riskgate_records_applied_total", 0) >= 1, 1800,
-                  "the worker restarted after a crash to apply a probe event", proc, log)
-            fig["crash_restart_to_processing_s"] = time.monotonic() - t0
-            m = _settled(port, "riskgate_changelog_restored_records_total", every=1.0)
-            fig["crash_restored_records"] = int(m.get("riskgate_changelog_restored_records_total", 0))
-        finally:
+    log = tmp / f"{name}.log"
+    t0 = time.monotonic()
+    proc, port = _start_worker(bootstrap, prefix, cfg.partitions, tmp / "restored", log, cfg)
+    try:
+        _produce_probe(bootstrap, prefix, f"bench-{name}-probe")
+        restored: list[tuple[float, float]] = []  # (monotonic, records restored so far) when it moved
+
+        def probed():
+            m = _try_metrics(port)
+            n = m.get("riskgate_changelog_restored_records_total", 0.0)
+            if n and (not restored or n > restored[-1][1]):
+                restored.append((time.monotonic(), n))
+            return m.get("riskgate_records_applied_total", 0) >= 1
+
+        _wait(probed, 1800, f"the worker ({name}) to apply a probe event", proc, log)
+        fig["restart_to_processing_s"] = time.monotonic() - t0
+        m = _settled(port, "riskgate_changelog_restored_records_total", every=1.0)
+        fig["restored_records"] = int(m.get("riskgate_changelog_restored_records_total", 0))
+        if restored:
+            # from the first sample that saw records restored (up to one scrape late) to the last move
+            fig["restore_s"] = restored[-1][0] - restored[0][0]
+            if fig["restore_s"] > 0:
+                fig["restore_records_per_s"] = (restored[-1][1] - restored[0][1]) / fig["restore_s"]
+    finally:
+        if kill:
+            proc.kill()
+            proc.wait()
+        else:
             _stop(proc)
     return fig
 
