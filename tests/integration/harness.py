@@ -393,32 +393,43 @@ def published_thresholds(bootstrap: str, topic: str) -> dict:
 class HealthWatch:
     """Polls a worker's ``/health`` from a background thread; ``failures`` lists every non-200 answer.
 
-    ``with HealthWatch(worker) as hw: ...`` then ``assert not hw.failures``.
-    ``polls`` counts the answers, to show the watch really ran.
+    ``with HealthWatch(worker) as hw: ...`` then ``assert not hw.failures``. Entering
+    returns once ``/health`` has answered, so the watch is running before the block's
+    first step; ``answered`` holds the monotonic time of every answer, to show it ran
+    across the steps it should have watched.
     """
 
     def __init__(self, worker: "Worker", interval: float = 0.25):
         self.worker, self.interval = worker, interval
         self.failures: list[tuple[float, int | None]] = []
-        self.polls = 0
+        self.answered: list[float] = []
         self._stop = None
         self._thread = None
+
+    @property
+    def polls(self) -> int:
+        return len(self.answered)
 
     def __enter__(self) -> "HealthWatch":
         import threading
 
         self._stop = threading.Event()
+        first = threading.Event()
 
         def run():
             while not self._stop.is_set():
                 status = self.worker.get("/health")[0]
-                self.polls += 1
+                self.answered.append(time.monotonic())
+                first.set()
                 if status != 200:
                     self.failures.append((time.monotonic(), status))
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=run, name="health-watch", daemon=True)
         self._thread.start()
+        if not first.wait(30):
+            self._stop.set()
+            raise AssertionError("/health never answered")
         return self
 
     def __exit__(self, *exc) -> None:
