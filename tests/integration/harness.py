@@ -406,10 +406,6 @@ class HealthWatch:
         self._stop = None
         self._thread = None
 
-    @property
-    def polls(self) -> int:
-        return len(self.answered)
-
     def __enter__(self) -> "HealthWatch":
         import threading
 
