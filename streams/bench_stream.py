@@ -524,11 +524,8 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
         for proc, _, _ in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc, _, _ in procs:
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for proc, _, _ in procs:  # (every one signalled before any is waited for)
+            _reap(proc)
 
     def applied_at(sm, t):
         return max((a for ts, a, _, _ in sm.samples if ts <= t), default=0.0)
@@ -602,6 +599,11 @@ def _restart(cfg, bootstrap, prefix, tmp, name: str, kill: bool = False) -> dict
 
 def _stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
+    _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a signalled worker to stop; kill it if it has not within 120 s."""
     try:
         proc.wait(120)
     except subprocess.TimeoutExpired:
