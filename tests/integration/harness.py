@@ -415,10 +415,11 @@ class HealthWatch:
         def run():
             while not self._stop.is_set():
                 status = self.worker.get("/health")[0]
-                self.answered.append(time.monotonic())
+                at = time.monotonic()
+                self.answered.append(at)
                 first.set()
                 if status != 200:
-                    self.failures.append((time.monotonic(), status))
+                    self.failures.append((at, status))
                 self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=run, name="health-watch", daemon=True)
