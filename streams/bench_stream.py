@@ -422,7 +422,8 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
         if cfg.workers > 1:
             fig.update(_group_phase(cfg, bootstrap, prefix, tmp, total, broker, console))
             ceiling("after")
-            fig["ratio_to_ceiling"] = fig["group_events_per_s"] / fig["ceiling_events_per_s"]
+            rate = fig["group_events_per_s"]
+            fig["ratio_to_ceiling"] = None if rate is None else rate / fig["ceiling_events_per_s"]
             _print(console, fig, cfg)
             if cfg.out:
                 Path(cfg.out).write_text(json.dumps(fig, indent=1))
@@ -527,21 +528,42 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
         for proc, _, _ in procs:  # (every one signalled before any is waited for)
             _reap(proc)
 
-    def applied_at(sm, t):
-        return max((a for ts, a, _, _ in sm.samples if ts <= t), default=0.0)
-
-    settled = max(next(ts for ts, a, _, _ in sm.samples if a > 0) for sm in samplers)
     end = max(sm.last["riskgate_last_applied_timestamp_seconds"] for sm in samplers)
     start = min(sm.last["riskgate_first_record_timestamp_seconds"] for sm in samplers)
-    before = sum(applied_at(sm, settled) for sm in samplers)
-    out = {"workers": cfg.workers, "group_events_per_s": (total - before) / (end - settled),
-           "group_events_after_settled": total - before, "group_seconds_settled": end - settled,
+    out = {"workers": cfg.workers, **group_rate([sm.samples for sm in samplers], total, end),
            "group_seconds_all": end - start,
            "per_worker_events": [sm.last.get("riskgate_records_applied_total", 0) for sm in samplers]}
+    if out["group_events_per_s"] is None:
+        return out
+    settled = end - out["group_seconds_settled"]
     cores = [_cpu_share(sm.cpu, settled, end) for sm in samplers]
     out["per_worker_cores"] = [round(w, 3) for w, _ in cores]
     out["broker_cores"] = cores[0][1]
     return out
+
+
+def group_rate(samples: list[list[tuple]], total: int, end: float) -> dict:
+    """The group's rate once every worker applies records: (records after that moment) / (seconds after it).
+
+    ``samples`` holds each worker's ``(time, records applied, ...)`` samples and
+    ``end`` is when the last record was applied. The group has settled at the
+    first sample in which the last worker to start had applied a record. When no
+    record was left to apply after that (a backlog too small for the group, or a
+    worker that never got a record), there is no rate to give:
+    ``group_events_per_s`` is None and ``group_not_settled`` says why.
+    """
+    firsts = [next((t for t, applied, *_ in ws if applied > 0), None) for ws in samples]
+    idle = [i for i, t in enumerate(firsts) if t is None]
+    if idle:
+        return {"group_events_per_s": None, "group_not_settled": f"worker(s) {idle} applied no record"}
+    settled = max(firsts)
+    before = sum(max((a for t, a, *_ in ws if t <= settled), default=0.0) for ws in samples)
+    after, seconds = total - before, end - settled
+    if after <= 0 or seconds <= 0:
+        return {"group_events_per_s": None,
+                "group_not_settled": "the backlog was applied before every worker had applied a record"}
+    return {"group_events_per_s": after / seconds, "group_events_after_settled": after,
+            "group_seconds_settled": seconds}
 
 
 def _restore_phase(cfg, bootstrap, prefix, tmp, console) -> dict:
@@ -767,7 +789,7 @@ def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
     for key, val in fig.items():
         if key.endswith("_series") or key in ("backlog_lag", "profile_top", "live_lag_series"):
             continue
-        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else str(val))
+        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else "not settled" if val is None else str(val))
     console.print(t)
     for key, label in (("backlog_lag", "consumer lag during the backlog (s, records)"),
                        ("live_lag_series", "consumer lag during the live phase (s, records)"),

@@ -1,0 +1,34 @@
+"""How ``bench stream`` turns a group's samples into a rate (:func:`streams.bench_stream.group_rate`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from streams.bench_stream import group_rate
+
+
+def test_the_rate_counts_only_records_applied_once_every_worker_applies():
+    # worker 0 starts at t=0 and applies 100 a second; worker 1 applies its first records at t=3
+    w0 = [(t, 100.0 * t) for t in range(0, 11)]
+    w1 = [(0, 0.0), (1, 0.0), (2, 0.0), (3, 50.0)] + [(t, 50.0 + 100.0 * (t - 3)) for t in range(4, 11)]
+    total = 1000 + 750
+    fig = group_rate([w0, w1], total, end=10.0)
+    # settled at t=3, when 300 + 50 were applied: the 1400 after it took 7 s
+    assert fig["group_seconds_settled"] == 7.0
+    assert fig["group_events_after_settled"] == total - 350
+    assert fig["group_events_per_s"] == pytest.approx(1400 / 7)
+
+
+def test_a_backlog_applied_before_the_last_worker_started_has_no_rate():
+    # worker 1 applied its share, but only in the sample after the last record: nothing was left
+    w0 = [(0, 0.0), (1, 900.0), (2, 1000.0)]
+    w1 = [(0, 0.0), (1, 0.0), (2.5, 100.0)]
+    fig = group_rate([w0, w1], 1100, end=2.0)
+    assert fig["group_events_per_s"] is None
+    assert "before every worker" in fig["group_not_settled"]
+
+
+def test_a_worker_that_never_applied_a_record_is_named():
+    fig = group_rate([[(0, 0.0), (1, 500.0)], [(0, 0.0), (1, 0.0)]], 500, end=1.0)
+    assert fig["group_events_per_s"] is None
+    assert fig["group_not_settled"] == "worker(s) [1] applied no record"
