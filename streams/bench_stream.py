@@ -71,7 +71,7 @@ from calibration.synthetic import WorldConfig, generate_events
 from .broker import LocalBroker, free_port
 from .topics import Topics
 
-__all__ = ["bench_stream", "StreamBenchConfig"]
+__all__ = ["StreamBenchConfig", "bench_stream", "group_rate"]
 
 #: Event time of the backlog's start (its events come 2,000 a second of event time).
 BACKLOG_START_TS = 1_700_000_000.0
@@ -513,11 +513,11 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
             procs.append((proc, port, log))
         with console.status(f"{cfg.workers} workers catching up on the backlog"):
             for proc, port, log in procs:
-                _wait(lambda: _try_metrics(port), 120, "the worker's web view", proc, log)
+                _wait(lambda port=port: _try_metrics(port), 120, "the worker's web view", proc, log)
                 samplers.append(_Sampler(port, proc.pid, broker_pid=broker.proc.pid if broker is not None else None))
                 samplers[-1].start()
             proc, _, log = procs[0]
-            applied = lambda: sum(sm.last.get("riskgate_records_applied_total", 0) for sm in samplers)  # noqa: E731
+            applied = lambda: sum(sm.last.get("riskgate_records_applied_total", 0) for sm in samplers)
             _wait(lambda: applied() >= total, 1800, "the backlog to be applied", proc, log)
         for sm in samplers:
             sm.stop()

@@ -9,7 +9,7 @@ from streams.bench_stream import group_rate
 
 def test_the_rate_counts_only_records_applied_once_every_worker_applies():
     # worker 0 starts at t=0 and applies 100 a second; worker 1 applies its first records at t=3
-    w0 = [(t, 100.0 * t) for t in range(0, 11)]
+    w0 = [(t, 100.0 * t) for t in range(11)]
     w1 = [(0, 0.0), (1, 0.0), (2, 0.0), (3, 50.0)] + [(t, 50.0 + 100.0 * (t - 3)) for t in range(4, 11)]
     total = 1000 + 750
     fig = group_rate([w0, w1], total, end=10.0)
