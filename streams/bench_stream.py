@@ -789,7 +789,8 @@ def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
     for key, val in fig.items():
         if key.endswith("_series") or key in ("backlog_lag", "profile_top", "live_lag_series"):
             continue
-        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else "not settled" if val is None else str(val))
+        # None: not measured in this run (a figure that says why sits beside it, e.g. group_not_settled)
+        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else "—" if val is None else str(val))
     console.print(t)
     for key, label in (("backlog_lag", "consumer lag during the backlog (s, records)"),
                        ("live_lag_series", "consumer lag during the live phase (s, records)"),
