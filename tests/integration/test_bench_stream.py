@@ -34,3 +34,25 @@ def test_bench_stream_measures_the_backlog_the_restore_and_a_crash(kafka_bootstr
     # then some (the probe and the user it added, the versions its flushes wrote).
     assert fig["crash_restored_records"] >= fig["restored_records"]
     assert fig["crash_restart_to_processing_s"] > 0
+
+
+def test_bench_stream_group_phase_splits_the_backlog_between_the_workers(kafka_bootstrap):
+    """``--workers 2``: both workers of the one group apply records, together the whole backlog.
+
+    On a backlog this small the group may finish before its last worker's first
+    sample, so the rate is either a positive figure with its time base, or
+    absent with the reason (``streams.bench_stream.group_rate``), never both.
+    """
+    cfg = StreamBenchConfig(events=20_000, users=2_000, partitions=4, broker=kafka_bootstrap, workers=2,
+                            restore=False, crash=False)
+    fig = bench_stream(cfg, Console(quiet=True))
+    assert fig["workers"] == 2
+    per_worker = fig["per_worker_events"]
+    assert len(per_worker) == 2 and min(per_worker) > 0  # the partitions were shared, not left with one
+    assert sum(per_worker) >= fig["events"] > 0.9 * cfg.events  # (a record replayed after a rebalance counts twice)
+    assert fig["group_seconds_all"] > 0
+    if fig["group_events_per_s"] is None:
+        assert fig["group_not_settled"] and fig["ratio_to_ceiling"] is None
+    else:
+        assert fig["group_events_per_s"] > 0 and fig["group_seconds_settled"] > 0 and fig["ratio_to_ceiling"] > 0
+        assert "group_not_settled" not in fig
