@@ -446,6 +446,9 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
             # Cores used while catching up: a worker near 1.0 is CPU-bound (one Python thread
             # holds the GIL); the broker's share is what it takes from the same two cores.
             fig["worker_cores"], fig["broker_cores"] = _cpu_share(sampler.cpu, first, last)
+            # The worker's CPU an event: what a machine's speed and the broker's share do not
+            # move, and what a per-process rate goal is a budget of (50k events/s: 20 µs).
+            fig["worker_cpu_us_per_event"] = 1e6 * fig["worker_cores"] / fig["worker_events_per_s"]
             # Waiting for records while behind: time the worker did not work (its consumer thread
             # parsing a fetch, or the broker). Near 0: the worker's own processing is the limit.
             fig["fetch_wait_share"], fig["records_per_fetch"] = _fetch_share(sampler.fetch, first, last)
@@ -498,6 +501,11 @@ def bench_stream(cfg: StreamBenchConfig, console: Console | None = None) -> dict
     return fig
 
 
+#: The shortest time all workers of a group must have been applying records for ``--workers`` to
+#: give a rate: the samples come every 0.25 s (:class:`_Sampler`), so 2 s leaves them ~1/8 of it.
+GROUP_MIN_SECONDS = 2.0
+
+
 def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
     """``cfg.workers`` workers of one group on the backlog: their combined rate once all of them apply records.
 
@@ -539,17 +547,21 @@ def _group_phase(cfg, bootstrap, prefix, tmp, total, broker, console) -> dict:
     cores = [_cpu_share(sm.cpu, settled, end) for sm in samplers]
     out["per_worker_cores"] = [round(w, 3) for w, _ in cores]
     out["broker_cores"] = cores[0][1]
+    # CPU an event summed over the workers: against one worker's, what splitting the input costs
+    out["group_cpu_us_per_event"] = 1e6 * sum(w for w, _ in cores) / out["group_events_per_s"]
     return out
 
 
-def group_rate(samples: list[list[tuple]], total: int, end: float) -> dict:
+def group_rate(samples: list[list[tuple]], total: int, end: float, min_seconds: float = GROUP_MIN_SECONDS) -> dict:
     """The group's rate once every worker applies records: (records after that moment) / (seconds after it).
 
     ``samples`` holds each worker's ``(time, records applied, ...)`` samples and
     ``end`` is when the last record was applied. The group has settled at the
     first sample in which the last worker to start had applied a record. When no
     record was left to apply after that (a backlog too small for the group, or a
-    worker that never got a record), there is no rate to give:
+    worker that never got a record), or less than ``min_seconds`` was left (the
+    samples' spacing would be a large part of it: a 0.25 s window once gave
+    202k events/s, six times what one worker carries), there is no rate to give:
     ``group_events_per_s`` is None and ``group_not_settled`` says why.
     """
     firsts = [next((t for t, applied, *_ in ws if applied > 0), None) for ws in samples]
@@ -562,6 +574,9 @@ def group_rate(samples: list[list[tuple]], total: int, end: float) -> dict:
     if after <= 0 or seconds <= 0:
         return {"group_events_per_s": None,
                 "group_not_settled": "the backlog was applied before every worker had applied a record"}
+    if seconds < min_seconds:
+        return {"group_events_per_s": None,
+                "group_not_settled": f"every worker applied records for only {seconds:.2f} s (under {min_seconds:g} s)"}
     return {"group_events_per_s": after / seconds, "group_events_after_settled": after,
             "group_seconds_settled": seconds}
 

@@ -32,3 +32,15 @@ def test_a_worker_that_never_applied_a_record_is_named():
     fig = group_rate([[(0, 0.0), (1, 500.0)], [(0, 0.0), (1, 0.0)]], 500, end=1.0)
     assert fig["group_events_per_s"] is None
     assert fig["group_not_settled"] == "worker(s) [1] applied no record"
+
+
+def test_a_group_that_settled_too_late_to_be_timed_has_no_rate():
+    # every worker applied records for 0.25 s only, one sample: 500 records in it would read as
+    # 2,000 a second whatever the group's real rate, so no figure is given
+    w0 = [(0, 0.0), (1, 900.0), (1.25, 1200.0)]
+    w1 = [(0, 0.0), (1, 100.0), (1.25, 300.0)]
+    fig = group_rate([w0, w1], 1500, end=1.25)
+    assert fig["group_events_per_s"] is None
+    assert fig["group_not_settled"] == "every worker applied records for only 0.25 s (under 2 s)"
+    # the same samples, with the bar lowered below the window, give the figure
+    assert group_rate([w0, w1], 1500, end=1.25, min_seconds=0.2)["group_events_per_s"] == pytest.approx(500 / 0.25)
