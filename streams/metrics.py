@@ -9,7 +9,7 @@ alert rules in ``deploy/`` use only the names listed in :data:`METRIC_NAMES`
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 __all__ = ["Metrics", "METRIC_NAMES"]
 
@@ -19,6 +19,11 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # The process's CPU and memory (riskgate_process_cpu_seconds_total, ..._resident_memory_bytes;
+        # on Linux, read from /proc at each scrape). One Python thread does a worker's work, so its
+        # CPU near 1 core is what says it is saturated, and CPU over records applied is what one
+        # record costs: capacity is planned from those, not from the fetch-wait share.
+        ProcessCollector(namespace="riskgate", registry=r)
         # stream health
         self.events = Counter("riskgate_events", "Events consumed, by type and outcome (ok, late, duplicate, "
                               "invalid, pending_overflow, unreadable_state).", ["type", "outcome"], registry=r)
@@ -106,11 +111,15 @@ _SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_
 
 
 def _names() -> frozenset[str]:
-    # From the metric families, not from samples: a labelled metric has no
-    # samples until a label set is used, but its series names are fixed.
+    # From the metric families where they have no samples: a labelled metric has
+    # none until a label set is used, but its series names are fixed. Where they
+    # have (the process collector's: no _created), from the samples.
     out = set()
     for family in Metrics().registry.collect():
-        out.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+        if family.samples:
+            out.update(sample.name for sample in family.samples)
+        else:
+            out.update(family.name + suffix for suffix in _SUFFIXES[family.type])
     return frozenset(out)
 
 

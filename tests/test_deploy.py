@@ -166,7 +166,8 @@ def test_dashboard_covers_what_operators_read():
     for needed in ("riskgate_threshold_lambda", "riskgate_window_slates", "riskgate_realised_risk",
                    "riskgate_target_risk", "riskgate_property1_reflag_rate", "riskgate_events_total",
                    "riskgate_consumer_lag", "riskgate_recompute_seconds_bucket",
-                   "riskgate_threshold_published_timestamp_seconds"):
+                   "riskgate_threshold_published_timestamp_seconds", "riskgate_process_cpu_seconds_total",
+                   "riskgate_process_resident_memory_bytes", "riskgate_users_cached"):
         assert needed in used, needed
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] and dash["title"]

@@ -155,6 +155,14 @@ def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix,
             assert 0 < float(waited[0]["value"][1]) < time.time() - started
             assert 0 < float(prom.query("riskgate_fetches_total")[0]["value"][1]) <= float(ok[0]["value"][1])
 
+            # the process's own CPU and memory (what the dashboard's capacity panels read): the worker
+            # used CPU applying the events, and holds at least the interpreter and its libraries
+            cpu = wait_for(lambda: prom.query("riskgate_process_cpu_seconds_total > 0"), 30,
+                           what="riskgate_process_cpu_seconds_total")
+            assert 0 < float(cpu[0]["value"][1]) < 2 * (time.time() - started)  # (two cores at most)
+            rss = float(prom.query("riskgate_process_resident_memory_bytes")[0]["value"][1])
+            assert 20e6 < rss < 4e9
+
             # everything the worker exports is declared in METRIC_NAMES (what dashboards and alerts may use)
             exported = {n for n in prom.names() if n.startswith("riskgate_")}
             assert "riskgate_events_total" in exported
