@@ -64,6 +64,7 @@ from pathlib import Path
 
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calibration.synthetic import WorldConfig, generate_events
@@ -561,7 +562,7 @@ def group_rate(samples: list[list[tuple]], total: int, end: float, min_seconds: 
     record was left to apply after that (a backlog too small for the group, or a
     worker that never got a record), or less than ``min_seconds`` was left (the
     samples' spacing would be a large part of it: a 0.25 s window once gave
-    202k events/s, six times what one worker carries), there is no rate to give:
+    202k events/s, 3–4 times what two workers carry), there is no rate to give:
     ``group_events_per_s`` is None and ``group_not_settled`` says why.
     """
     firsts = [next((t for t, applied, *_ in ws if applied > 0), None) for ws in samples]
@@ -805,7 +806,8 @@ def _print(console: Console, fig: dict, cfg: StreamBenchConfig) -> None:
         if key.endswith("_series") or key in ("backlog_lag", "profile_top", "live_lag_series"):
             continue
         # None: not measured in this run (a figure that says why sits beside it, e.g. group_not_settled)
-        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else "—" if val is None else str(val))
+        # (escaped: rich reads "[nan, nan]" as a markup tag and prints nothing)
+        t.add_row(key, f"{val:,.3f}" if isinstance(val, float) else "—" if val is None else escape(str(val)))
     console.print(t)
     for key, label in (("backlog_lag", "consumer lag during the backlog (s, records)"),
                        ("live_lag_series", "consumer lag during the live phase (s, records)"),

@@ -1,10 +1,11 @@
-"""How ``bench stream`` turns a group's samples into a rate (:func:`streams.bench_stream.group_rate`)."""
+"""How ``bench stream`` turns a group's samples into a rate (:func:`streams.bench_stream.group_rate`), and prints it."""
 
 from __future__ import annotations
 
 import pytest
+from rich.console import Console
 
-from streams.bench_stream import group_rate
+from streams.bench_stream import StreamBenchConfig, _print, group_rate
 
 
 def test_the_rate_counts_only_records_applied_once_every_worker_applies():
@@ -44,3 +45,18 @@ def test_a_group_that_settled_too_late_to_be_timed_has_no_rate():
     assert fig["group_not_settled"] == "every worker applied records for only 0.25 s (under 2 s)"
     # the same samples, with the bar lowered below the window, give the figure
     assert group_rate([w0, w1], 1500, end=1.25, min_seconds=0.2)["group_events_per_s"] == pytest.approx(500 / 0.25)
+
+
+def test_the_table_prints_every_figure_as_it_is():
+    # a list of floats looks like a rich markup tag ("[nan, nan]": a group too short to time its
+    # cores) and was printed as nothing; a figure not measured prints as a dash
+    console = Console(record=True, width=120)
+    fig = {"events": 10, "distinct_users": 2, "per_worker_cores": [float("nan"), float("nan")],
+           "per_worker_events": [4.0, 6.0], "group_events_per_s": None, "ceiling_events_per_s": 1234.5}
+    _print(console, fig, StreamBenchConfig(workers=2))
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
+            for line in console.export_text().splitlines() if line.count("│") == 3}
+    assert rows["per_worker_cores"] == "[nan, nan]"
+    assert rows["per_worker_events"] == "[4.0, 6.0]"
+    assert rows["group_events_per_s"] == "—"
+    assert rows["ceiling_events_per_s"] == "1,234.500"
