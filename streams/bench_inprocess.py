@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["InprocessConfig", "bench_inprocess"]
+__all__ = ["InprocessConfig", "backlog", "bench_inprocess"]
 
 STEPS = ("decode", "engine", "outputs", "table", "encode")
 
@@ -60,32 +60,42 @@ class _Consumer:
         return self.ends[(tp.topic, tp.partition)]
 
 
+def backlog(cfg: InprocessConfig) -> list[tuple[str, int, int, bytes, bytes]]:
+    """``bench stream``'s seeded backlog as ``(topic, partition, offset, key, value)``, topics by their base names."""
+    from .bench_stream import BACKLOG_START_TS, StreamBenchConfig, _encoded, _world
+
+    world = _world(StreamBenchConfig(events=cfg.events, users=cfg.users, partitions=cfg.partitions, seed=cfg.seed),
+                   cfg.events, cfg.seed, BACKLOG_START_TS, 2_000.0, "e-")
+    offsets: collections.Counter = collections.Counter()
+    out = []
+    for topic, key, value in _encoded(world):
+        p = zlib.crc32(key) % cfg.partitions  # any stable split: the users of a partition stay together
+        out.append((topic, p, offsets[(topic, p)], key, value))
+        offsets[(topic, p)] += 1
+    return out
+
+
 def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dict:
     console = console or Console()
     from aiokafka.producer.message_accumulator import BatchBuilder
 
     from .app import GC_THRESHOLDS, RiskgateApp
     from .batch_send import BATCH_BYTES
-    from .bench_stream import BACKLOG_START_TS, StreamBenchConfig, _encoded, _world
     from .schemas import decode_event
     from .settings import load_settings
 
     gc.set_threshold(*GC_THRESHOLDS)  # as the worker
     tmp = tempfile.mkdtemp(prefix="riskgate-inprocess-")
 
-    world = _world(StreamBenchConfig(events=cfg.events, users=cfg.users, partitions=cfg.partitions, seed=cfg.seed),
-                   cfg.events, cfg.seed, BACKLOG_START_TS, 2_000.0, "e-")
     # the settings of `bench stream`'s worker; the broker is never contacted
     rg = RiskgateApp(load_settings(data_dir=tmp, broker="kafka://127.0.0.1:1", topic_partitions=cfg.partitions,
                                    label_window=120.0, allowed_lateness=5.0))
     full = {rg.names.base(t): t for t in rg.names.inputs}
-    offsets: collections.Counter = collections.Counter()
-    records = []
-    for topic, key, value in _encoded(world):
-        p = zlib.crc32(key) % cfg.partitions  # any stable split: the users of a partition stay together
-        records.append(_Record(full[topic], p, offsets[(full[topic], p)], key, value))
-        offsets[(full[topic], p)] += 1
-    rg.app._consumer = _Consumer(offsets)
+    records = [_Record(full[topic], p, offset, key, value) for topic, p, offset, key, value in backlog(cfg)]
+    ends: collections.Counter = collections.Counter()
+    for r in records:
+        ends[(r.topic, r.partition)] = r.offset + 1
+    rg.app._consumer = _Consumer(ends)
     base, max_items = rg._base_names, rg.settings.max_items
     t = dict.fromkeys(STEPS, 0.0)
     counts = collections.Counter()

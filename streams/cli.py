@@ -241,6 +241,18 @@ def bench_inprocess(n_events, users, seed) -> None:
     run(InprocessConfig(events=n_events, users=users, seed=seed))
 
 
+@bench.command("columnar")
+@click.option("--events", "n_events", type=int, default=1_000_000, show_default=True)
+@click.option("--users", type=int, default=50_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench_columnar(n_events, users, seed) -> None:
+    """A floor of what a columnar users' state would cost, on `bench inprocess`'s events (a design not built)."""
+    from .bench_columnar import bench_columnar as run
+    from .bench_inprocess import InprocessConfig
+
+    run(InprocessConfig(events=n_events, users=users, seed=seed))
+
+
 @bench.command("stream")
 @click.option("--events", "n_events", type=int, default=1_000_000, show_default=True,
               help="Backlog size: synthetic events produced before the worker starts.")
