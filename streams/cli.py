@@ -242,7 +242,7 @@ def bench_inprocess(n_events, users, seed) -> None:
 
 
 @bench.command("columnar")
-@click.option("--events", "n_events", type=int, default=1_000_000, show_default=True)
+@click.option("--events", "n_events", type=int, default=300_000, show_default=True)
 @click.option("--users", type=int, default=50_000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_columnar(n_events, users, seed) -> None:
