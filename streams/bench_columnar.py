@@ -36,9 +36,15 @@ from dataclasses import dataclass, field
 
 import msgspec
 from rich.console import Console
-from rich.table import Table
 
-from .bench_inprocess import InprocessConfig, backlog
+from .bench_inprocess import (
+    InprocessConfig,
+    backlog,
+    drive,
+    encode_batches,
+    step_figures,
+    step_table,
+)
 
 __all__ = ["STEPS", "ColumnarPartition", "bench_columnar"]
 
@@ -199,10 +205,7 @@ class ColumnarPartition:
 def bench_columnar(cfg: InprocessConfig, console: Console | None = None) -> tuple[dict, dict[int, ColumnarPartition]]:
     """Time the columnar floor on ``bench inprocess``'s events; returns its figures and the partitions."""
     console = console or Console()
-    from aiokafka.producer.message_accumulator import BatchBuilder
-
     from .app import GC_THRESHOLDS
-    from .batch_send import BATCH_BYTES
     from .schemas import decode_event
 
     gc.set_threshold(*GC_THRESHOLDS)  # as the worker
@@ -211,25 +214,7 @@ def bench_columnar(cfg: InprocessConfig, console: Console | None = None) -> tupl
     t = dict.fromkeys(STEPS, 0.0)
     counts: collections.Counter = collections.Counter()
 
-    def flush():
-        for part in parts.values():
-            t0 = time.perf_counter()
-            out = part.flush()
-            t1 = time.perf_counter()
-            batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
-            for k, v in out:
-                if batch.append(key=k, value=v, timestamp=None) is None:
-                    batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
-                    batch.append(key=k, value=v, timestamp=None)
-            t["table"] += t1 - t0
-            t["encode"] += time.perf_counter() - t1
-            counts["changelog"] += len(out)
-            counts["changelog_bytes"] += sum(len(k) + len(v) for k, v in out)
-
-    start = time.perf_counter()
-    since = 0
-    for i in range(0, len(records), cfg.chunk):
-        chunk = records[i:i + cfg.chunk]
+    def step(chunk):
         t0 = time.perf_counter()
         by = collections.defaultdict(list)
         for topic, p, offset, key, value in chunk:
@@ -241,24 +226,22 @@ def bench_columnar(cfg: InprocessConfig, console: Console | None = None) -> tupl
                 counts[apply(ev, topic, offset)] += 1
         t["decode"] += t1 - t0
         t["engine"] += time.perf_counter() - t1
-        since += len(chunk)
-        if since >= cfg.flush_every:
-            flush()
-            since = 0
-    flush()
-    wall = time.perf_counter() - start
-    n = len(records)
-    fig = {f"{k}_us": 1e6 * v / n for k, v in t.items()}
-    fig.update(total_us=1e6 * wall / n, events=n, applied=counts["ok"], skipped=counts["skipped"],
-               changelog_records_per_event=counts["changelog"] / n,
-               changelog_bytes_per_event=counts["changelog_bytes"] / n)
-    table = Table(title=f"riskgate bench columnar: {n:,} events, a floor")
-    table.add_column("step")
-    table.add_column("µs / event", justify="right")
-    for k in STEPS:
-        table.add_row(k, f"{fig[k + '_us']:.2f}")
-    table.add_row("total", f"{fig['total_us']:.2f}")
-    console.print(table)
+
+    def flush():
+        for part in parts.values():
+            t0 = time.perf_counter()
+            out = part.flush()
+            t1 = time.perf_counter()
+            records, size = encode_batches(out)
+            counts["changelog"] += records
+            counts["changelog_bytes"] += size
+            t["table"] += t1 - t0
+            t["encode"] += time.perf_counter() - t1
+
+    wall = drive(records, cfg, step, flush)
+    fig = step_figures(t, counts, len(records), wall)
+    fig.update(applied=counts["ok"], skipped=counts["skipped"])
+    console.print(step_table(f"riskgate bench columnar: {len(records):,} events, a floor", fig))
     console.print(f"changelog records/event {fig['changelog_records_per_event']:.2f} "
                   f"({fig['changelog_bytes_per_event']:,.0f} bytes); compare with the same steps of "
                   f"`riskgate bench inprocess --events {cfg.events} --users {cfg.users}`")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["InprocessConfig", "backlog", "bench_inprocess"]
+__all__ = ["InprocessConfig", "backlog", "bench_inprocess", "drive", "encode_batches", "step_figures", "step_table"]
 
 STEPS = ("decode", "engine", "outputs", "table", "encode")
 
@@ -75,12 +75,62 @@ def backlog(cfg: InprocessConfig) -> list[tuple[str, int, int, bytes, bytes]]:
     return out
 
 
-def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dict:
-    console = console or Console()
+def encode_batches(records) -> tuple[int, int]:
+    """Append ``(key, value)`` records to Kafka record batches as a flush does (not sent); returns (records, bytes)."""
     from aiokafka.producer.message_accumulator import BatchBuilder
 
-    from .app import GC_THRESHOLDS, RiskgateApp
     from .batch_send import BATCH_BYTES
+
+    n = size = 0
+    batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
+    for k, v in records:
+        if batch.append(key=k, value=v, timestamp=None) is None:
+            batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
+            batch.append(key=k, value=v, timestamp=None)
+        n += 1
+        size += len(k) + (0 if v is None else len(v))
+    return n, size
+
+
+def drive(records: list, cfg: InprocessConfig, step, flush) -> float:
+    """Feed ``records`` to ``step`` in chunks of ``cfg.chunk``, ``flush`` every ``cfg.flush_every`` and at the end;
+    returns the wall seconds."""
+    start = time.perf_counter()
+    since = 0
+    for i in range(0, len(records), cfg.chunk):
+        step(records[i:i + cfg.chunk])
+        since += cfg.chunk
+        if since >= cfg.flush_every:
+            flush()
+            since = 0
+    flush()
+    return time.perf_counter() - start
+
+
+def step_figures(t: dict, counts, n: int, wall: float) -> dict:
+    """µs an event of each step and in all, and changelog records and bytes an event."""
+    fig = {f"{k}_us": 1e6 * v / n for k, v in t.items()}
+    fig.update(total_us=1e6 * wall / n, events_per_s=n / wall, events=n,
+               changelog_records_per_event=counts["changelog"] / n,
+               changelog_bytes_per_event=counts["changelog_bytes"] / n)
+    return fig
+
+
+def step_table(title: str, fig: dict) -> Table:
+    """The figures' steps (in the order timed) and total, µs an event."""
+    table = Table(title=title)
+    table.add_column("step")
+    table.add_column("µs / event", justify="right")
+    for k, us in fig.items():
+        if k.endswith("_us") and k != "total_us":
+            table.add_row(k[:-3], f"{us:.2f}")
+    table.add_row("total", f"{fig['total_us']:.2f}")
+    return table
+
+
+def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dict:
+    console = console or Console()
+    from .app import GC_THRESHOLDS, RiskgateApp
     from .schemas import decode_event
     from .settings import load_settings
 
@@ -121,44 +171,22 @@ def bench_inprocess(cfg: InprocessConfig, console: Console | None = None) -> dic
             t1 = time.perf_counter()
             _, _, groups = part.users.flush()
             t2 = time.perf_counter()
-            batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
-            for group in groups:
-                for k, v in group:
-                    if batch.append(key=k, value=v, timestamp=None) is None:
-                        batch = BatchBuilder(BATCH_BYTES, 0, is_transactional=False)
-                        batch.append(key=k, value=v, timestamp=None)
-                    counts["changelog"] += 1
-                    counts["changelog_bytes"] += len(k) + (0 if v is None else len(v))
+            records, size = encode_batches(r for group in groups for r in group)
+            counts["changelog"] += records
+            counts["changelog_bytes"] += size
             counts["outputs"] += len(out)
             t["outputs"] += t1 - t0
             t["table"] += t2 - t1
             t["encode"] += time.perf_counter() - t2
 
     try:
-        start = time.perf_counter()
-        since = 0
-        for i in range(0, len(records), cfg.chunk):
-            step(records[i:i + cfg.chunk])
-            since += cfg.chunk
-            if since >= cfg.flush_every:
-                flush()
-                since = 0
-        flush()
-        wall = time.perf_counter() - start
+        wall = drive(records, cfg, step, flush)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = len(records)
-    fig = {f"{k}_us": 1e6 * v / n for k, v in t.items()}
-    fig.update(total_us=1e6 * wall / n, events_per_s=n / wall, events=n,
-               changelog_records_per_event=counts["changelog"] / n,
-               changelog_bytes_per_event=counts["changelog_bytes"] / n, outputs_per_event=counts["outputs"] / n)
-    table = Table(title=f"riskgate bench inprocess: {n:,} events, no Kafka")
-    table.add_column("step")
-    table.add_column("µs / event", justify="right")
-    for k in STEPS:
-        table.add_row(k, f"{fig[k + '_us']:.2f}")
-    table.add_row("total", f"{fig['total_us']:.2f}")
-    console.print(table)
+    fig = step_figures(t, counts, n, wall)
+    fig["outputs_per_event"] = counts["outputs"] / n
+    console.print(step_table(f"riskgate bench inprocess: {n:,} events, no Kafka", fig))
     console.print(f"{fig['events_per_s']:,.0f} events/s in-process; changelog records/event "
                   f"{fig['changelog_records_per_event']:.2f} ({fig['changelog_bytes_per_event']:,.0f} bytes), "
                   f"outputs/event {fig['outputs_per_event']:.2f}")
