@@ -16,6 +16,12 @@ def _same(a, b) -> bool:
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-12))
 
 
+def _as_row(e) -> tuple:
+    """A :class:`calibration.safe_pool.HistoryEntry` as :meth:`ColumnarPartition.history` gives its row."""
+    return (e.first_rank_score if e.shown else None, e.tags, e.first_watch_pct, e.watched, e.shown, e.flagged,
+            e.last_seen, e.flag_ts, e.first_shown, e.first_watch_ts)
+
+
 def test_the_columnar_rows_hold_what_the_engine_holds_in_every_history_entry():
     cfg = InprocessConfig(events=6000, users=400, partitions=4, chunk=500, flush_every=1500)
     records = backlog(cfg)
@@ -37,9 +43,7 @@ def test_the_columnar_rows_hold_what_the_engine_holds_in_every_history_entry():
             history = engine.users[uid].history
             assert rows.keys() == history.keys()
             for item_id, e in history.items():
-                want = (e.first_rank_score if e.shown else None, e.tags, e.first_watch_pct, e.watched, e.shown,
-                        e.flagged, e.last_seen, e.flag_ts, e.first_shown, e.first_watch_ts)
-                got = rows[item_id]
+                want, got = _as_row(e), rows[item_id]
                 assert all(_same(x, y) for x, y in zip(got, want)), (uid, item_id, got, want)
                 compared += 1
     assert compared > 1000
@@ -82,6 +86,4 @@ def test_out_of_order_events_leave_the_same_rows_as_the_engines_entries(events):
         part.apply(ev, kind, i)
     for uid in part.users:
         history = engine.users[uid].history
-        assert part.history(uid) == {
-            k: (e.first_rank_score if e.shown else None, e.tags, e.first_watch_pct, e.watched, e.shown, e.flagged,
-                e.last_seen, e.flag_ts, e.first_shown, e.first_watch_ts) for k, e in history.items()}
+        assert part.history(uid) == {k: _as_row(e) for k, e in history.items()}
