@@ -21,6 +21,7 @@ for item i is "the user flagged i at or before ``ts + label_window``".
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ SPANS_MIN = 64
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
 #: i.e. anything but history entries (positions are stored with the core).
 CORE = "\x00core"
+_INF = float("inf")
 #: In :attr:`UserState.touched`, followed by a sequence number: that slate of
 #: :attr:`UserState.recent` was added or dropped (stores keep each one apart from the core).
 RECENT = "\x00r"
@@ -69,13 +71,15 @@ class PendingSlate(msgspec.Struct, frozen=True, gc=False):
     slate_id: str
     ts: float
     k: int
-    pool: int  # usable safe-pool size when served (pool minus items already in the slate)
+    # p, repeats and band are counted at maturity, as of ts (UserState.mature), from everything up
+    # to ts + label_window; these two stay so that stored slates keep their layout (written 0 and ()).
+    pool: int
     policy_applied: bool
     alpha: float | None
     item_ids: tuple[str, ...]
     scores: tuple[float, ...]
     replacement: tuple[bool, ...]
-    repeat_pct: tuple[float | None, ...]  # first-view W% if the item was a repeat, unflagged then
+    repeat_pct: tuple[float | None, ...]
     seq: int = 0  # the user's count of pending slates before this one (UserState.pending_seq): its store key
 
 
@@ -86,14 +90,14 @@ class MatureSlate(msgspec.Struct, frozen=True, gc=False):
     slate_id: str
     ts: float
     k: int
-    pool: int
-    band: str
+    pool: int  # p: the usable safe-pool size at ts (pool minus the slate's own items)
+    band: str  # the user's reporting band at ts
     policy_applied: bool
     alpha: float | None
     scores: tuple[float, ...]
     flags: tuple[bool, ...]
     replacement: tuple[bool, ...]
-    repeat_pct: tuple[float | None, ...]
+    repeat_pct: tuple[float | None, ...]  # first-view W% of items viewed before ts and not flagged before it
 
 
 @dataclass(slots=True)
@@ -116,6 +120,14 @@ class UserState:
     seen_seq: int = 0
     pending_seq: int = 0
     version: int = 0  # of this user's own published thresholds; only grows, kept with the state
+    # What a slate still pending may need to see the user as of its ts (see counts_at and
+    # blocked_at), beyond what the history and the pending slates tell: impressions counted in
+    # ``shown`` that hold no pending slate (late, or past pending_max), as (ts, items shown);
+    # and tag rules no longer current (superseded, or older than the current one when they
+    # arrived), as (tag, blocked, ts) in arrival order. Pruned at maturity: both hold only
+    # what a slate served at or after min(watermark, oldest pending ts) can still need.
+    shown_log: list[tuple[float, int]] = field(default_factory=list)
+    rule_log: list[tuple[str, bool, float]] = field(default_factory=list)
     # Source log -> position (offset) of the last record of this user applied from it. A log
     # replayed after a crash re-delivers records; these are recognised however many there are
     # (``seen`` only covers the last ``dedup_max`` event ids, and a fast replay of a heavy user
@@ -208,8 +220,15 @@ class UserState:
                 self._pool_took_out = True
 
     def violations(self, ev: Impression) -> int:
-        """Served items carrying a tag this user blocked (must be 0 on policy-applied slates)."""
-        blocked = self.blocked_tags
+        """Served items carrying a tag blocked by a rule in force at the slate's ts (must be 0 on policy-applied slates).
+
+        Counted when the impression is applied, for an alert that fires at once:
+        a rule from after the slate, read first because the constraints topic ran
+        ahead, is no violation; one from before it that is not read yet is missed.
+        """
+        if not self.tag_rules:
+            return 0
+        blocked = self.blocked_at(ev.ts)
         return sum(1 for it in ev.items if blocked and not blocked.isdisjoint(it.tags)) if blocked else 0
 
     # -- de-duplication ----------------------------------------------------
@@ -236,22 +255,22 @@ class UserState:
         self._remember(ev.event_id, ev.ts, limits)
         late = ev.ts < watermark
         outcome = "late" if late else "ok"
+        held = False  # whether a pending slate counts these items for counts_at
         if not late:
-            pool = 0  # p is counted at maturity, as of the slate's ts (see mature)
-            repeat = []
-            for it in ev.items:
-                h = self.history.get(it.item_id)
-                rep = h is not None and h.watched and not h.flagged
-                repeat.append(h.first_watch_pct if rep else None)
+            # p, band and repeats are counted at maturity, as of the slate's ts (see mature):
+            # by then every event up to ts + label_window has been read, whatever the order.
             pending = PendingSlate(
-                ev.slate_id, ev.ts, ev.k, pool, ev.policy_applied, ev.alpha,
+                ev.slate_id, ev.ts, ev.k, 0, ev.policy_applied, ev.alpha,
                 tuple(it.item_id for it in ev.items), tuple(it.score for it in ev.items),
-                tuple(it.replacement for it in ev.items), tuple(repeat), self.pending_seq,
+                tuple(it.replacement for it in ev.items), (), self.pending_seq,
             )
             if len(self.pending) >= limits.pending_max:
                 outcome = "pending_overflow"
             else:
                 self._insert_pending(pending)
+                held = True
+        if not held and self.pending and ev.ts > min(watermark, self.pending[0].ts):
+            self.shown_log.append((ev.ts, len(ev.items)))  # (the core is touched: the event id was remembered)
         for it in ev.items:
             rank = it.score if it.rank_score is None else it.rank_score
             old = self.history.get(it.item_id)
@@ -294,6 +313,7 @@ class UserState:
         if self.is_duplicate(ev.event_id):
             return "duplicate"
         self._remember(ev.event_id, ev.ts, limits)
+        log = self.rule_log
         for tag, blocked in [(t, True) for t in ev.block_tags] + [(t, False) for t in ev.unblock_tags]:
             old = self.tag_rules.get(tag)
             if old is None or ev.ts >= old[1]:
@@ -301,7 +321,73 @@ class UserState:
                 self._pool, self._pool_changed, self._blocked = None, True, None  # blocked tags changed
                 self._spans = None
                 self._pool_took_out = True
+                if old is not None:
+                    log.append((tag, old[0], old[1]))  # still the rule of slates served before ev.ts
+            else:
+                log.append((tag, blocked, ev.ts))  # the rule of slates served between its ts and the current's
+        if log:
+            self._prune_logs(min(watermark, self.pending[0].ts) if self.pending else watermark)
         return "late" if ev.ts < watermark else "ok"
+
+    # -- the user as of a slate's ts -----------------------------------------
+    def counts_at(self, t: float, flag_times: list[float] | None = None) -> tuple[int, int]:
+        """(items shown, distinct items flagged) by events with ``ts ≤ t``: the counts behind the band at ``t``.
+
+        What came after ``t`` is taken off the totals: impressions of pending
+        slates served after ``t`` and of :attr:`shown_log`, and items whose
+        first flag is after ``t`` (flagged entries are evicted last, so their
+        entries are there). Exact for any ``t`` a pending slate can have.
+        ``flag_times``: the sorted first-flag times of the history, if the caller has them.
+        """
+        shown = self.shown
+        for p in reversed(self.pending):  # (in ts order)
+            if p.ts <= t:
+                break
+            shown -= len(p.item_ids)
+        for ts, n in self.shown_log:
+            if ts > t:
+                shown -= n
+        flagged = self.flagged
+        if flagged:
+            if flag_times is None:
+                flag_times = self._flag_times()
+            flagged -= len(flag_times) - bisect_right(flag_times, t)
+        return shown, flagged
+
+    def _flag_times(self) -> list[float]:
+        return sorted(h.flag_ts for h in self.history.values() if h.flagged and h.flag_ts is not None)
+
+    def blocked_at(self, t: float) -> frozenset[str]:
+        """The tags blocked by the rules in force at event time ``t`` (per tag the latest with ``ts ≤ t``)."""
+        current = self.blocked_tags
+        rules = self.tag_rules
+        if all(ts <= t for _, ts in rules.values()):
+            return current  # (a rule in the log is never later than its tag's current one)
+        in_force: dict[str, tuple[float, bool]] = {}
+        for tag, blocked, ts in self.rule_log:  # arrival order: of equal ts, the later arrival won
+            if ts <= t and (tag not in in_force or ts >= in_force[tag][0]):
+                in_force[tag] = (ts, blocked)
+        for tag, (blocked, ts) in rules.items():
+            if ts <= t:
+                in_force[tag] = (ts, blocked)
+        return frozenset(tag for tag, (_, blocked) in in_force.items() if blocked)
+
+    def _prune_logs(self, q: float) -> None:
+        """Drop what no slate served at or after ``q`` can need from :attr:`shown_log` and :attr:`rule_log`."""
+        if self.shown_log:
+            self.shown_log = [x for x in self.shown_log if x[0] > q]
+        log = self.rule_log
+        if log:
+            # Per tag, of the rules with ts ≤ q only the one in force at q is still needed, and
+            # only if it is not the current rule.
+            latest: dict[str, int] = {}
+            for i, (tag, _, ts) in enumerate(log):
+                if ts <= q and (tag not in latest or ts >= log[latest[tag]][2]):
+                    latest[tag] = i
+            keep = [x for i, x in enumerate(log)
+                    if x[2] > q or (latest.get(x[0]) == i and self.tag_rules.get(x[0], (False, _INF))[1] > q)]
+            if len(keep) != len(log):
+                self.rule_log = keep
 
     # -- maturity ----------------------------------------------------------
     def next_maturity(self, label_window: float) -> float | None:
@@ -320,8 +406,9 @@ class UserState:
         ``recent`` slates.
         """
         matured: list[MatureSlate] = []
-        band = self.band
         blocked = self.blocked_tags
+        history = self.history
+        flag_times = None  # first-flag times, sorted: read once, for the band of every slate maturing
         spans = self._spans
         if spans is None or spans.beta != limits.beta or (spans.blocked is not blocked and spans.blocked != blocked):
             spans = self._spans = (SafeSpans(self.history.values(), limits.beta, blocked)
@@ -333,27 +420,50 @@ class UserState:
                 self.touched.add(PENDING + str(p.seq))
             if self._pending_items is not None:
                 self._pending_items -= len(p.item_ids)
-            cutoff = p.ts + label_window
+            # Everything is counted now, as of the slate's ts: by maturity every event up to
+            # ts + label_window has been read (the watermark waits for lagging topics), so
+            # what the slate carries does not depend on how far each topic had been read
+            # when its impression was, or is now (tests/test_read_order.py).
+            t = p.ts
+            cutoff = t + label_window
             flags = []
+            repeats = []
             for item in p.item_ids:
-                h = self.history.get(item)
-                flags.append(bool(h is not None and h.flag_ts is not None and h.flag_ts <= cutoff))
-            # p, the usable safe-pool size when the slate was served, is counted now, from
-            # the history as of its ts: by maturity every event up to ts + label_window
-            # has been read (the watermark waits for lagging topics), so p no longer
-            # depends on how far other topics had been read when the impression was.
-            if spans is None:
-                pool = pool_size_at(self.history.values(), p.ts, limits.beta, blocked, limits.safe_pool_max,
+                h = history.get(item)  # (items of pending slates are never trimmed)
+                if h is None:
+                    flags.append(False)
+                    repeats.append(None)
+                    continue
+                flag_ts = h.flag_ts
+                flags.append(flag_ts is not None and flag_ts <= cutoff)
+                # A repeat: viewed before ts, and not flagged before it (entries older than
+                # these times count as viewed and flagged long ago).
+                first = h.first_watch_ts
+                viewed = h.watched and (first is None or first < t)
+                repeats.append(h.first_watch_pct if viewed and not (h.flagged and (flag_ts is None or flag_ts < t))
+                               else None)
+            if self.flagged and flag_times is None:
+                flag_times = self._flag_times()
+            band = band_of(*self.counts_at(t, flag_times))
+            # p, the usable safe-pool size when the slate was served, under the tag rules then.
+            blocked_then = self.blocked_at(t)
+            if blocked_then is not blocked and blocked_then != blocked:
+                pool = pool_size_at(history.values(), t, limits.beta, blocked_then, limits.safe_pool_max,
+                                    set(p.item_ids))
+            elif spans is None:
+                pool = pool_size_at(history.values(), t, limits.beta, blocked, limits.safe_pool_max,
                                     set(p.item_ids))
             else:  # the same count, without walking the history
-                pool = spans.size_at(p.ts, self.history, limits.safe_pool_max, set(p.item_ids))
-            m = MatureSlate(self.user_id, p.slate_id, p.ts, p.k, pool, band, p.policy_applied, p.alpha,
-                            p.scores, tuple(flags), p.replacement, p.repeat_pct)
+                pool = spans.size_at(t, history, limits.safe_pool_max, set(p.item_ids))
+            m = MatureSlate(self.user_id, p.slate_id, t, p.k, pool, band, p.policy_applied, p.alpha,
+                            p.scores, tuple(flags), p.replacement, tuple(repeats))
             matured.append(m)
             if not p.policy_applied and p.ts >= horizon:
                 if self.touched is not None:
                     self.touched.add(RECENT + str(self.recent_seq + len(self.recent)))
                 self.recent.append(m)
+        if matured and (self.shown_log or self.rule_log):  # (the core is touched: a slate matured)
+            self._prune_logs(min(watermark, self.pending[0].ts) if self.pending else watermark)
         evicted: list[MatureSlate] = []
         recent = self.recent
         if recent and recent[0].ts < horizon:  # their buckets are gone already
@@ -462,6 +572,8 @@ class UserState:
             "seen_seq": self.seen_seq,
             "pending_seq": self.pending_seq,
             "version": self.version,
+            "shown_log": [list(x) for x in self.shown_log],
+            "rule_log": [list(x) for x in self.rule_log],
         }
 
     @classmethod
@@ -483,6 +595,8 @@ class UserState:
             recent_seq=int(d.get("recent_seq", 0)),
             seen={k: v for k, v in d["seen"]},
             version=int(d.get("version", 0)),
+            shown_log=[(float(ts), int(n)) for ts, n in d.get("shown_log", ())],
+            rule_log=[(str(t), bool(b), float(ts)) for t, b, ts in d.get("rule_log", ())],
         )
 
 

@@ -3,7 +3,9 @@
 Layout of the ``users`` table (raw bytes, one RocksDB per partition):
 
 * ``<user_id>`` → the user's *core* (msgpack, ~100 bytes): tag rules,
-  reporting counts, version, input positions and the sequence numbers below;
+  reporting counts, version, input positions, the sequence numbers below, and
+  what a pending slate needs to see the user as of its ts (older tag rules,
+  impressions with no slate pending; nearly always empty);
 * ``<user_id> NUL <item_id>`` → one history entry (msgpack, ~60 bytes);
 * ``<user_id> NUL NUL q <seq>`` → one pending slate, ``seq`` its
   :attr:`~calibration.user_state.PendingSlate.seq` (8 bytes, big-endian);
@@ -80,7 +82,9 @@ WHOLE = "\x00whole"
 # The core's first element. Format 1 cores were JSON objects holding the history too;
 # format 2 cores had no positions (they had a key of their own); cores of formats 2
 # and 3 held the recent slates, and those of formats 2 to 4 the pending slates and remembered ids.
-_FORMAT = 5
+# Format 6 adds, after the positions, what pending slates need to see the user as of their ts
+# (UserState.shown_log and rule_log: empty for nearly every user).
+_FORMAT = 6
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
@@ -103,6 +107,8 @@ def encode_core(state: UserState) -> bytes:
         state.seen_seq,
         state.version,
         state.positions,
+        state.shown_log,
+        state.rule_log,
     ))
 
 
@@ -184,7 +190,7 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
         return UserState.from_dict(orjson.loads(core)), 1
     # Fields 5-7 are the lists in older formats, their first numbers from format 5 (recent: 4) on.
     fmt, rules, shown, flagged, pending, recent, seen, version, *rest = _dec.decode(core)
-    if fmt not in (2, 3, 4, _FORMAT):
+    if fmt not in (2, 3, 4, 5, _FORMAT):
         raise ValueError(f"unknown user state format {fmt!r}")
     entries, slates, pendings, seens, positions = {}, [], [], [], None
     for suffix, raw in keyed:  # (in key order: each list's members by sequence number)
@@ -203,7 +209,7 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
     recent_seq = seen_seq = 0
     if fmt >= 4:
         recent_seq, recent = recent, [_dec.decode(raw) for raw in slates]
-    if fmt == _FORMAT:
+    if fmt >= 5:
         pending_seq, seen_seq = pending, seen
         # in ts order (by seq among equal ts), as UserState keeps them
         pending = sorted((_pending(_dec.decode(raw), seq) for seq, raw in pendings), key=lambda p: (p.ts, p.seq))
@@ -212,6 +218,10 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
         pending = [_pending(x, i) for i, x in enumerate(pending)]
         pending_seq = len(pending)
     stored = rest[0] if fmt >= 3 else ({} if positions is None else _dec.decode(positions))
+    # (a user stored before format 6 has no such logs: its slates pending then, at the upgrade,
+    # cannot see late impressions or tag rules superseded before it as of their ts)
+    shown_log, rule_log = ([(float(ts), int(n)) for ts, n in rest[1]],
+                           [(str(t), bool(b), float(ts)) for t, b, ts in rest[2]]) if fmt >= 6 else ([], [])
     return UserState(
         user_id=user_id,
         history=entries,
@@ -226,6 +236,8 @@ def _decode_user(user_id: str, core: bytes, keyed, history: bool = True) -> tupl
         seen_seq=seen_seq,
         version=version,
         positions=stored,
+        shown_log=shown_log,
+        rule_log=rule_log,
     ), fmt
 
 
@@ -331,8 +343,9 @@ class TableUsers:
         state, fmt = self._decode(user_id, core)
         # From here the state notes what changes; a user of an older format is not
         # tracked, so its next flush rewrites it whole in this one (and tombstones
-        # format 2's positions key).
-        state.touched = set() if fmt == _FORMAT else None
+        # format 2's positions key). Format 5 differs only in its core, which a flush
+        # of any change rewrites.
+        state.touched = set() if fmt == _FORMAT else {CORE} if fmt == 5 else None
         return state
 
     @property

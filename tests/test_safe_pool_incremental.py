@@ -160,8 +160,10 @@ def test_p_at_maturity_from_the_spans_equals_the_walk(ops, beta, cap, history_ma
             if maturities[n] is None:
                 continue
             due = [p for p in state.pending if p.ts + 1.0 <= maturities[n]]
-            expected = [pool_size_at(state.history.values(), p.ts, beta, _blocked(state), cap, set(p.item_ids))
-                        for p in due]
+            # (under the tag rules in force at each slate's ts: the spans follow the current ones,
+            # and a slate served under others is counted by the walk)
+            expected = [pool_size_at(state.history.values(), p.ts, beta, state.blocked_at(p.ts), cap,
+                                     set(p.item_ids)) for p in due]
             matured, _ = state.mature(maturities[n], 1.0, float("-inf"), limits)
             assert [m.pool for m in matured] == expected
             assert state._spans is not None

@@ -38,6 +38,54 @@ def test_every_user_round_trips_through_core_and_entries():
         assert _round_trip(state) == state
 
 
+def _with_logs():
+    """A user whose pending slates need it as of their ts: a late impression and a superseded tag rule."""
+    from calibration.events import Constraints
+
+    def show(n, ts):
+        return Impression(f"e{n}", "u", f"s{n}", ts, 2, False, (ShownItem(f"i{n}", 0.5),))
+
+    eng = Engine(EngineConfig(label_window=60.0, allowed_lateness=5.0))
+    eng.process(show(1, 100.0), "impressions")
+    eng.process(show(2, 120.0), "impressions")  # watermark 115: the next one is late
+    eng.process(show(3, 110.0), "impressions")
+    eng.process(Constraints("c1", "u", 105.0, ("news",)), "constraints")
+    eng.process(Constraints("c2", "u", 130.0, (), ("news",)), "constraints")
+    state = eng.users["u"]
+    assert state.shown_log == [(110.0, 1)] and state.rule_log == [("news", True, 105.0)]
+    return state
+
+
+def test_what_a_pending_slate_needs_of_its_user_round_trips():
+    state = _with_logs()
+    assert _round_trip(state) == state
+    assert decode_user(state.user_id, orjson.dumps(state.to_dict())) == state
+    again = _round_trip(state)
+    assert again.counts_at(100.0) == state.counts_at(100.0) == (1, 0)  # the late one (ts 110) is after
+    assert again.blocked_at(106.0) == {"news"} and again.blocked_at(131.0) == frozenset()
+
+
+def test_a_format_5_core_loads_with_nothing_logged_and_its_next_flush_rewrites_only_the_core(tmp_path):
+    import msgspec
+
+    from streams.state import CORE, SEP
+
+    state = _with_logs()
+    state.shown_log, state.rule_log = [], []  # (format 5 had none: slates took band and rules at maturity)
+    core = msgspec.msgpack.decode(encode_core(state))
+    assert core[0] == 6
+    key = state.user_id.encode()
+    records = {key: msgspec.msgpack.encode([5, *core[1:-2]])}
+    records.update({key + SEP + suffix: value for suffix, value in user_records(state)})
+    _, users = _table_users(tmp_path, "v5", 1000, 3600.0, records)
+    loaded = users.get("u")
+    assert loaded.touched == {CORE}
+    assert loaded == state
+    users["u"] = loaded
+    _, _, groups = users.flush()
+    assert groups == [[(key, encode_core(state))]]
+
+
 def test_a_format_1_json_user_still_loads():
     state = next(u for u in _users().users.values() if u.history and u.pending)
     assert decode_user(state.user_id, orjson.dumps(state.to_dict())) == state

@@ -99,10 +99,10 @@ def test_safe_pool_size_at_serve_time_excludes_items_in_the_slate():
         s.on_watch(Watch(f"w{i}", "u1", i, 80, 100, 11.0), 0.0, LIM)
     s.on_constraints(Constraints("c1", "u1", 12.0, block_tags=("guns",)), 0.0, LIM)
     s.on_impression(imp("e9", "s9", 20.0, [item("a"), item("z", tags=("guns",))], applied=True), 0.0, LIM)
-    assert s.pending[-1].repeat_pct == (80.0, None)
     assert s.violations(imp("e10", "s10", 21.0, [item("q", tags=("guns",))])) == 1
     matured, _ = s.mature(1e9, 1.0, 0.0, LIM)
     assert [m.pool for m in matured if m.slate_id == "s9"] == [2]  # b and c; a is in the slate
+    assert [m.repeat_pct for m in matured if m.slate_id == "s9"] == [(80.0, None)]  # a was viewed before
 
 
 def test_pool_size_is_as_of_the_slates_ts_whatever_order_the_topics_were_read_in():

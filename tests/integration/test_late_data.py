@@ -129,8 +129,9 @@ def _await_watermark(worker, want: float, timeout: float = 30.0) -> None:
 def test_flags_and_watches_before_their_impression_count_normally(kafka_bootstrap, topic_prefix, app_id, tmp_path):
     """Feedback read before its slate, within the allowed lateness, is folded like any other.
 
-    The early flag labels the slate when it matures (and counts for the
-    reporting band); the early watch makes the item safe once shown.
+    The early flag labels the slate when it matures (and counts for the user's
+    reporting band from its own ts on: not for the slate, served before it);
+    the early watch makes the item safe once shown.
     """
     a, b, tick = users_in_partition("early", P, 3, PARTITIONS)
     names, worker = _start(kafka_bootstrap, topic_prefix, app_id, tmp_path)
@@ -160,9 +161,10 @@ def test_flags_and_watches_before_their_impression_count_normally(kafka_bootstra
         send_events(kafka_bootstrap, topic_prefix, [
             ("impressions", impression_event(tick, "tick-imp", "tick-slate", tick_ts, [("t", 0.5, 0.0, ())],
                                              policy_applied=True))])
-        # a-slate (band high: its user flagged 1 of 3 shown items, the early flag included) and b-slate (low)
-        want_n = {"replace:global": 2, "remove:global": 2, "replace:band:high": 1, "remove:band:high": 1,
-                  "replace:band:low": 1, "remove:band:low": 1}
+        # Both slates calibrate band low: a's user is high now (1 of 3 shown items flagged), but
+        # the flag came 20 s after a-slate was served, and a slate's band is its user's then.
+        want_n = {"replace:global": 2, "remove:global": 2, "replace:band:high": 0, "remove:band:high": 0,
+                  "replace:band:low": 2, "remove:band:low": 2}
         _await_n(worker, want_n, all_keys=True)
         _await_counts(worker, {("flag", "ok"): 1, ("watch", "ok"): 1, ("impression", "ok"): 3})
         _await_watermark(worker, tick_ts - LATENESS)
@@ -172,7 +174,8 @@ def test_flags_and_watches_before_their_impression_count_normally(kafka_bootstra
         assert [(i["score"], i["flagged"]) for i in slates["a-slate"]["items"]] == [(0.9, True), (0.8, False),
                                                                                     (0.7, False)]
         assert [(i["score"], i["flagged"]) for i in slates["b-slate"]["items"]] == [(0.5, False)]
-        assert (slates["a-slate"]["band"], slates["b-slate"]["band"]) == ("high", "low")
+        assert (slates["a-slate"]["band"], slates["b-slate"]["band"]) == ("low", "low")
+        assert _user(worker, a)["band"] == "high"
         # The safe pool seen when a-slate was served excludes a2, which was in the slate itself.
         assert slates["a-slate"]["safe_pool_size"] == 0
         wait_for(lambda: worker.metric("riskgate_slates_matured_total", kind="holdout") == 2, 30,
