@@ -33,7 +33,7 @@ users = st.sampled_from(["u1", "u2"])
 
 
 @st.composite
-def impressions(draw, ts=ts):
+def impressions(draw, ts=ts, users=users):
     items = draw(st.lists(st.sampled_from(ITEMS), min_size=1, max_size=4, unique=True))
     shown = tuple(ShownItem(i, draw(st.sampled_from([0.1, 0.4, 0.7, 0.9])), None, TAGS[i]) for i in items)
     n = next(_ids)
@@ -41,18 +41,18 @@ def impressions(draw, ts=ts):
 
 
 @st.composite
-def watches(draw, ts=ts):
+def watches(draw, ts=ts, users=users):
     return Watch(f"e{next(_ids)}", draw(users), draw(st.sampled_from(ITEMS)), draw(st.sampled_from([0, 300, 900])),
                  1000, draw(ts))
 
 
 @st.composite
-def flags(draw, ts=ts):
+def flags(draw, ts=ts, users=users):
     return Flag(f"e{next(_ids)}", draw(users), draw(st.sampled_from(ITEMS)), "report", draw(ts))
 
 
 @st.composite
-def constraints(draw, ts=ts):
+def constraints(draw, ts=ts, users=users):
     block = draw(st.booleans())
     return Constraints(f"e{next(_ids)}", draw(users), draw(ts), ("a",) if block else (), () if block else ("a",))
 
