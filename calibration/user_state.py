@@ -154,6 +154,9 @@ class UserState:
     _blocked: frozenset | None = field(default=None, init=False, compare=False, repr=False)
     # When each entry counted in the pool (p at maturity), for long histories (SPANS_MIN); None: not kept.
     _spans: SafeSpans | None = field(default=None, init=False, compare=False, repr=False)
+    # First-flag times of the history's flagged entries, sorted (None: read at the next ask); only a
+    # flag or an eviction changes them. A flagged user's every maturity asks (counts_at).
+    _flag_times_cache: list[float] | None = field(default=None, init=False, compare=False, repr=False)
 
     # -- derived views -----------------------------------------------------
     @property
@@ -302,6 +305,7 @@ class UserState:
         if old is None or not old.flagged:
             self.flagged += 1  # distinct items flagged: the reporting rate's numerator
         self.history[ev.item_id] = new = record_flag(self.history, ev.item_id, ev.ts)
+        self._flag_times_cache = None
         self._entry_changed(old, new)
         if self.touched is not None:
             self.touched.add(ev.item_id)
@@ -330,14 +334,13 @@ class UserState:
         return "late" if ev.ts < watermark else "ok"
 
     # -- the user as of a slate's ts -----------------------------------------
-    def counts_at(self, t: float, flag_times: list[float] | None = None) -> tuple[int, int]:
+    def counts_at(self, t: float) -> tuple[int, int]:
         """(items shown, distinct items flagged) by events with ``ts ≤ t``: the counts behind the band at ``t``.
 
         What came after ``t`` is taken off the totals: impressions of pending
         slates served after ``t`` and of :attr:`shown_log`, and items whose
         first flag is after ``t`` (flagged entries are evicted last, so their
         entries are there). Exact for any ``t`` a pending slate can have.
-        ``flag_times``: the sorted first-flag times of the history, if the caller has them.
         """
         shown = self.shown
         for p in reversed(self.pending):  # (in ts order)
@@ -349,13 +352,16 @@ class UserState:
                 shown -= n
         flagged = self.flagged
         if flagged:
-            if flag_times is None:
-                flag_times = self._flag_times()
+            flag_times = self._flag_times()
             flagged -= len(flag_times) - bisect_right(flag_times, t)
         return shown, flagged
 
     def _flag_times(self) -> list[float]:
-        return sorted(h.flag_ts for h in self.history.values() if h.flagged and h.flag_ts is not None)
+        times = self._flag_times_cache
+        if times is None:
+            times = self._flag_times_cache = sorted(h.flag_ts for h in self.history.values()
+                                                    if h.flagged and h.flag_ts is not None)
+        return times
 
     def blocked_at(self, t: float) -> frozenset[str]:
         """The tags blocked by the rules in force at event time ``t`` (per tag the latest with ``ts ≤ t``)."""
@@ -408,7 +414,6 @@ class UserState:
         matured: list[MatureSlate] = []
         blocked = self.blocked_tags
         history = self.history
-        flag_times = None  # first-flag times, sorted: read once, for the band of every slate maturing
         spans = self._spans
         if spans is None or spans.beta != limits.beta or (spans.blocked is not blocked and spans.blocked != blocked):
             spans = self._spans = (SafeSpans(self.history.values(), limits.beta, blocked)
@@ -442,9 +447,7 @@ class UserState:
                 viewed = h.watched and (first is None or first < t)
                 repeats.append(h.first_watch_pct if viewed and not (h.flagged and (flag_ts is None or flag_ts < t))
                                else None)
-            if self.flagged and flag_times is None:
-                flag_times = self._flag_times()
-            band = band_of(*self.counts_at(t, flag_times))
+            band = band_of(*self.counts_at(t))
             # p, the usable safe-pool size when the slate was served, under the tag rules then.
             blocked_then = self.blocked_at(t)
             if blocked_then is not blocked and blocked_then != blocked:
@@ -517,7 +520,10 @@ class UserState:
             keep_pending = {i for p in self.pending for i in p.item_ids}
             for item in trim_history(self.history, limits.history_max):
                 if item not in keep_pending:  # labels of pending slates need their items
-                    self._entry_changed(self.history.pop(item), None)
+                    old = self.history.pop(item)
+                    if old.flagged:
+                        self._flag_times_cache = None
+                    self._entry_changed(old, None)
                     if self.touched is not None:
                         self.touched.add(item)
                         # A watch of an evicted item, replayed, would bring it back: the core
