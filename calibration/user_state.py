@@ -34,6 +34,8 @@ from .safe_pool import (HistoryEntry, SafeItem, SafePool, SafeSpans, is_safe, po
 
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN", "SPANS_MIN"]
 
+_INF = float("inf")
+
 #: Histories of at least this many entries count a maturing slate's ``p`` with
 #: :class:`calibration.safe_pool.SafeSpans` (kept change by change, ~16 bytes an
 #: entry, ~90 more once more than the cap were safe at a slate's ts); shorter ones walk
@@ -43,7 +45,6 @@ SPANS_MIN = 64
 #: In :attr:`UserState.touched` (never an item id: those hold no NUL): the core changed,
 #: i.e. anything but history entries (positions are stored with the core).
 CORE = "\x00core"
-_INF = float("inf")
 #: In :attr:`UserState.touched`, followed by a sequence number: that slate of
 #: :attr:`UserState.recent` was added or dropped (stores keep each one apart from the core).
 RECENT = "\x00r"
