@@ -10,6 +10,10 @@ Decisions (SPEC is silent):
 * ``β = None`` drops the watch-time condition (the "none" arm of the paper's
   Fig. 5 ablation); ``β = 0`` still requires a positive watch.
 * An item shown but never watched has no first view yet: not safe for numeric β.
+* An item never shown in a slate (known only from a watch or a flag, say from
+  another surface, or one read before its impression) is not safe: its tags,
+  and so whether a rule blocks it, are not known, nor its rank score. It
+  becomes safe once an impression shows it.
 * The pool is bounded (``max_size``), keeping the highest first rank scores,
   because the ranker fills slots highest-rank-score first anyway.
 """
@@ -71,15 +75,17 @@ class SafeItem(msgspec.Struct, frozen=True, gc=False):
 
 
 def is_safe(entry: HistoryEntry, beta: float | None, blocked_tags: Iterable[str] = ()) -> bool:
-    """Eq. 7 plus tag constraints: unflagged, first-view W% > β, no blocked tag.
+    """Eq. 7 plus tag constraints: shown, unflagged, first-view W% > β, no blocked tag.
 
     Examples
     --------
-    >>> e = HistoryEntry("i1", 1.0, ("cooking",), first_watch_pct=80.0, watched=True)
+    >>> e = HistoryEntry("i1", 1.0, ("cooking",), first_watch_pct=80.0, watched=True, shown=True)
     >>> is_safe(e, 50.0), is_safe(e, 90.0), is_safe(e, 50.0, {"cooking"})
     (True, False, False)
+    >>> is_safe(HistoryEntry("i2", 0.0, (), first_watch_pct=80.0, watched=True), 50.0)  # never shown: tags unknown
+    False
     """
-    if entry.flagged:
+    if entry.flagged or not entry.shown:
         return False
     blocked = blocked_tags if isinstance(blocked_tags, (set, frozenset)) else frozenset(blocked_tags)
     if blocked and not blocked.isdisjoint(entry.tags):
@@ -99,9 +105,9 @@ def safe_pool(
 
     Examples
     --------
-    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True),
-    ...      HistoryEntry("b", 5.0, first_watch_pct=10.0, watched=True),
-    ...      HistoryEntry("c", 3.0, first_watch_pct=70.0, watched=True, flagged=True)]
+    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, shown=True),
+    ...      HistoryEntry("b", 5.0, first_watch_pct=10.0, watched=True, shown=True),
+    ...      HistoryEntry("c", 3.0, first_watch_pct=70.0, watched=True, shown=True, flagged=True)]
     >>> [s.item_id for s in safe_pool(h, 50.0)]
     ['a']
     >>> [s.item_id for s in safe_pool(h, None)]
@@ -123,12 +129,12 @@ class SafePool:
 
     Examples
     --------
-    >>> h = {i: HistoryEntry(i, r, first_watch_pct=90.0, watched=True) for i, r in [("a", 3.0), ("b", 2.0)]}
+    >>> h = {i: HistoryEntry(i, r, first_watch_pct=90.0, watched=True, shown=True) for i, r in [("a", 3.0), ("b", 2.0)]}
     >>> pool = SafePool(h.values(), 50.0, frozenset(), max_size=2)
-    >>> new = HistoryEntry("c", 2.5, first_watch_pct=80.0, watched=True)
+    >>> new = HistoryEntry("c", 2.5, first_watch_pct=80.0, watched=True, shown=True)
     >>> pool.update(None, new), [s.item_id for s in pool.items]
     (True, ['a', 'c'])
-    >>> pool.update(h["a"], HistoryEntry("a", 3.0, first_watch_pct=90.0, watched=True, flagged=True))
+    >>> pool.update(h["a"], HistoryEntry("a", 3.0, first_watch_pct=90.0, watched=True, shown=True, flagged=True))
     True
     >>> [s.item_id for s in pool.items]
     ['c', 'b']
@@ -203,7 +209,8 @@ def pool_size(
 
     Examples
     --------
-    >>> h = [HistoryEntry(i, float(r), first_watch_pct=90.0, watched=True) for i, r in [("a", 3), ("b", 2), ("c", 1)]]
+    >>> h = [HistoryEntry(i, float(r), first_watch_pct=90.0, watched=True, shown=True)
+    ...      for i, r in [("a", 3), ("b", 2), ("c", 1)]]
     >>> pool_size(h, 50.0, max_size=2, exclude={"a"}), pool_size(h, 50.0, exclude={"a"})
     (1, 2)
     """
@@ -284,16 +291,18 @@ def pool_size_at(
 ) -> int:
     """|T_safe(u) \\ exclude| as it stood at event time ``t``: :func:`pool_size` over the history as of ``t``.
 
-    As of ``t`` an entry is seen (first shown or first viewed at or before
-    ``t``), unflagged (no flag at or before ``t``) and, for a numeric β, first
-    viewed at or before ``t`` with W% > β; tag rules are the current ones.
-    Entries written before these times were kept count as seen long ago.
+    As of ``t`` an entry is shown (first shown at or before ``t``), unflagged
+    (no flag at or before ``t``) and, for a numeric β, first viewed at or
+    before ``t`` with W% > β; ``blocked_tags`` are the rules in force at ``t``.
+    Entries written before these times were kept count as shown and viewed long ago.
 
     Examples
     --------
-    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, first_shown=5.0, first_watch_ts=6.0),
-    ...      HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, first_shown=5.0, first_watch_ts=20.0),
-    ...      HistoryEntry("c", 3.0, first_watch_pct=90.0, watched=True, flagged=True, flag_ts=30.0,
+    >>> h = [HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, shown=True, first_shown=5.0,
+    ...                   first_watch_ts=6.0),
+    ...      HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, shown=True, first_shown=5.0,
+    ...                   first_watch_ts=20.0),
+    ...      HistoryEntry("c", 3.0, first_watch_pct=90.0, watched=True, shown=True, flagged=True, flag_ts=30.0,
     ...                   first_shown=1.0, first_watch_ts=2.0)]
     >>> pool_size_at(h, 10.0, 50.0), pool_size_at(h, 25.0, 50.0), pool_size_at(h, 31.0, 50.0)
     (2, 3, 2)
@@ -313,9 +322,9 @@ _INF = float("inf")
 def safe_span(e: HistoryEntry, beta: float | None, blocked: frozenset[str]) -> tuple[float, float] | None:
     """When ``e`` counts in :func:`pool_size_at` (cap aside): at every ``t`` with ``start ≤ t < end``; None: never.
 
-    ``start`` is the first view (β numeric) or the first sight (β None), ``-inf``
-    for an entry written before those times were kept; ``end`` is the first flag,
-    ``inf`` if none.
+    ``start`` is the first showing, or the first view if later (β numeric),
+    ``-inf`` for an entry written before those times were kept; ``end`` is the
+    first flag, ``inf`` if none. An entry never shown never counts (its tags are unknown).
 
     Examples
     --------
@@ -323,22 +332,14 @@ def safe_span(e: HistoryEntry, beta: float | None, blocked: frozenset[str]) -> t
     >>> safe_span(e, 50.0, frozenset()), safe_span(e, None, frozenset()), safe_span(e, 95.0, frozenset())
     ((6.0, 9.0), (5.0, 9.0), None)
     """
-    if blocked and not blocked.isdisjoint(e.tags):
+    if not e.shown or (blocked and not blocked.isdisjoint(e.tags)):
         return None
+    start = -_INF if e.first_shown is None else e.first_shown
     if beta is not None:
         if not e.watched or e.first_watch_pct is None or e.first_watch_pct <= beta:
             return None
-        start = -_INF if e.first_watch_ts is None else e.first_watch_ts
-    elif e.watched:
-        start = -_INF if e.first_watch_ts is None else e.first_watch_ts
-        if e.shown:
-            shown = -_INF if e.first_shown is None else e.first_shown
-            if shown < start:
-                start = shown
-    elif e.shown:
-        start = -_INF if e.first_shown is None else e.first_shown
-    else:
-        return None
+        if e.first_watch_ts is not None and e.first_watch_ts > start:
+            start = e.first_watch_ts
     end = _INF if e.flag_ts is None else e.flag_ts
     return (start, end) if start < end else None
 
@@ -360,8 +361,9 @@ class SafeSpans:
 
     Examples
     --------
-    >>> h = {"a": HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, first_watch_ts=6.0, flag_ts=30.0),
-    ...      "b": HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, first_watch_ts=20.0)}
+    >>> h = {"a": HistoryEntry("a", 2.0, first_watch_pct=90.0, watched=True, shown=True, first_watch_ts=6.0,
+    ...                        flag_ts=30.0),
+    ...      "b": HistoryEntry("b", 1.0, first_watch_pct=90.0, watched=True, shown=True, first_watch_ts=20.0)}
     >>> spans = SafeSpans(h.values(), 50.0, frozenset())
     >>> [spans.size_at(t, h, None, ()) for t in (5.0, 10.0, 25.0, 31.0)]
     [0, 1, 2, 1]

@@ -120,11 +120,11 @@ def _pool_size_at_reference(history, t, beta, blocked, max_size, exclude):
         if e.flag_ts is not None and e.flag_ts <= t:
             continue
         watched = e.watched and (e.first_watch_ts is None or e.first_watch_ts <= t)
-        if not (watched or (e.shown and (e.first_shown is None or e.first_shown <= t))):
-            continue
+        if not (e.shown and (e.first_shown is None or e.first_shown <= t)):
+            continue  # (never shown, or not yet: its tags are unknown then)
         if beta is not None and not watched:
             continue
-        then.append(HistoryEntry(e.item_id, e.first_rank_score, e.tags, e.first_watch_pct, watched, e.shown, False))
+        then.append(HistoryEntry(e.item_id, e.first_rank_score, e.tags, e.first_watch_pct, watched, True, False))
     return pool_size(then, beta, blocked, max_size, exclude)
 
 

@@ -566,7 +566,8 @@ def test_what_a_slate_needs_of_its_user_survives_every_flush():
     events = st.one_of(impressions(near, one), constraints(near, one), flags(near, one))
     logged = []
 
-    @settings(max_examples=150, deadline=None)
+    # (derandomized: the last assertion is about what the examples held, so it must not depend on the run)
+    @settings(max_examples=150, deadline=None, derandomize=True)
     @given(st.lists(events, max_size=40), st.integers(1, 6))
     def check(events, flush_every):
         with tempfile.TemporaryDirectory() as tmp:

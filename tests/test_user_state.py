@@ -282,3 +282,15 @@ def test_pending_items_beyond_the_cap_do_not_make_every_event_trim():
         us.trim_history = real
     assert calls == []  # nothing to evict: no sorting on every event
     assert len(s.history) == 12
+
+
+def test_an_item_no_impression_has_shown_is_not_safe_until_one_does():
+    # Watched from another surface (or read before its slate): rank score and tags are unknown, and
+    # offering it would let a ranker serve a tag the user blocked as a "safe" replacement.
+    s = UserState("u1")
+    s.on_constraints(Constraints("c1", "u1", 1.0, block_tags=("guns",)), 0.0, LIM)
+    s.on_watch(Watch("w1", "u1", "g", 90, 100, 2.0), 0.0, LIM)
+    s.on_watch(Watch("w2", "u1", "h", 90, 100, 2.0), 0.0, LIM)
+    assert s.safe_pool(LIM) == []
+    s.on_impression(imp("e1", "s1", 3.0, [item("g", tags=("guns",)), item("h", tags=("news",))]), 0.0, LIM)
+    assert [p.item_id for p in s.safe_pool(LIM)] == ["h"]  # g's tag is known now: blocked
