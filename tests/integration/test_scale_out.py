@@ -257,6 +257,8 @@ def test_shared_thresholds_equal_one_workers(scaled):
     one, two = _eventually_equal(lambda: shared(na), lambda: shared(nb), "the shared thresholds to agree")
     assert set(one) == set(SHARED)
     assert one["replace:global"]["n"] > 300  # a real window
+    # Both bands hold slates: a slate's band (its user's as of its ts) is compared, not just the global sums.
+    assert one["replace:band:low"]["n"] > 30 and one["replace:band:high"]["n"] > 30, {k: v["n"] for k, v in one.items()}
     assert any(t["lambda"] not in (None, 0.0) for v in one.values() for t in v["thresholds"])  # some α filters
     diff = _diff(one, two, _describe)
     assert not diff, ("shared thresholds differ:\n" + "\n".join(diff) + "\n"
