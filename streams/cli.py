@@ -230,10 +230,19 @@ def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
     run(n_slates=n_slates, items=items, n_alphas=n_alphas, grid_size=grid_size, seed=seed)
 
 
+def _inprocess_backlog(command):
+    """``--events``, ``--users``, ``--seed`` of the benches that run `bench stream`'s backlog in process.
+
+    One set for both, so that their defaults cannot drift apart: the two are
+    compared as the README writes them.
+    """
+    command = click.option("--seed", type=int, default=0, show_default=True)(command)
+    command = click.option("--users", type=int, default=50_000, show_default=True)(command)
+    return click.option("--events", "n_events", type=int, default=300_000, show_default=True)(command)
+
+
 @bench.command("inprocess")
-@click.option("--events", "n_events", type=int, default=300_000, show_default=True)
-@click.option("--users", type=int, default=50_000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@_inprocess_backlog
 def bench_inprocess(n_events, users, seed) -> None:
     """The worker's own work per event without Kafka (decode, engine, outputs, table flush, batch encoding)."""
     from .bench_inprocess import InprocessConfig, bench_inprocess as run
@@ -242,9 +251,7 @@ def bench_inprocess(n_events, users, seed) -> None:
 
 
 @bench.command("columnar")
-@click.option("--events", "n_events", type=int, default=300_000, show_default=True)
-@click.option("--users", type=int, default=50_000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@_inprocess_backlog
 def bench_columnar(n_events, users, seed) -> None:
     """A floor of what a columnar users' state would cost, on `bench inprocess`'s events (a design not built)."""
     from .bench_columnar import bench_columnar as run
