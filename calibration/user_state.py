@@ -273,7 +273,7 @@ class UserState:
             else:
                 self._insert_pending(pending)
                 held = True
-        if not held and self.pending and ev.ts > min(watermark, self.pending[0].ts):
+        if not held and self.pending and ev.ts > self._needed_from(watermark):
             self.shown_log.append((ev.ts, len(ev.items)))  # (the core is touched: the event id was remembered)
         for it in ev.items:
             rank = it.score if it.rank_score is None else it.rank_score
@@ -331,7 +331,7 @@ class UserState:
             else:
                 log.append((tag, blocked, ev.ts))  # the rule of slates served between its ts and the current's
         if log:
-            self._prune_logs(min(watermark, self.pending[0].ts) if self.pending else watermark)
+            self._prune_logs(self._needed_from(watermark))
         return "late" if ev.ts < watermark else "ok"
 
     # -- the user as of a slate's ts -----------------------------------------
@@ -378,6 +378,14 @@ class UserState:
             if ts <= t:
                 in_force[tag] = (ts, blocked)
         return frozenset(tag for tag, (_, blocked) in in_force.items() if blocked)
+
+    def _needed_from(self, watermark: float) -> float:
+        """The earliest ts a slate that may still mature can have: min(watermark, oldest pending ts).
+
+        Pending slates do not move, and a new one is not late (its ts is at least the
+        watermark, which never decreases), so this never decreases either.
+        """
+        return min(watermark, self.pending[0].ts) if self.pending else watermark
 
     def _prune_logs(self, q: float) -> None:
         """Drop what no slate served at or after ``q`` can need from :attr:`shown_log` and :attr:`rule_log`."""
@@ -450,15 +458,13 @@ class UserState:
                                else None)
             band = band_of(*self.counts_at(t))
             # p, the usable safe-pool size when the slate was served, under the tag rules then.
+            # (the spans follow the current rules: a slate served under others walks the history)
             blocked_then = self.blocked_at(t)
-            if blocked_then is not blocked and blocked_then != blocked:
+            if spans is not None and (blocked_then is blocked or blocked_then == blocked):
+                pool = spans.size_at(t, history, limits.safe_pool_max, set(p.item_ids))
+            else:
                 pool = pool_size_at(history.values(), t, limits.beta, blocked_then, limits.safe_pool_max,
                                     set(p.item_ids))
-            elif spans is None:
-                pool = pool_size_at(history.values(), t, limits.beta, blocked, limits.safe_pool_max,
-                                    set(p.item_ids))
-            else:  # the same count, without walking the history
-                pool = spans.size_at(t, history, limits.safe_pool_max, set(p.item_ids))
             m = MatureSlate(self.user_id, p.slate_id, t, p.k, pool, band, p.policy_applied, p.alpha,
                             p.scores, tuple(flags), p.replacement, tuple(repeats))
             matured.append(m)
@@ -467,7 +473,7 @@ class UserState:
                     self.touched.add(RECENT + str(self.recent_seq + len(self.recent)))
                 self.recent.append(m)
         if matured and (self.shown_log or self.rule_log):  # (the core is touched: a slate matured)
-            self._prune_logs(min(watermark, self.pending[0].ts) if self.pending else watermark)
+            self._prune_logs(self._needed_from(watermark))
         evicted: list[MatureSlate] = []
         recent = self.recent
         if recent and recent[0].ts < horizon:  # their buckets are gone already
