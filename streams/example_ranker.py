@@ -2,9 +2,13 @@
 
 A small HTTP service. ``POST /rank`` with
 ``{"user_id", "slate_id", "k", "alpha", "strategy", "candidates": [{"item_id", "score", "rank_score", "tags"}]}``
-returns the served slate. A deterministic ``holdout_share`` of slates is served
-unfiltered (``policy_applied=false``): only those measure the risk honestly and
-calibrate λ̂. Every served slate is produced to ``impressions`` (SPEC §2), so
+returns the served slate. ``GET /health`` answers 503 once the client no longer
+follows riskgate's topics (its read loop failed: :attr:`RankerClient.healthy`), so
+that an orchestrator restarts it rather than let it serve old λ̂ for good.
+
+A deterministic ``holdout_share`` of slates is served unfiltered
+(``policy_applied=false``): only those measure the risk honestly and calibrate
+λ̂. Every served slate is produced to ``impressions`` (SPEC §2), so
 riskgate sees what users were shown, with the α that was applied.
 """
 
@@ -63,8 +67,16 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
         await state["producer"].send(prefix + "impressions", orjson.dumps(impression), key=user_id.encode())
         return web.json_response({"slate_id": slate_id, "policy_applied": not holdout, "items": served, **decision})
 
+    async def health(request: web.Request) -> web.Response:
+        book = client.book
+        body = {"following": client.healthy, "thresholds": len(book.thresholds), "pools": len(book.pools),
+                "rejected": dict(book.rejected),
+                "error": None if client.error is None else f"{type(client.error).__name__}: {client.error}"}
+        return web.json_response(body, status=200 if client.healthy else 503)
+
     app = web.Application()
     app.router.add_post("/rank", rank)
+    app.router.add_get("/health", health)
     app.on_startup.append(on_start)
     app.on_cleanup.append(on_stop)
     return app

@@ -79,6 +79,8 @@ async def _follow(bootstrap: str, console: Console, deadline: float, produced, s
             if worker.poll() is not None:
                 tail = open(log_path, errors="replace").read()[-3000:]
                 raise RuntimeError(f"the worker exited with status {worker.returncode}:\n{tail}")
+            if client.error is not None:  # (RankerClient logged it): no more updates would ever print
+                raise RuntimeError(f"the demo stopped following riskgate's outputs: {client.error!r}")
             try:
                 topic, key, value = await asyncio.wait_for(client.updates.get(), timeout=1.0)
             except asyncio.TimeoutError:

@@ -6,15 +6,24 @@
 with a group-less aiokafka consumer reading both topics from the beginning, so
 every ranker replica sees every key. :meth:`ThresholdBook.apply` runs
 :func:`calibration.policy.apply_policy`.
+
+A value the book cannot use (not JSON, or missing what :meth:`ThresholdBook.resolve`
+and :meth:`ThresholdBook.apply` read) is refused with a logged reason and counted in
+:attr:`ThresholdBook.rejected`; the key keeps its last good value and the client
+goes on reading. Before, one such record raised in the client's read loop, which
+died unseen: the book froze and the ranker served the old λ̂ for good.
+:attr:`RankerClient.healthy` says whether the loop is still reading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import msgspec
 import orjson
 
 from calibration.groups import GLOBAL, band_group, user_group
@@ -23,9 +32,38 @@ from calibration.safe_pool import SafeItem
 
 from .topics import SAFE_POOLS, THRESHOLDS
 
-__all__ = ["ThresholdBook", "RankerClient", "Decision"]
+__all__ = ["ThresholdBook", "RankerClient", "Decision", "InvalidOutput"]
 
 log = logging.getLogger("riskgate.ranker")
+
+
+class InvalidOutput(ValueError):
+    """A ``risk-thresholds`` or ``safe-pools`` value the book cannot use; the message says why."""
+
+
+# What the book reads of each value, checked before it replaces the last good one (the
+# writers are streams.topics.threshold_message and safe_pool_message; other fields pass).
+class _Level(msgspec.Struct):
+    alpha: float
+    lam: float | None = msgspec.field(name="lambda")
+
+
+class _Thresholds(msgspec.Struct):
+    version: int
+    thresholds: list[_Level]
+
+
+class _PoolItem(msgspec.Struct):
+    item_id: str
+    rank_score: float
+    tags: list[str] = []
+
+
+class _Pool(msgspec.Struct):
+    safe_pool: list[_PoolItem] = []
+    blocked_tags: list[str] = []
+    band: str = "low"
+    thresholds: dict[str, _Thresholds] = {}
 
 
 @dataclass(frozen=True)
@@ -38,27 +76,59 @@ class Decision:
     version: int | None
 
 
+_check_thresholds = msgspec.json.Decoder(_Thresholds)
+_check_pool = msgspec.json.Decoder(_Pool)
+
+
+def _checked(decoder: msgspec.json.Decoder, value: bytes) -> dict:
+    """``value`` as a dict, once ``decoder`` found in it what the book reads; else :class:`InvalidOutput`."""
+    try:
+        decoder.decode(value)
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise InvalidOutput(str(e)) from None
+    return orjson.loads(value)  # kept whole: callers may read any field (computed_at, window, ...)
+
+
 @dataclass
 class ThresholdBook:
     thresholds: dict[str, dict] = field(default_factory=dict)  # "strategy:group" -> message
     pools: dict[str, dict] = field(default_factory=dict)  # user_id -> message
+    # Values refused, per topic ("risk-thresholds", "safe-pools"); see the module docstring.
+    rejected: collections.Counter = field(default_factory=collections.Counter)
 
-    def on_threshold(self, key: bytes | str, value: bytes | None) -> None:
+    def on_threshold(self, key: bytes | str, value: bytes | None) -> bool:
+        """Take one ``risk-thresholds`` record (``None``: a tombstone); False if its value was refused."""
         k = key.decode() if isinstance(key, bytes) else key
         if value is None:
             self.thresholds.pop(k, None)
-            return
-        msg = orjson.loads(value)
+            return True
+        msg = self._take(THRESHOLDS, k, _check_thresholds, value)
+        if msg is None:
+            return False
         old = self.thresholds.get(k)
         if old is None or msg["version"] > old["version"]:  # ignore replays of older versions
             self.thresholds[k] = msg
+        return True
 
-    def on_pool(self, key: bytes | str, value: bytes | None) -> None:
+    def on_pool(self, key: bytes | str, value: bytes | None) -> bool:
+        """Take one ``safe-pools`` record (``None``: a tombstone); False if its value was refused."""
         k = key.decode() if isinstance(key, bytes) else key
         if value is None:
             self.pools.pop(k, None)
-        else:
-            self.pools[k] = orjson.loads(value)
+            return True
+        msg = self._take(SAFE_POOLS, k, _check_pool, value)
+        if msg is not None:
+            self.pools[k] = msg
+        return msg is not None
+
+    def _take(self, topic: str, key: str, decoder: msgspec.json.Decoder, value: bytes) -> dict | None:
+        try:
+            return _checked(decoder, value)
+        except InvalidOutput as e:
+            self.rejected[topic] += 1
+            log.warning("%s: value of key %r refused, its last good value stays (%s): %r", topic, key, e,
+                        value[:200])
+            return None
 
     def resolve(self, user_id: str, alpha: float, strategy: str) -> tuple[str | None, float | None, int | None]:
         """(group, λ̂, version) from the most specific group that has a threshold for ``alpha``.
@@ -100,6 +170,13 @@ class RankerClient:
         self._task: asyncio.Task | None = None
         self._consumer = None
         self.updates: asyncio.Queue = asyncio.Queue()  # (topic, key, value) as they arrive
+        #: Why the read loop stopped, if it failed (the book then no longer follows riskgate).
+        self.error: BaseException | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the book still follows the topics: started, and the read loop neither failed nor ended."""
+        return self._task is not None and not self._task.done() and self.error is None
 
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -112,19 +189,26 @@ class RankerClient:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        async for msg in self._consumer:
-            if msg.topic == self.thresholds_topic:
-                self.book.on_threshold(msg.key, msg.value)
-            else:
-                self.book.on_pool(msg.key, msg.value)
-            self.updates.put_nowait((msg.topic, msg.key, msg.value))
+        try:
+            async for msg in self._consumer:
+                if msg.topic == self.thresholds_topic:
+                    self.book.on_threshold(msg.key, msg.value)  # (a bad value is refused, not raised)
+                else:
+                    self.book.on_pool(msg.key, msg.value)
+                self.updates.put_nowait((msg.topic, msg.key, msg.value))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the consumer itself failed: say so, the book is frozen from here
+            self.error = e
+            log.exception("the ranker client stopped reading %s and %s: its thresholds no longer follow riskgate",
+                          self.thresholds_topic, self.pools_topic)
 
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
                 pass
         if self._consumer:
             await self._consumer.stop()

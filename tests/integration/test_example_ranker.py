@@ -38,10 +38,13 @@ def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_boo
                 resp = await client.post("/rank", data=orjson.dumps(request))
                 body = await resp.json()
                 if body["lambda"] is not None or asyncio.get_running_loop().time() > deadline:
-                    return body
+                    break
                 await asyncio.sleep(0.2)
+            health = await client.get("/health")
+            return body, health.status, await health.json()
 
-    body = asyncio.run(run())
+    body, status, health = asyncio.run(run())
+    assert status == 200 and health["following"] and health["thresholds"] == 1 and health["pools"] == 1
     assert (body["group"], body["lambda"], body["version"], body["policy_applied"]) == ("global", 0.5, 3, True)
     assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), ("safe-1", True)]
     imps = wait_for(lambda: [orjson.loads(v) for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])

@@ -1,0 +1,188 @@
+"""The ranker's side without Kafka: a value it cannot use is refused and the client keeps reading."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from calibration.engine import EngineConfig, GroupResult
+from calibration.policy import Candidate
+from calibration.safe_pool import SafeItem
+from calibration.threshold import Threshold
+from streams import example_ranker
+from streams.ranker import RankerClient, ThresholdBook
+from streams.topics import SAFE_POOLS, THRESHOLDS, safe_pool_message, threshold_message
+
+CFG = EngineConfig(alphas=(0.1,))
+GOOD = GroupResult("replace", "global", 500, (0.0, 1.0), (Threshold(0.1, 0.5, False, 0.08),))
+OWN = GroupResult("replace", "user:u1", 60, (0.0, 1.0), (Threshold(0.1, 0.7, False, 0.05),))
+
+
+def _good_pool(item="safe-1"):
+    return safe_pool_message("u1", [SafeItem(item, 9.0, ("cats",))], ["guns"], [OWN], version=2, band="high")
+
+
+BAD_THRESHOLDS = [
+    b"not json",
+    b"[]",
+    b'{"version": 9}',  # no thresholds
+    b'{"version": "9", "thresholds": []}',
+    b'{"version": 9, "thresholds": [{"alpha": 0.1}]}',  # no lambda
+    b'{"version": 9, "thresholds": [{"alpha": "0.1", "lambda": 0.2}]}',
+    b'{"version": 9, "thresholds": [{"alpha": 0.1, "lambda": "0.2"}]}',
+]
+
+BAD_POOLS = [
+    b"\xff\xfe",
+    b'"u1"',
+    b'{"safe_pool": [{"item_id": "x"}]}',  # no rank score
+    b'{"safe_pool": [{"item_id": "x", "rank_score": 1.0, "tags": "cats"}]}',
+    b'{"blocked_tags": "guns"}',
+    b'{"band": 1}',
+    b'{"thresholds": {"replace": {"version": 3}}}',  # an own threshold without levels
+]
+
+
+@pytest.mark.parametrize("bad", BAD_THRESHOLDS)
+def test_a_threshold_value_the_book_cannot_use_is_refused_and_the_last_good_one_stays(bad, caplog):
+    book = ThresholdBook()
+    assert book.on_threshold(b"replace:global", threshold_message(GOOD, CFG, 7))
+    assert not book.on_threshold(b"replace:global", bad)
+    assert book.resolve("u2", 0.1, "replace") == ("global", 0.5, 7)
+    assert book.rejected == {THRESHOLDS: 1}
+    assert "replace:global" in caplog.text and "refused" in caplog.text
+    # with nothing good before it, the key stays unknown: the ranker fails closed
+    empty = ThresholdBook()
+    assert not empty.on_threshold(b"replace:global", bad)
+    assert empty.resolve("u2", 0.1, "replace") == (None, None, None) and not empty.thresholds
+
+
+@pytest.mark.parametrize("bad", BAD_POOLS)
+def test_a_pool_value_the_book_cannot_use_is_refused_and_the_last_good_one_stays(bad):
+    book = ThresholdBook()
+    assert book.on_pool(b"u1", _good_pool())
+    assert not book.on_pool(b"u1", bad)
+    assert book.rejected == {SAFE_POOLS: 1}
+    assert book.resolve("u1", 0.1, "replace") == ("user:u1", 0.7, 2)
+    # the last good pool still serves: its blocked tag drops c2, its safe item replaces it
+    d = book.apply("u1", [Candidate("c1", 0.95, 2.0), Candidate("c2", 0.99, 1.0, ("guns",))], 2, 0.1, "replace")
+    assert [(s.item_id, s.replacement) for s in d.slate] == [("c1", False), ("safe-1", True)]
+
+
+def test_every_value_riskgate_writes_is_taken():
+    book = ThresholdBook()
+    filter_all = GroupResult("remove", "band:high", 3, None, (Threshold(0.1, None, True, None),))
+    assert book.on_threshold("remove:band:high", threshold_message(filter_all, CFG, 1))
+    assert book.on_threshold("replace:global", threshold_message(GOOD, CFG, 4, inputs_through=12.5))
+    assert book.on_pool("u1", _good_pool())
+    assert book.on_pool("u2", safe_pool_message("u2", [], []))
+    assert book.on_threshold("replace:global", None) and book.on_pool("u2", None)  # tombstones
+    assert not book.rejected and set(book.thresholds) == {"remove:band:high"} and set(book.pools) == {"u1"}
+    assert book.resolve("u1", 0.1, "remove") == ("band:high", None, 1)  # filter_all: λ̂ None
+
+
+class _Consumer:
+    """An aiokafka consumer's async iteration over given records; ``fail`` is raised after them."""
+
+    def __init__(self, records, fail: Exception | None = None):
+        self.records, self.fail = records, fail
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for r in self.records:
+            yield r
+        if self.fail is not None:
+            raise self.fail
+        await asyncio.Event().wait()  # a live topic: nothing more for now
+
+    async def stop(self):
+        pass
+
+
+def _rec(topic, key, value):
+    return SimpleNamespace(topic=topic, key=key, value=value)
+
+
+def _follow(consumer):
+    """Run the client's read loop over ``consumer`` until it has taken every record; returns the client."""
+
+    async def run():
+        client = RankerClient("unused:1")
+        client._consumer = consumer
+        client._task = asyncio.create_task(client._run())
+        for _ in consumer.records:
+            await asyncio.wait_for(client.updates.get(), 5)
+        await asyncio.sleep(0)  # (the loop reaches its end, or waits for more)
+        healthy = client.healthy
+        await client.stop()
+        return client, healthy
+
+    return asyncio.run(run())
+
+
+def test_the_client_goes_on_reading_after_a_value_it_refused():
+    records = [_rec(THRESHOLDS, b"replace:global", b"{oops"),
+               _rec(SAFE_POOLS, b"u1", b'{"safe_pool": 3}'),
+               _rec(THRESHOLDS, b"replace:global", threshold_message(GOOD, CFG, 5)),
+               _rec(SAFE_POOLS, b"u1", _good_pool("after"))]
+    client, healthy = _follow(_Consumer(records))
+    assert healthy and client.error is None
+    assert client.book.rejected == {THRESHOLDS: 1, SAFE_POOLS: 1}
+    assert client.book.resolve("u2", 0.1, "replace") == ("global", 0.5, 5)
+    assert [p["item_id"] for p in client.book.pools["u1"]["safe_pool"]] == ["after"]
+
+
+def test_a_client_whose_consumer_failed_says_so(caplog):
+    from aiokafka.errors import KafkaError
+
+    records = [_rec(THRESHOLDS, b"replace:global", threshold_message(GOOD, CFG, 5))]
+    client, healthy = _follow(_Consumer(records, fail=KafkaError("broker gone")))
+    assert not healthy and isinstance(client.error, KafkaError)
+    assert "stopped reading" in caplog.text
+    assert client.book.resolve("u2", 0.1, "replace") == ("global", 0.5, 5)  # what it had stays
+
+
+class _FakeClient:
+    """What the example ranker uses of :class:`RankerClient`, with no broker."""
+
+    made: list = []
+
+    def __init__(self, *a, **k):
+        self.book, self.error, self.healthy = ThresholdBook(), None, True
+        self.made.append(self)
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+
+class _FakeProducer(_FakeClient):
+    made: list = []
+
+
+def test_the_example_ranker_health_is_503_once_its_client_stopped_following(monkeypatch):
+    import aiokafka
+
+    monkeypatch.setattr(_FakeClient, "made", [])
+    monkeypatch.setattr(example_ranker, "RankerClient", _FakeClient)
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", _FakeProducer)
+
+    async def run():
+        async with TestClient(TestServer(example_ranker.make_app("unused:1"))) as http:
+            first = await http.get("/health")
+            body1 = await first.json()
+            (client,) = _FakeClient.made
+            client.book.rejected[THRESHOLDS] += 2
+            client.healthy, client.error = False, RuntimeError("broker gone")
+            second = await http.get("/health")
+            return first.status, body1, second.status, await second.json()
+
+    s1, b1, s2, b2 = asyncio.run(run())
+    assert s1 == 200 and b1["following"] is True and b1["rejected"] == {} and b1["error"] is None
+    assert s2 == 503 and b2["following"] is False
+    assert b2["error"] == "RuntimeError: broker gone" and b2["rejected"] == {THRESHOLDS: 2}
