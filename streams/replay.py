@@ -44,11 +44,11 @@ from typing import Callable, Iterable, Sequence
 import orjson
 
 from calibration.backtest import (
-    ABLATION_BETAS, REFLAG_BINS, Accumulator, Decision, Summary, beta_label, decide, evaluate, gain,
+    REFLAG_BINS, Accumulator, Decision, Summary, beta_label, decide, evaluate, gain,
     reflag_bin, reduction, target_reduction,
 )
 from calibration.engine import Engine, EngineConfig, GroupResult, user_result
-from calibration.events import Event, Flag, Forget, Impression, Watch, event_from_dict
+from calibration.events import Event, Forget, Impression, Watch, event_from_dict
 from calibration.groups import GLOBAL, band_group, band_of
 from calibration.policy import Candidate
 from calibration.safe_pool import watch_pct

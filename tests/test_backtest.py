@@ -58,8 +58,8 @@ def test_replacement_labels_and_relevance():
     met = evaluate(d, [False, True, False], [80.0, 0.0, 30.0], [False], 3, [0.8, 0.0, 0.3, 1.0, 0.2])
     assert met.risk == 0.0 and met.reflag_unflagged == (0, 0, 1, 0)
     assert met.recall == 1.0  # the only relevant item (a, W% 80) is still served
-    ideal = [1.0, 0.8, 0.3]
-    got = (0.8 + 1.0 / math.log2(3) + 0.3 / 2) / (1.0 + 0.8 / math.log2(3) + 0.3 / 2)
+    ideal = [1.0, 0.8, 0.3]  # the relevances in their best order
+    got = (0.8 + 1.0 / math.log2(3) + 0.3 / 2) / sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
     assert met.ndcg == pytest.approx(got)
 
 

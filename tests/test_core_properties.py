@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from calibration.grid import make_grid
-from calibration.risk import fold, window_sums
 from calibration.slates import Slate, SlateBatch
 from calibration.threshold import lambda_hat_index, thresholds
 from calibration.window import BucketedWindow, CurveAccumulator

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import ssl
 
+import pydantic
 import pytest
 
 from streams.settings import Settings, SettingsError, load_settings
@@ -76,7 +77,7 @@ def test_the_per_user_bounds_reach_the_engine(monkeypatch):
 
 def test_settings_are_immutable(monkeypatch):
     s = load(monkeypatch)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         s.alphas = (0.2,)
 
 
