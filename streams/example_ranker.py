@@ -2,7 +2,9 @@
 
 A small HTTP service. ``POST /rank`` with
 ``{"user_id", "slate_id", "k", "alpha", "strategy", "candidates": [{"item_id", "score", "rank_score", "tags"}]}``
-returns the served slate. ``GET /health`` answers 503 once the client no longer
+returns the served slate, or 400 with the reason: a bad field, or a slate whose
+impression riskgate would dead-letter (checked with riskgate's own validator
+before anything is produced). ``GET /health`` answers 503 once the client no longer
 follows riskgate's topics (its read loop failed: :attr:`RankerClient.healthy`), so
 that an orchestrator restarts it rather than let it serve old λ̂ for good.
 
@@ -23,8 +25,32 @@ from aiohttp import web
 from calibration.policy import Candidate, in_holdout
 
 from .ranker import RankerClient
+from .schemas import InvalidEvent, decode
 
 __all__ = ["make_app", "serve"]
+
+STRATEGIES = ("remove", "replace")
+
+
+def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
+    """A ``/rank`` body as (body, user_id, k, alpha, strategy, candidates); ``ValueError`` naming what is wrong."""
+    body = orjson.loads(raw)
+    user_id, k = str(body["user_id"]), int(body["k"])
+    alpha, strategy = float(body["alpha"]), str(body.get("strategy", "replace"))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), not {alpha}")
+    cands = []
+    for i, c in enumerate(body["candidates"]):
+        tags = c.get("tags", [])
+        if not isinstance(tags, list):  # (tuple("guns") would be four one-letter tags)
+            raise ValueError(f"candidates[{i}].tags must be a list of strings")
+        cands.append(Candidate(str(c["item_id"]), float(c["score"]), float(c.get("rank_score", c["score"])),
+                               tuple(tags)))
+    return body, user_id, k, alpha, strategy, cands
 
 
 def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kafka_kwargs) -> web.Application:
@@ -44,13 +70,9 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
 
     async def rank(request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read())
-            user_id, k = str(body["user_id"]), int(body["k"])
-            alpha, strategy = float(body["alpha"]), str(body.get("strategy", "replace"))
-            cands = [Candidate(str(c["item_id"]), float(c["score"]), float(c.get("rank_score", c["score"])),
-                               tuple(c.get("tags", ()))) for c in body["candidates"]]
+            body, user_id, k, alpha, strategy, cands = _parse(await request.read())
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
-            return web.json_response({"error": f"bad request: {e}"}, status=400)
+            return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"}, status=400)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
         holdout = in_holdout(slate_id, holdout_share)
         if holdout:
@@ -64,7 +86,13 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
             decision = {"group": d.group, "lambda": d.lam, "version": d.version}
         impression = {"event_id": f"imp-{slate_id}", "user_id": user_id, "slate_id": slate_id, "ts": time.time(),
                       "k": k, "policy_applied": not holdout, "alpha": None if holdout else alpha, "items": served}
-        await state["producer"].send(prefix + "impressions", orjson.dumps(impression), key=user_id.encode())
+        raw, key = orjson.dumps(impression), user_id.encode()
+        try:  # riskgate's own check: a slate it would dead-letter is refused here, where the caller sees why
+            decode("impressions", raw, key)
+        except InvalidEvent as e:
+            return web.json_response({"error": f"riskgate would refuse this slate's impression: {e.reason}"},
+                                     status=400)
+        await state["producer"].send(prefix + "impressions", raw, key=key)
         return web.json_response({"slate_id": slate_id, "policy_applied": not holdout, "items": served, **decision})
 
     async def health(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 import asyncio
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -164,13 +165,70 @@ class _FakeClient:
 class _FakeProducer(_FakeClient):
     made: list = []
 
+    def __init__(self, *a, **k):
+        super().__init__()
+        self.sent = []
 
-def test_the_example_ranker_health_is_503_once_its_client_stopped_following(monkeypatch):
+    async def send(self, topic, value, key=None):
+        self.sent.append((topic, key, value))
+
+
+def _no_broker(monkeypatch):
+    """The example ranker's client and producer replaced by fakes (instances in their ``made``)."""
     import aiokafka
 
     monkeypatch.setattr(_FakeClient, "made", [])
+    monkeypatch.setattr(_FakeProducer, "made", [])
     monkeypatch.setattr(example_ranker, "RankerClient", _FakeClient)
     monkeypatch.setattr(aiokafka, "AIOKafkaProducer", _FakeProducer)
+
+
+def _rank(monkeypatch, *bodies, holdout_share=0.0):
+    """POST each body to a fresh example ranker with no broker; returns [(status, json)] and what it produced."""
+    _no_broker(monkeypatch)
+
+    async def run():
+        out = []
+        async with TestClient(TestServer(example_ranker.make_app("unused:1", holdout_share=holdout_share))) as http:
+            _FakeClient.made[0].book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))
+            for b in bodies:
+                resp = await http.post("/rank", data=b if isinstance(b, bytes) else orjson.dumps(b))
+                out.append((resp.status, await resp.json()))
+        return out, _FakeProducer.made[0].sent
+
+    return asyncio.run(run())
+
+
+_OK = {"user_id": "u1", "slate_id": "s1", "k": 2, "alpha": 0.1,
+       "candidates": [{"item_id": "a", "score": 0.9, "tags": ["cats"]}, {"item_id": "b", "score": 0.7}]}
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"strategy": "rerank"}, "strategy must be one of remove, replace"),
+    ({"k": 0}, "k must be at least 1"),
+    ({"alpha": 1.5}, "alpha must be in (0, 1)"),
+    ({"candidates": [{"item_id": "a", "score": 0.9, "tags": "guns"}]}, "candidates[0].tags must be a list"),
+    ({"candidates": [{"item_id": "a"}]}, "KeyError"),
+    ({"candidates": [{"item_id": "a", "score": 0.9}, {"item_id": "a", "score": 0.8}]},
+     "riskgate would refuse this slate's impression: schema: event: an item appears twice in the slate"),
+    ({"user_id": ""}, "riskgate would refuse this slate's impression: schema: user_id"),
+])
+@pytest.mark.parametrize("holdout_share", [0.0, 1.0])
+def test_the_example_ranker_refuses_a_bad_request_with_the_reason_and_produces_nothing(monkeypatch, change, says,
+                                                                                      holdout_share):
+    (res, ok), sent = _rank(monkeypatch, {**_OK, **change}, _OK, holdout_share=holdout_share)
+    assert res[0] == 400 and says in res[1]["error"], res
+    assert ok[0] == 200 and [i["item_id"] for i in ok[1]["items"]] == ["a", "b"]
+    assert len(sent) == 1 and orjson.loads(sent[0][2])["slate_id"] == "s1"  # the good one only
+
+
+def test_the_example_ranker_answers_400_to_a_body_that_is_not_json(monkeypatch):
+    [(status, body)], sent = _rank(monkeypatch, b"{nope")
+    assert status == 400 and body["error"].startswith("bad request: JSONDecodeError") and not sent
+
+
+def test_the_example_ranker_health_is_503_once_its_client_stopped_following(monkeypatch):
+    _no_broker(monkeypatch)
 
     async def run():
         async with TestClient(TestServer(example_ranker.make_app("unused:1"))) as http:
