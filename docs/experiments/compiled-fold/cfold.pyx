@@ -87,7 +87,7 @@ cdef class CFold:
             self.changed.append(u)
         up.dirty.push_back(r)
 
-    cpdef str apply(self, ev, str source, long offset):
+    def apply(self, ev, str source, long offset):
         cdef int s
         o = self.src.get(source)
         if o is None:
@@ -130,7 +130,7 @@ cdef class CFold:
                 rs.append(r)
                 self._touch(u, r)
             self.pending[u].append((ev.slate_id, ts, ev.k, ev.policy_applied, ev.alpha, tuple(rs),
-                                    tuple([it.score for it in ev.items]), tuple([it.replacement for it in ev.items])))
+                                    tuple(it.score for it in ev.items), tuple(it.replacement for it in ev.items)))
             self.users[u].pos[s] = offset
             self.users[u].core = True; self.users[u].pool_changed = True
         elif kind == "flag":
@@ -150,13 +150,6 @@ cdef class CFold:
         if m is None or ts > m:
             self.max_ts[source] = ts
         return "ok"
-
-    def apply_many(self, list items):
-        cdef long ok = 0
-        for topic, offset, ev in items:
-            if self.apply(ev, topic, offset) == "ok":
-                ok += 1
-        return ok
 
     def flush(self):
         enc = self.enc
