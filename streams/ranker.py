@@ -98,7 +98,9 @@ class ThresholdBook:
 
     def on_threshold(self, key: bytes | str, value: bytes | None) -> bool:
         """Take one ``risk-thresholds`` record (``None``: a tombstone); False if its value was refused."""
-        k = key.decode() if isinstance(key, bytes) else key
+        k = self._key(THRESHOLDS, key)
+        if k is None:
+            return False
         if value is None:
             self.thresholds.pop(k, None)
             return True
@@ -112,7 +114,9 @@ class ThresholdBook:
 
     def on_pool(self, key: bytes | str, value: bytes | None) -> bool:
         """Take one ``safe-pools`` record (``None``: a tombstone); False if its value was refused."""
-        k = key.decode() if isinstance(key, bytes) else key
+        k = self._key(SAFE_POOLS, key)
+        if k is None:
+            return False
         if value is None:
             self.pools.pop(k, None)
             return True
@@ -120,6 +124,17 @@ class ThresholdBook:
         if msg is not None:
             self.pools[k] = msg
         return msg is not None
+
+    def _key(self, topic: str, key: bytes | str | None) -> str | None:
+        """The record's key as text; None (refused and counted) if it has none or it is not UTF-8."""
+        if isinstance(key, str):
+            return key
+        try:
+            return key.decode()
+        except (AttributeError, UnicodeDecodeError):  # (None has no decode)
+            self.rejected[topic] += 1
+            log.warning("%s: a record with key %r refused: keys are user ids or strategy:group, as text", topic, key)
+            return None
 
     def _take(self, topic: str, key: str, decoder: msgspec.json.Decoder, value: bytes) -> dict | None:
         try:

@@ -71,6 +71,14 @@ def test_a_pool_value_the_book_cannot_use_is_refused_and_the_last_good_one_stays
     assert [(s.item_id, s.replacement) for s in d.slate] == [("c1", False), ("safe-1", True)]
 
 
+@pytest.mark.parametrize("key", [None, b"\xff\xfe"])
+def test_a_record_whose_key_is_not_text_is_refused(key):
+    book = ThresholdBook()
+    assert not book.on_threshold(key, threshold_message(GOOD, CFG, 7))
+    assert not book.on_pool(key, _good_pool()) and not book.on_pool(key, None)
+    assert book.rejected == {THRESHOLDS: 1, SAFE_POOLS: 2} and not book.thresholds and not book.pools
+
+
 def test_every_value_riskgate_writes_is_taken():
     book = ThresholdBook()
     filter_all = GroupResult("remove", "band:high", 3, None, (Threshold(0.1, None, True, None),))
@@ -127,11 +135,12 @@ def _follow(consumer):
 def test_the_client_goes_on_reading_after_a_value_it_refused():
     records = [_rec(THRESHOLDS, b"replace:global", b"{oops"),
                _rec(SAFE_POOLS, b"u1", b'{"safe_pool": 3}'),
+               _rec(SAFE_POOLS, b"\xc3", _good_pool("bad-key")),
                _rec(THRESHOLDS, b"replace:global", threshold_message(GOOD, CFG, 5)),
                _rec(SAFE_POOLS, b"u1", _good_pool("after"))]
     client, healthy = _follow(_Consumer(records))
     assert healthy and client.error is None
-    assert client.book.rejected == {THRESHOLDS: 1, SAFE_POOLS: 1}
+    assert client.book.rejected == {THRESHOLDS: 1, SAFE_POOLS: 2}
     assert client.book.resolve("u2", 0.1, "replace") == ("global", 0.5, 5)
     assert [p["item_id"] for p in client.book.pools["u1"]["safe_pool"]] == ["after"]
 
