@@ -32,10 +32,19 @@ __all__ = ["make_app", "serve"]
 STRATEGIES = ("remove", "replace")
 
 
+def _id(value, name: str) -> str:
+    """An id as text: numbers are taken as their digits, anything else (null, a list, ...) is refused."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{name} must be a string")
+    return str(value)
+
+
 def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
     """A ``/rank`` body as (body, user_id, k, alpha, strategy, candidates); ``ValueError`` naming what is wrong."""
     body = orjson.loads(raw)
-    user_id, k = str(body["user_id"]), int(body["k"])
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    user_id, k = _id(body["user_id"], "user_id"), int(body["k"])
     alpha, strategy = float(body["alpha"]), str(body.get("strategy", "replace"))
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -43,13 +52,17 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
         raise ValueError(f"k must be at least 1, not {k}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), not {alpha}")
+    if not isinstance(body["candidates"], list):
+        raise ValueError("candidates must be a list")
     cands = []
     for i, c in enumerate(body["candidates"]):
+        if not isinstance(c, dict):
+            raise ValueError(f"candidates[{i}] must be an object")
         tags = c.get("tags", [])
         if not isinstance(tags, list):  # (tuple("guns") would be four one-letter tags)
             raise ValueError(f"candidates[{i}].tags must be a list of strings")
-        cands.append(Candidate(str(c["item_id"]), float(c["score"]), float(c.get("rank_score", c["score"])),
-                               tuple(tags)))
+        cands.append(Candidate(_id(c["item_id"], f"candidates[{i}].item_id"), float(c["score"]),
+                               float(c.get("rank_score", c["score"])), tuple(tags)))
     return body, user_id, k, alpha, strategy, cands
 
 

@@ -221,6 +221,10 @@ _OK = {"user_id": "u1", "slate_id": "s1", "k": 2, "alpha": 0.1,
     ({"candidates": [{"item_id": "a", "score": 0.9}, {"item_id": "a", "score": 0.8}]},
      "riskgate would refuse this slate's impression: schema: event: an item appears twice in the slate"),
     ({"user_id": ""}, "riskgate would refuse this slate's impression: schema: user_id"),
+    ({"user_id": None}, "user_id must be a string"),
+    ({"candidates": {"item_id": "a"}}, "candidates must be a list"),
+    ({"candidates": ["a"]}, "candidates[0] must be an object"),
+    ({"candidates": [{"item_id": [1], "score": 0.5}]}, "candidates[0].item_id must be a string"),
 ])
 @pytest.mark.parametrize("holdout_share", [0.0, 1.0])
 def test_the_example_ranker_refuses_a_bad_request_with_the_reason_and_produces_nothing(monkeypatch, change, says,
@@ -231,9 +235,17 @@ def test_the_example_ranker_refuses_a_bad_request_with_the_reason_and_produces_n
     assert len(sent) == 1 and orjson.loads(sent[0][2])["slate_id"] == "s1"  # the good one only
 
 
-def test_the_example_ranker_answers_400_to_a_body_that_is_not_json(monkeypatch):
-    [(status, body)], sent = _rank(monkeypatch, b"{nope")
-    assert status == 400 and body["error"].startswith("bad request: JSONDecodeError") and not sent
+def test_the_example_ranker_answers_400_to_a_body_that_is_not_a_json_object(monkeypatch):
+    [(s1, b1), (s2, b2)], sent = _rank(monkeypatch, b"{nope", b"[1, 2]")
+    assert s1 == 400 and b1["error"].startswith("bad request: JSONDecodeError") and not sent
+    assert s2 == 400 and b2["error"] == "bad request: ValueError: the body must be a JSON object"
+
+
+def test_the_example_ranker_takes_numeric_ids_as_their_digits(monkeypatch):
+    body = {**_OK, "user_id": 7, "candidates": [{"item_id": 11, "score": 0.9}]}
+    [(status, out)], sent = _rank(monkeypatch, body)
+    assert status == 200 and [i["item_id"] for i in out["items"]] == ["11"]
+    assert sent[0][1] == b"7" and orjson.loads(sent[0][2])["user_id"] == "7"
 
 
 def test_the_example_ranker_health_is_503_once_its_client_stopped_following(monkeypatch):
