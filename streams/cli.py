@@ -170,8 +170,14 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
     from .producer import produce_events
 
     if events_path:
-        from .synthetic_io import read_jsonl
+        from .synthetic_io import EventFileError, read_jsonl
 
+        try:  # the whole file first: a bad line stops the command before anything is produced
+            for _ in read_jsonl(events_path):
+                pass
+        except EventFileError as e:
+            click.echo(f"riskgate produce: {e} (nothing produced)", err=True)
+            sys.exit(2)
         events = read_jsonl(events_path)
     else:
         from calibration.synthetic import WorldConfig, generate_events
@@ -354,23 +360,9 @@ def replay(events_path, synthetic, seed, users, n_slates, table1_rates, kuairand
         beta_v = None if beta.lower() == "none" else float(beta)
     except ValueError:
         raise click.BadParameter(f"{beta!r} is neither a number nor 'none'", param_hint="--beta") from None
-    total = None
-    if synthetic:
-        from calibration.synthetic import generate_events
+    from .kuairand_io import KuaiRandFileError
+    from .synthetic_io import EventFileError
 
-        world = synthetic_world(seed, users, n_slates, table1=table1_rates)
-        events = generate_events(world)
-        title = f"riskgate replay: synthetic world (seed {seed}, {users} users, {n_slates} slates)"
-    elif kuairand_path:
-        from .kuairand_io import read_kuairand
-
-        events = read_kuairand(kuairand_path)
-        title = f"riskgate replay: KuaiRand {kuairand_path}"
-    else:
-        from .synthetic_io import read_jsonl
-
-        events = read_jsonl(events_path)
-        title = f"riskgate replay: {events_path}"
     ecfg = EngineConfig(
         alphas=tuple(alphas) or (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08),
         strategies=tuple(dict.fromkeys(strategies)) or ("remove", "replace"),
@@ -380,7 +372,27 @@ def replay(events_path, synthetic, seed, users, n_slates, table1_rates, kuairand
     ecfg = _replace(ecfg, limits=Limits(beta=beta_v))
     cfg = ReplayConfig(engine=ecfg, ablation_betas=ABLATION_BETAS if beta_ablation else None,
                        group_policy=group_policy, keep_window=bool(dump_slates), progress=progress)
-    result = run_replay(events, cfg, total=total)
+    try:  # a bad line of an event or KuaiRand file: PATH:LINE and status 2, like `riskgate calibrate`
+        if synthetic:
+            from calibration.synthetic import generate_events
+
+            world = synthetic_world(seed, users, n_slates, table1=table1_rates)
+            events = generate_events(world)
+            title = f"riskgate replay: synthetic world (seed {seed}, {users} users, {n_slates} slates)"
+        elif kuairand_path:
+            from .kuairand_io import read_kuairand
+
+            events = read_kuairand(kuairand_path)  # (reads and sorts the whole file here)
+            title = f"riskgate replay: KuaiRand {kuairand_path}"
+        else:
+            from .synthetic_io import read_jsonl
+
+            events = read_jsonl(events_path)
+            title = f"riskgate replay: {events_path}"
+        result = run_replay(events, cfg)  # (an event file is read as it replays)
+    except (EventFileError, KuaiRandFileError) as e:
+        click.echo(f"riskgate replay: {e} (no report written)", err=True)
+        sys.exit(2)
     paths = write_report(result, out_dir, title=title)
     if dump_slates:
         write_slates_jsonl(result.window_slates, dump_slates)

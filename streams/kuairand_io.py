@@ -25,7 +25,11 @@ import numpy as np
 
 from calibration.kuairand import KuaiRandConfig, Row, convert_rows, parse_row
 
-__all__ = ["iter_rows", "sorted_rows", "read_kuairand"]
+__all__ = ["KuaiRandFileError", "iter_rows", "parsed_rows", "sorted_rows", "read_kuairand"]
+
+
+class KuaiRandFileError(ValueError):
+    """A row the converter cannot read: ``PATH:LINE: problem``."""
 
 
 def _open_text(path: str | Path) -> io.TextIOBase:
@@ -37,16 +41,36 @@ def _open_text(path: str | Path) -> io.TextIOBase:
 
 def iter_rows(path: str | Path) -> Iterator[dict[str, str]]:
     """Stream the file's rows as dicts, in file order (delimiter auto-detected)."""
+    return (row for _, row in _numbered_rows(path))
+
+
+def _numbered_rows(path: str | Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of the file's rows; :class:`KuaiRandFileError` for one csv cannot read."""
     with _open_text(path) as fh:
         header = fh.readline()
         delim = "\t" if "\t" in header else ","
         names = next(csv.reader([header], delimiter=delim))
-        yield from csv.DictReader(fh, fieldnames=[n.strip() for n in names], delimiter=delim)
+        reader = csv.DictReader(fh, fieldnames=[n.strip() for n in names], delimiter=delim)
+        try:
+            for row in reader:
+                yield reader.line_num + 1, row  # (+1: the header was read apart)
+        except csv.Error as e:
+            raise KuaiRandFileError(f"{path}:{reader.line_num + 1}: {e}") from None
+
+
+def parsed_rows(path: str | Path) -> Iterator[Row]:
+    """The file's rows parsed, in file order; :class:`KuaiRandFileError` names the line of one that is not a row."""
+    for line, row in _numbered_rows(path):
+        try:
+            parsed = parse_row(row)
+        except (KeyError, ValueError, TypeError) as e:  # a missing column, a field that is not a number
+            raise KuaiRandFileError(f"{path}:{line}: {e.args[0] if e.args else e}") from None
+        yield parsed
 
 
 def sorted_rows(path: str | Path) -> list[Row]:
     """All rows parsed and sorted by ``(time_ms, user_id)`` (stable, so file order breaks ties)."""
-    rows = [parse_row(r) for r in iter_rows(path)]
+    rows = list(parsed_rows(path))
     if not rows:
         return rows
     t = np.fromiter((r.t for r in rows), dtype=np.float64, count=len(rows))
@@ -64,7 +88,7 @@ def read_kuairand(
 ) -> Iterator[tuple[str, dict]]:
     """``(topic, event)`` pairs of the log at ``path`` (the first ``limit`` file rows if given)."""
     if assume_sorted:
-        rows: object = iter_rows(path)
+        rows: object = parsed_rows(path)
         if limit is not None:
             import itertools
 
@@ -73,7 +97,7 @@ def read_kuairand(
     if limit is not None:
         import itertools
 
-        parsed = [parse_row(r) for r in itertools.islice(iter_rows(path), limit)]
+        parsed = list(itertools.islice(parsed_rows(path), limit))
         parsed.sort(key=lambda r: (r.t, r.user))
         return convert_rows(parsed, config)
     return convert_rows(sorted_rows(path), config)

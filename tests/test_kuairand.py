@@ -219,3 +219,21 @@ def test_first_rows_of_the_shipped_slice():
     assert zero, "the slice has zero-duration videos; they must pass through as 0"
     watch = {(ev["user_id"], ev["item_id"], ev["watch_ms"]) for t, ev in events if t == "watch"}
     assert {(r["user_id"], r["video_id"], int(r["play_time_ms"])) for r in raw} == watch
+
+
+@pytest.mark.parametrize("assume_sorted", [False, True])
+def test_a_row_the_converter_cannot_read_is_named_by_its_line(tmp_path, assume_sorted):
+    from streams.kuairand_io import KuaiRandFileError
+
+    rows = sorted(_public_rows(), key=lambda r: r["time_ms"])
+    p = tmp_path / "bad.csv"
+    _write(p, rows, ",")
+    lines = p.read_text().splitlines()
+    lines[5] = lines[5].replace(str(rows[4]["time_ms"]), "soon")  # line 6: the 5th row
+    lines.insert(3, "")  # a blank line is skipped, and still counted
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(KuaiRandFileError, match=rf"^{p}:7: could not convert string to float: 'soon'$"):
+        list(read_kuairand(p, assume_sorted=assume_sorted))
+    p.write_text("user_id,video_id,time_ms\n1,2,3\n")
+    with pytest.raises(KuaiRandFileError, match=rf"^{p}:2: row has neither is_hate"):
+        list(read_kuairand(p, assume_sorted=assume_sorted))

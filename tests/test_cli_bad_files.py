@@ -1,0 +1,40 @@
+"""``riskgate replay`` and ``riskgate produce`` on a bad input file: ``PATH:LINE: problem``, status 2, nothing done."""
+
+import orjson
+from click.testing import CliRunner
+
+from streams.cli import main
+
+
+def _events(tmp_path, bad_line: bytes):
+    p = tmp_path / "events.jsonl"
+    good = orjson.dumps({"topic": "watch", "value": {"event_id": "w1", "user_id": "u1", "item_id": "i1",
+                                                      "watch_ms": 1.0, "duration_ms": 2.0, "ts": 10.0}})
+    p.write_bytes(good + b"\n" + bad_line + b"\n" + good + b"\n")
+    return p
+
+
+def test_replay_of_a_bad_event_file_names_the_line_and_writes_no_report(tmp_path):
+    out = tmp_path / "report"
+    for bad, says in [(b"{nope", "bad JSON"), (b'{"topic": "watch"}', 'expected {"topic": str, "value": object}')]:
+        p = _events(tmp_path, bad)
+        r = CliRunner().invoke(main, ["replay", "--events", str(p), "--out", str(out), "--no-progress"])
+        assert r.exit_code == 2, r.output
+        assert f"riskgate replay: {p}:2: " in r.output and says in r.output and "no report written" in r.output
+        assert "Traceback" not in r.output and not out.exists()
+
+
+def test_replay_of_a_bad_kuairand_file_names_the_line(tmp_path):
+    p = tmp_path / "slice.tsv"
+    p.write_text("user_id\tvideo_id\ttime_ms\tplay_time_ms\tduration_ms\tlabel\n"
+                 "1\t2\t1649581149287\t5\t10\t1\n1\t3\tlater\t5\t10\t1\n")
+    r = CliRunner().invoke(main, ["replay", "--kuairand", str(p), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert r.exit_code == 2 and f"riskgate replay: {p}:3: could not convert string to float: 'later'" in r.output
+
+
+def test_produce_of_a_bad_event_file_produces_nothing(tmp_path):
+    p = _events(tmp_path, b"[1, 2]")
+    # an address nothing listens on: the file is refused before any connection is tried
+    r = CliRunner().invoke(main, ["produce", "--broker", "kafka://127.0.0.1:1", "--events", str(p)])
+    assert r.exit_code == 2
+    assert f"riskgate produce: {p}:2: " in r.output and "(nothing produced)" in r.output
