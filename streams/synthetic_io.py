@@ -115,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.kuairand:
-        from streams.kuairand_io import read_kuairand
+        from streams.kuairand_io import KuaiRandFileError, read_kuairand
 
-        n = write_jsonl(read_kuairand(args.kuairand), args.out, progress=not args.quiet)
+        try:
+            events = read_kuairand(args.kuairand)  # (read and sorted whole: a bad row stops it before OUT is opened)
+        except KuaiRandFileError as e:
+            ap.exit(2, f"{ap.prog}: {e}\n")
+        n = write_jsonl(events, args.out, progress=not args.quiet)
     else:
         types = {f.name: f.type for f in dataclasses.fields(WorldConfig)}
         overrides: dict[str, object] = {"n_slates": args.slates, "seed": args.seed}
@@ -125,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
             name, _, raw = item.partition("=")
             if name not in types:
                 ap.error(f"unknown WorldConfig field {name!r}")
-            overrides[name] = orjson.loads(raw) if raw not in ("None", "") else None
+            try:
+                overrides[name] = orjson.loads(raw) if raw not in ("None", "") else None
+            except orjson.JSONDecodeError:
+                ap.error(f"--set {item}: the value is not JSON (strings need quotes)")
             if isinstance(overrides[name], list):
                 overrides[name] = tuple(overrides[name])  # band_shares
-        config = WorldConfig(**overrides)  # type: ignore[arg-type]
+        try:
+            config = WorldConfig(**overrides)  # type: ignore[arg-type]
+        except (TypeError, ValueError) as e:
+            ap.error(f"bad world: {e}")
         n = write_jsonl(generate_events(config), args.out, progress=not args.quiet)
     if not args.quiet:
         print(f"{n} events -> {args.out}")

@@ -465,3 +465,18 @@ def test_command_line_writes_a_stream_with_overrides(tmp_path):
     assert events == list(generate_events(WorldConfig(seed=4, n_slates=300, holdout_share=1.0, n_users=40)))
     with pytest.raises(SystemExit):
         main([str(out), "--set", "no_such_field=1"])
+
+
+def test_command_line_refuses_a_bad_value_or_log_with_status_2_and_writes_nothing(tmp_path, capsys):
+    from streams.synthetic_io import main
+
+    out = tmp_path / "never.jsonl"
+    log = tmp_path / "slice.tsv"
+    log.write_text("user_id\tvideo_id\ttime_ms\tplay_time_ms\tduration_ms\tlabel\n1\t2\tnoon\t5\t10\t1\n")
+    for argv, says in [(["--set", "holdout_share=abc"], "--set holdout_share=abc: the value is not JSON"),
+                       (["--set", "holdout_share=5"], "bad world: holdout_share must be in [0, 1]"),
+                       (["--kuairand", str(log)], f"{log}:2: could not convert string to float: 'noon'")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([str(out), "--quiet", *argv])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+        assert not out.exists()
