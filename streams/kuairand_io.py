@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 from pathlib import Path
 from typing import Iterator
 
@@ -32,11 +31,15 @@ class KuaiRandFileError(ValueError):
     """A row the converter cannot read: ``PATH:LINE: problem``."""
 
 
-def _open_text(path: str | Path) -> io.TextIOBase:
+def _lines(path: str | Path) -> Iterator[str]:
+    """The file's lines as text (``.gz`` read through gzip); :class:`KuaiRandFileError` names one that is not UTF-8."""
     p = Path(path)
-    if p.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", newline="")
-    return open(p, encoding="utf-8", newline="")
+    with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as fh:
+        for n, raw in enumerate(fh, 1):  # (decoded line by line: an error can name its line)
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise KuaiRandFileError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def iter_rows(path: str | Path) -> Iterator[dict[str, str]]:
@@ -46,16 +49,16 @@ def iter_rows(path: str | Path) -> Iterator[dict[str, str]]:
 
 def _numbered_rows(path: str | Path) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) of the file's rows; :class:`KuaiRandFileError` for one csv cannot read."""
-    with _open_text(path) as fh:
-        header = fh.readline()
-        delim = "\t" if "\t" in header else ","
-        names = next(csv.reader([header], delimiter=delim))
-        reader = csv.DictReader(fh, fieldnames=[n.strip() for n in names], delimiter=delim)
-        try:
-            for row in reader:
-                yield reader.line_num + 1, row  # (+1: the header was read apart)
-        except csv.Error as e:
-            raise KuaiRandFileError(f"{path}:{reader.line_num + 1}: {e}") from None
+    lines = _lines(path)
+    header = next(lines, "")
+    delim = "\t" if "\t" in header else ","
+    names = next(csv.reader([header], delimiter=delim), [])
+    reader = csv.DictReader(lines, fieldnames=[n.strip() for n in names], delimiter=delim)
+    try:
+        for row in reader:
+            yield reader.line_num + 1, row  # (+1: the header was read apart)
+    except csv.Error as e:
+        raise KuaiRandFileError(f"{path}:{reader.line_num + 1}: {e}") from None
 
 
 def parsed_rows(path: str | Path) -> Iterator[Row]:

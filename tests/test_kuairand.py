@@ -237,3 +237,13 @@ def test_a_row_the_converter_cannot_read_is_named_by_its_line(tmp_path, assume_s
     p.write_text("user_id,video_id,time_ms\n1,2,3\n")
     with pytest.raises(KuaiRandFileError, match=rf"^{p}:2: row has neither is_hate"):
         list(read_kuairand(p, assume_sorted=assume_sorted))
+
+
+def test_a_line_that_is_not_utf8_is_named_by_its_line(tmp_path):
+    from streams.kuairand_io import KuaiRandFileError
+
+    p = tmp_path / "latin1.tsv"
+    p.write_bytes(b"user_id\tvideo_id\ttime_ms\tplay_time_ms\tduration_ms\tlabel\n"
+                  b"1\t2\t1649581149287\t5\t10\t1\n1\t3\t16495811492\xe987\t5\t10\t1\n")
+    with pytest.raises(KuaiRandFileError, match=rf"^{p}:3: not UTF-8"):
+        list(read_kuairand(p))
