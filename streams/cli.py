@@ -165,8 +165,6 @@ def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
               help="Produce this JSONL event file instead of a synthetic world.")
 def produce(broker, seed, users, n_slates, rate, events_path) -> None:
     """Produce a seeded synthetic event stream (or an event file) to the input topics."""
-    import asyncio
-
     from .producer import produce_events
 
     if events_path:
@@ -184,8 +182,22 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
 
         events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
     bootstrap = broker.removeprefix("kafka://")
-    counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None, producer_kwargs=_kafka_kwargs()))
+    counts = _with_broker("produce", bootstrap, produce_events(bootstrap, events, rate=rate or None,
+                                                               producer_kwargs=_kafka_kwargs()))
     _dump({"produced": dict(counts)})
+
+
+def _with_broker(command: str, bootstrap: str, work):
+    """Run ``work`` (a coroutine); a broker that cannot be reached ends the command with status 1 and why."""
+    import asyncio
+
+    from aiokafka.errors import KafkaConnectionError
+
+    try:
+        return asyncio.run(work)
+    except KafkaConnectionError as e:
+        click.echo(f"riskgate {command}: cannot reach the broker at {bootstrap} ({e})", err=True)
+        sys.exit(1)
 
 
 @main.command("dlq-replay")
@@ -203,8 +215,6 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
     state repaired (docs/operations.md). Topic prefix and credentials come from
     the RISKGATE_* settings, as for the worker.
     """
-    import asyncio
-
     from .dlq import replay_dead_letters
     from .settings import SettingsError, load_settings
     from .topics import Topics
@@ -213,9 +223,10 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
         settings = load_settings()
     except SettingsError as e:
         raise click.UsageError(f"bad configuration: {e}") from None
-    _dump(asyncio.run(replay_dead_letters(broker.removeprefix("kafka://"), Topics(settings.topic_prefix),
-                                          reasons=reasons, keys=[k.encode() for k in keys], start=start,
-                                          dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
+    bootstrap = broker.removeprefix("kafka://")
+    _dump(_with_broker("dlq-replay", bootstrap, replay_dead_letters(
+        bootstrap, Topics(settings.topic_prefix), reasons=reasons, keys=[k.encode() for k in keys], start=start,
+        dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
 
 
 @main.group()

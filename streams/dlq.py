@@ -78,8 +78,8 @@ async def _read(bootstrap: str, topic: str, start: int, timeout: float, client_k
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **client_kwargs)
-    await c.start()
     try:
+        await c.start()
         tp = TopicPartition(topic, 0)
         c.assign([tp])
         c.seek(tp, start)
@@ -114,8 +114,8 @@ async def replay_dead_letters(bootstrap: str, names: Topics, *, reasons: Iterabl
     replayed: Counter = Counter()
     if chosen and not dry_run:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kwargs)
-        await producer.start()
         try:
+            await producer.start()
             for d in chosen:  # one at a time, acknowledged: DLQ order is kept, retries or not
                 await producer.send_and_wait(d.topic, d.value, key=d.key)
                 replayed[f"{names.base(d.topic)} {d.code}"] += 1

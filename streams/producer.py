@@ -36,7 +36,11 @@ async def produce_events(
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024,
                                 **(producer_kwargs or {}))
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # (a failed start leaves its client open)
+        raise
     counts: Counter = Counter()
     pending: list[asyncio.Future] = []
     t0 = time.monotonic()

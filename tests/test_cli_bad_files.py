@@ -38,3 +38,16 @@ def test_produce_of_a_bad_event_file_produces_nothing(tmp_path):
     r = CliRunner().invoke(main, ["produce", "--broker", "kafka://127.0.0.1:1", "--events", str(p)])
     assert r.exit_code == 2
     assert f"riskgate produce: {p}:2: " in r.output and "(nothing produced)" in r.output
+
+
+def test_produce_and_dlq_replay_say_when_the_broker_cannot_be_reached(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for command in (["produce", "--slates", "5"], ["dlq-replay"]):
+        r = CliRunner().invoke(main, [command[0], "--broker", f"kafka://127.0.0.1:{port}", *command[1:]])
+        assert r.exit_code == 1, r.output
+        assert f"riskgate {command[0]}: cannot reach the broker at 127.0.0.1:{port}" in r.output
+        assert "Traceback" not in r.output
