@@ -150,9 +150,16 @@ def worker(loglevel) -> None:
 @click.option("--topic-prefix", default="", show_default=True)
 def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
+    from aiokafka.errors import KafkaConnectionError
+
     from .example_ranker import serve
 
-    serve(broker.removeprefix("kafka://"), port, host, topic_prefix, holdout_share, **_kafka_kwargs())
+    bootstrap = broker.removeprefix("kafka://")
+    try:
+        serve(bootstrap, port, host, topic_prefix, holdout_share, **_kafka_kwargs())
+    except KafkaConnectionError as e:  # at start: the ranker never served
+        click.echo(f"riskgate example-ranker: cannot reach the broker at {bootstrap} ({e})", err=True)
+        sys.exit(1)
 
 
 @main.command()

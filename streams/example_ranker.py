@@ -74,8 +74,13 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
         from aiokafka import AIOKafkaProducer
 
         await client.start()
-        state["producer"] = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_kwargs)
-        await state["producer"].start()
+        state["producer"] = producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_kwargs)
+        try:
+            await producer.start()
+        except BaseException:  # (the app never started: nothing else stops these)
+            await producer.stop()
+            await client.stop()
+            raise
 
     async def on_stop(app):
         await client.stop()

@@ -200,7 +200,11 @@ class RankerClient:
             self.thresholds_topic, self.pools_topic, bootstrap_servers=self.bootstrap, group_id=None,
             auto_offset_reset="earliest", enable_auto_commit=False, **self.consumer_kwargs,
         )
-        await self._consumer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._consumer.stop()  # (a failed start leaves its client open)
+            raise
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:

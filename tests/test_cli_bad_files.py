@@ -40,13 +40,17 @@ def test_produce_of_a_bad_event_file_produces_nothing(tmp_path):
     assert f"riskgate produce: {p}:2: " in r.output and "(nothing produced)" in r.output
 
 
-def test_produce_and_dlq_replay_say_when_the_broker_cannot_be_reached(tmp_path):
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for command in (["produce", "--slates", "5"], ["dlq-replay"]):
+        return s.getsockname()[1]
+
+
+def test_produce_dlq_replay_and_the_example_ranker_say_when_the_broker_cannot_be_reached(tmp_path):
+    port = _free_port()
+    for command in (["produce", "--slates", "5"], ["dlq-replay"], ["example-ranker", "--port", str(_free_port())]):
         r = CliRunner().invoke(main, [command[0], "--broker", f"kafka://127.0.0.1:{port}", *command[1:]])
         assert r.exit_code == 1, r.output
         assert f"riskgate {command[0]}: cannot reach the broker at 127.0.0.1:{port}" in r.output
