@@ -72,7 +72,7 @@ def _line(msg: dict) -> str:
 
 
 async def _follow(bootstrap: str, console: Console, deadline: float, produced, stats, worker, log_path) -> None:
-    client = RankerClient(bootstrap)
+    client = RankerClient(bootstrap, keep_updates=True)
     await client.start()
     try:
         while time.monotonic() < deadline:

@@ -177,14 +177,18 @@ class ThresholdBook:
 class RankerClient:
     """Follows ``risk-thresholds`` and ``safe-pools`` into a :class:`ThresholdBook`."""
 
-    def __init__(self, bootstrap: str, book: ThresholdBook | None = None, prefix: str = "", **consumer_kwargs):
+    def __init__(self, bootstrap: str, book: ThresholdBook | None = None, prefix: str = "",
+                 keep_updates: bool = False, **consumer_kwargs):
         self.bootstrap = bootstrap
         self.thresholds_topic, self.pools_topic = prefix + THRESHOLDS, prefix + SAFE_POOLS
         self.book = book or ThresholdBook()
         self.consumer_kwargs = consumer_kwargs
         self._task: asyncio.Task | None = None
         self._consumer = None
-        self.updates: asyncio.Queue = asyncio.Queue()  # (topic, key, value) as they arrive
+        #: With ``keep_updates``, every record read, as (topic, key, value), for a caller that drains it
+        #: (the demo prints them); None otherwise. Unbounded: kept for a ranker that never read it, it
+        #: grew by every safe-pools record for good (thousands a second on a busy platform).
+        self.updates: asyncio.Queue | None = asyncio.Queue() if keep_updates else None
         #: Why the read loop stopped, if it failed (the book then no longer follows riskgate).
         self.error: BaseException | None = None
 
@@ -214,7 +218,8 @@ class RankerClient:
                     self.book.on_threshold(msg.key, msg.value)  # (a bad value is refused, not raised)
                 else:
                     self.book.on_pool(msg.key, msg.value)
-                self.updates.put_nowait((msg.topic, msg.key, msg.value))
+                if self.updates is not None:
+                    self.updates.put_nowait((msg.topic, msg.key, msg.value))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the consumer itself failed: say so, the book is frozen from here

@@ -119,7 +119,7 @@ def _follow(consumer):
     """Run the client's read loop over ``consumer`` until it has taken every record; returns the client."""
 
     async def run():
-        client = RankerClient("unused:1")
+        client = RankerClient("unused:1", keep_updates=True)
         client._consumer = consumer
         client._task = asyncio.create_task(client._run())
         for _ in consumer.records:
@@ -153,6 +153,24 @@ def test_a_client_whose_consumer_failed_says_so(caplog):
     assert not healthy and isinstance(client.error, KafkaError)
     assert "stopped reading" in caplog.text
     assert client.book.resolve("u2", 0.1, "replace") == ("global", 0.5, 5)  # what it had stays
+
+
+def test_a_client_keeps_no_queue_of_updates_unless_asked():
+    """A ranker that never drains ``updates`` must not hold every record it read (it grew without bound)."""
+    records = [_rec(SAFE_POOLS, f"u{i}".encode(), _good_pool()) for i in range(50)]
+
+    async def run(keep):
+        client = RankerClient("unused:1", keep_updates=keep)
+        client._consumer = _Consumer(records)
+        client._task = asyncio.create_task(client._run())
+        while len(client.book.pools) < len(records):
+            await asyncio.sleep(0)
+        await client.stop()
+        return client
+
+    quiet, kept = asyncio.run(run(False)), asyncio.run(run(True))
+    assert quiet.updates is None and len(quiet.book.pools) == 50
+    assert kept.updates.qsize() == 50
 
 
 class _FakeClient:
