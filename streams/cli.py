@@ -7,6 +7,7 @@ pay for importing Faust.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import click
 import orjson
@@ -150,16 +151,11 @@ def worker(loglevel) -> None:
 @click.option("--topic-prefix", default="", show_default=True)
 def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
-    from aiokafka.errors import KafkaConnectionError
-
     from .example_ranker import serve
 
     bootstrap = broker.removeprefix("kafka://")
-    try:
+    with _broker_reachable("example-ranker", bootstrap):  # (at start: the ranker never served)
         serve(bootstrap, port, host, topic_prefix, holdout_share, **_kafka_kwargs())
-    except KafkaConnectionError as e:  # at start: the ranker never served
-        click.echo(f"riskgate example-ranker: cannot reach the broker at {bootstrap} ({e})", err=True)
-        sys.exit(1)
 
 
 @main.command()
@@ -172,6 +168,8 @@ def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
               help="Produce this JSONL event file instead of a synthetic world.")
 def produce(broker, seed, users, n_slates, rate, events_path) -> None:
     """Produce a seeded synthetic event stream (or an event file) to the input topics."""
+    import asyncio
+
     from .producer import produce_events
 
     if events_path:
@@ -189,19 +187,18 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
 
         events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
     bootstrap = broker.removeprefix("kafka://")
-    counts = _with_broker("produce", bootstrap, produce_events(bootstrap, events, rate=rate or None,
-                                                               producer_kwargs=_kafka_kwargs()))
+    with _broker_reachable("produce", bootstrap):
+        counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None, producer_kwargs=_kafka_kwargs()))
     _dump({"produced": dict(counts)})
 
 
-def _with_broker(command: str, bootstrap: str, work):
-    """Run ``work`` (a coroutine); a broker that cannot be reached ends the command with status 1 and why."""
-    import asyncio
-
+@contextmanager
+def _broker_reachable(command: str, bootstrap: str):
+    """A broker that cannot be reached ends the command inside with status 1 and why, not a traceback."""
     from aiokafka.errors import KafkaConnectionError
 
     try:
-        return asyncio.run(work)
+        yield
     except KafkaConnectionError as e:
         click.echo(f"riskgate {command}: cannot reach the broker at {bootstrap} ({e})", err=True)
         sys.exit(1)
@@ -222,6 +219,8 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
     state repaired (docs/operations.md). Topic prefix and credentials come from
     the RISKGATE_* settings, as for the worker.
     """
+    import asyncio
+
     from .dlq import replay_dead_letters
     from .settings import SettingsError, load_settings
     from .topics import Topics
@@ -231,9 +230,10 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
     except SettingsError as e:
         raise click.UsageError(f"bad configuration: {e}") from None
     bootstrap = broker.removeprefix("kafka://")
-    _dump(_with_broker("dlq-replay", bootstrap, replay_dead_letters(
-        bootstrap, Topics(settings.topic_prefix), reasons=reasons, keys=[k.encode() for k in keys], start=start,
-        dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
+    with _broker_reachable("dlq-replay", bootstrap):
+        _dump(asyncio.run(replay_dead_letters(
+            bootstrap, Topics(settings.topic_prefix), reasons=reasons, keys=[k.encode() for k in keys], start=start,
+            dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
 
 
 @main.group()
