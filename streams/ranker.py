@@ -76,17 +76,14 @@ class Decision:
     version: int | None
 
 
-_check_thresholds = msgspec.json.Decoder(_Thresholds)
-_check_pool = msgspec.json.Decoder(_Pool)
-
-
-def _checked(decoder: msgspec.json.Decoder, value: bytes) -> dict:
-    """``value`` as a dict, once ``decoder`` found in it what the book reads; else :class:`InvalidOutput`."""
+def _checked(shape: type[msgspec.Struct], value: bytes) -> dict:
+    """``value`` as a dict, once it holds what the book reads (``shape``); else :class:`InvalidOutput`."""
     try:
-        decoder.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        msg = orjson.loads(value)
+        msgspec.convert(msg, shape)  # (parsed once; the dict is kept whole: callers may read any field)
+    except (orjson.JSONDecodeError, msgspec.ValidationError) as e:
         raise InvalidOutput(str(e)) from None
-    return orjson.loads(value)  # kept whole: callers may read any field (computed_at, window, ...)
+    return msg
 
 
 @dataclass
@@ -104,7 +101,7 @@ class ThresholdBook:
         if value is None:
             self.thresholds.pop(k, None)
             return True
-        msg = self._take(THRESHOLDS, k, _check_thresholds, value)
+        msg = self._take(THRESHOLDS, k, _Thresholds, value)
         if msg is None:
             return False
         old = self.thresholds.get(k)
@@ -120,7 +117,7 @@ class ThresholdBook:
         if value is None:
             self.pools.pop(k, None)
             return True
-        msg = self._take(SAFE_POOLS, k, _check_pool, value)
+        msg = self._take(SAFE_POOLS, k, _Pool, value)
         if msg is not None:
             self.pools[k] = msg
         return msg is not None
@@ -136,9 +133,9 @@ class ThresholdBook:
             log.warning("%s: a record with key %r refused: keys are user ids or strategy:group, as text", topic, key)
             return None
 
-    def _take(self, topic: str, key: str, decoder: msgspec.json.Decoder, value: bytes) -> dict | None:
+    def _take(self, topic: str, key: str, shape: type[msgspec.Struct], value: bytes) -> dict | None:
         try:
-            return _checked(decoder, value)
+            return _checked(shape, value)
         except InvalidOutput as e:
             self.rejected[topic] += 1
             log.warning("%s: value of key %r refused, its last good value stays (%s): %r", topic, key, e,
