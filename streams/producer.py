@@ -36,16 +36,12 @@ async def produce_events(
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024,
                                 **(producer_kwargs or {}))
-    try:
-        await producer.start()
-    except BaseException:
-        await producer.stop()  # (a failed start leaves its client open)
-        raise
     counts: Counter = Counter()
     pending: list[asyncio.Future] = []
     t0 = time.monotonic()
     sent = 0
     try:
+        await producer.start()  # (inside: a failed start leaves its client open until stopped)
         for topic, value in events:
             key = str(value.get("user_id", "")).encode()
             pending.append(await producer.send(prefix + topic, orjson.dumps(value), key=key))
