@@ -27,14 +27,12 @@ import logging
 import shutil
 import time
 from collections import OrderedDict, defaultdict
-from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import weakref
 
 import orjson
-from aiokafka.partitioner import DefaultPartitioner
 from faust.streams import _current_event
 from faust.types import TP
 
@@ -49,8 +47,8 @@ from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
-from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, safe_pool_message,
-                     threshold_message)
+from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, key_partition,
+                     safe_pool_message, threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -62,7 +60,6 @@ log = logging.getLogger("riskgate")
 # walk every cached user, took ~20 % of the worker's time in `riskgate bench stream`. Rarer
 # collections cost no correctness; the garbage that waits for them is a few MB at most.
 GC_THRESHOLDS = (50_000, 20, 10)
-_PARTITIONER = DefaultPartitioner()
 
 _KIND = {"impressions": "impression", "watch": "watch", "flags": "flag", "constraints": "constraints",
          "forget": "forget"}
@@ -448,7 +445,7 @@ class RiskgateApp:
     def _pool_partition(self, key: bytes) -> int:
         # The key's partition under Kafka's default (murmur2) partitioner, where
         # send_soon put these records: compaction needs every record of a key in one.
-        return _murmur_partition(key, len(self._pool_parts))
+        return key_partition(key, len(self._pool_parts))
 
     def _user_outputs(self, part: _Partition, changed, force: bool = False) -> list:
         """``safe-pools`` values and the users' own thresholds that changed since last sent.
@@ -716,12 +713,6 @@ class _Recent(OrderedDict):
         self.move_to_end(key)
         if len(self) > self.limit:
             self.popitem(last=False)
-
-
-@lru_cache(maxsize=1 << 16)
-def _murmur_partition(key: bytes, n: int) -> int:
-    parts = list(range(n))
-    return _PARTITIONER(key, parts, parts)
 
 
 def _in_event_of(event) -> None:

@@ -143,19 +143,31 @@ def worker(loglevel) -> None:
         rg.mark_clean_stop()
 
 
+def _shard_option(ctx, param, value):
+    from .ranker import Shard
+
+    try:
+        return None if value is None else Shard.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @main.command("example-ranker")
 @click.option("--broker", required=True, help="kafka://host:port of the broker.")
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--holdout-share", type=float, default=0.1, show_default=True)
 @click.option("--topic-prefix", default="", show_default=True)
-def example_ranker(broker, port, host, holdout_share, topic_prefix) -> None:
+@click.option("--shard", callback=_shard_option, default=None,
+              help="I/N: hold only replica I of N's share of the users' pools (safe-pools partitions p with "
+                   "p mod N = I); requests for other users get 421.")
+def example_ranker(broker, port, host, holdout_share, topic_prefix, shard) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
     from .example_ranker import serve
 
     bootstrap = broker.removeprefix("kafka://")
     with _broker_reachable("example-ranker", bootstrap):  # (at start: the ranker never served)
-        serve(bootstrap, port, host, topic_prefix, holdout_share, **_kafka_kwargs())
+        serve(bootstrap, port, host, topic_prefix, holdout_share, shard, **_kafka_kwargs())
 
 
 @main.command()

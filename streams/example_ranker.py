@@ -8,6 +8,13 @@ before anything is produced). ``GET /health`` answers 503 once the client no lon
 follows riskgate's topics (its read loop failed: :attr:`RankerClient.healthy`), so
 that an orchestrator restarts it rather than let it serve old λ̂ for good.
 
+Until its client has caught up with riskgate's outputs (:attr:`RankerClient.ready`)
+``/rank`` answers 503, and so does ``GET /ready`` (a readiness probe): before, a
+ranker that had just started served users with the ``low`` band's λ̂ and without
+their blocked tags until it had read their pools. Started with a ``shard``
+(``--shard I/N``), it holds only its shard's pools and answers a request for any
+other user with 421 and the shard that holds it (``"shard"``), for the router.
+
 A deterministic ``holdout_share`` of slates is served unfiltered
 (``policy_applied=false``): only those measure the risk honestly and calibrate
 λ̂. Every served slate is produced to ``impressions`` (SPEC §2), so
@@ -24,7 +31,7 @@ from aiohttp import web
 
 from calibration.policy import Candidate, in_holdout
 
-from .ranker import RankerClient
+from .ranker import RankerClient, Shard
 from .schemas import InvalidEvent, decode
 
 __all__ = ["make_app", "serve"]
@@ -66,8 +73,9 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
     return body, user_id, k, alpha, strategy, cands
 
 
-def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kafka_kwargs) -> web.Application:
-    client = RankerClient(bootstrap, prefix=prefix, **kafka_kwargs)
+def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard: Shard | None = None,
+             **kafka_kwargs) -> web.Application:
+    client = RankerClient(bootstrap, prefix=prefix, shard=shard, **kafka_kwargs)
     state: dict = {}
 
     async def on_start(app):
@@ -91,6 +99,12 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
             body, user_id, k, alpha, strategy, cands = _parse(await request.read())
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
             return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"}, status=400)
+        if not client.ready:  # (fail closed: the book may lack this user's band and blocked tags)
+            return web.json_response({"error": "not ready: still reading riskgate's outputs"}, status=503)
+        if not client.owns(user_id):
+            return web.json_response({"error": f"user {user_id!r} belongs to shard {client.shard_of(user_id)}, "
+                                               f"this is shard {client.shard}", "shard": client.shard_of(user_id)},
+                                     status=421)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
         holdout = in_holdout(slate_id, holdout_share)
         if holdout:
@@ -113,22 +127,29 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, **kaf
         await state["producer"].send(prefix + "impressions", raw, key=key)
         return web.json_response({"slate_id": slate_id, "policy_applied": not holdout, "items": served, **decision})
 
-    async def health(request: web.Request) -> web.Response:
+    def status() -> dict:
         book = client.book
-        body = {"following": client.healthy, "thresholds": len(book.thresholds), "pools": len(book.pools),
+        return {"following": client.healthy, "ready": client.ready, "shard": None if shard is None else str(shard),
+                "partitions": list(client.partitions), "thresholds": len(book.thresholds), "pools": len(book.pools),
                 "rejected": dict(book.rejected),
                 "error": None if client.error is None else f"{type(client.error).__name__}: {client.error}"}
-        return web.json_response(body, status=200 if client.healthy else 503)
+
+    async def health(request: web.Request) -> web.Response:  # liveness: 503 once the client failed
+        return web.json_response(status(), status=200 if client.healthy else 503)
+
+    async def ready(request: web.Request) -> web.Response:  # readiness: 503 until caught up
+        return web.json_response(status(), status=200 if client.ready else 503)
 
     app = web.Application()
     app.router.add_post("/rank", rank)
     app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
     app.on_startup.append(on_start)
     app.on_cleanup.append(on_stop)
     return app
 
 
 def serve(bootstrap: str, port: int, host: str = "127.0.0.1", prefix: str = "", holdout_share: float = 0.1,
-          **kafka_kwargs) -> None:
+          shard: Shard | None = None, **kafka_kwargs) -> None:
     """Run the example ranker; ``kafka_kwargs`` are aiokafka's security options (SASL/TLS)."""
-    web.run_app(make_app(bootstrap, prefix, holdout_share, **kafka_kwargs), host=host, port=port)
+    web.run_app(make_app(bootstrap, prefix, holdout_share, shard, **kafka_kwargs), host=host, port=port)

@@ -3,9 +3,8 @@
 :class:`ThresholdBook` is pure: it holds the latest ``risk-thresholds`` and
 ``safe-pools`` values and resolves λ̂ for a user (``user:<id>`` → band →
 ``global``, SPEC §5). :class:`RankerClient` keeps a book up to date from Kafka
-with a group-less aiokafka consumer reading both topics from the beginning, so
-every ranker replica sees every key. :meth:`ThresholdBook.apply` runs
-:func:`calibration.policy.apply_policy`.
+with a group-less aiokafka consumer reading both topics from the beginning.
+:meth:`ThresholdBook.apply` runs :func:`calibration.policy.apply_policy`.
 
 A value the book cannot use (not JSON, or missing what :meth:`ThresholdBook.resolve`
 and :meth:`ThresholdBook.apply` read) is refused with a logged reason and counted in
@@ -13,8 +12,22 @@ and :meth:`ThresholdBook.apply` read) is refused with a logged reason and counte
 goes on reading. Before, one such record raised in the client's read loop, which
 died unseen: the book froze and the ranker served the old λ̂ for good.
 :attr:`RankerClient.healthy` says whether the loop is still reading.
-"""
 
+**Ready.** Until the client has read both topics up to where they ended when it
+started, its book lacks users' pools, bands and blocked tags: a ranker serving
+then would serve a user the ``low`` band's λ̂ and items of tags the user blocked.
+:attr:`RankerClient.ready` turns true once it has caught up (and stays true);
+serve only then (the example ranker answers 503 before).
+
+**Shards.** ``safe-pools`` holds one value per user (~1.5 kB for a pool of 20
+items), too many for every ranker replica to hold on a platform of hundreds of
+millions of users. With ``shard=Shard(i, n)`` a replica follows only the
+``safe-pools`` partitions ``p`` with ``p mod n = i`` (and all of
+``risk-thresholds``, one small value per group); requests for a user are routed
+to replica :meth:`RankerClient.shard_of` of the user, which :meth:`RankerClient.owns`
+checks. A user's partition is Kafka's default partitioner's, as riskgate writes it
+(:func:`streams.topics.key_partition`).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -30,9 +43,9 @@ from calibration.groups import GLOBAL, band_group, user_group
 from calibration.policy import Candidate, Served, apply_policy
 from calibration.safe_pool import SafeItem
 
-from .topics import SAFE_POOLS, THRESHOLDS
+from .topics import SAFE_POOLS, THRESHOLDS, key_partition
 
-__all__ = ["ThresholdBook", "RankerClient", "Decision", "InvalidOutput"]
+__all__ = ["ThresholdBook", "RankerClient", "Decision", "InvalidOutput", "Shard"]
 
 log = logging.getLogger("riskgate.ranker")
 
@@ -64,6 +77,36 @@ class _Pool(msgspec.Struct):
     blocked_tags: list[str] = []
     band: str = "low"
     thresholds: dict[str, _Thresholds] = {}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Replica ``index`` of ``count``: it follows the ``safe-pools`` partitions ``p`` with ``p mod count = index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"a shard is I/N with 0 <= I < N, not {self.index}/{self.count}")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"``, e.g. ``"0/4"``; ``ValueError`` saying the form otherwise."""
+        i, sep, n = text.partition("/")
+        try:
+            if not sep:
+                raise ValueError
+            index, count = int(i), int(n)
+        except ValueError:
+            raise ValueError(f"a shard is I/N (replica I of N, counted from 0), not {text!r}") from None
+        return cls(index, count)
+
+    def follows(self, partition: int) -> bool:
+        return partition % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 @dataclass(frozen=True)
@@ -172,13 +215,19 @@ class ThresholdBook:
 
 
 class RankerClient:
-    """Follows ``risk-thresholds`` and ``safe-pools`` into a :class:`ThresholdBook`."""
+    """Follows ``risk-thresholds`` and ``safe-pools`` (all, or a :class:`Shard` of it) into a :class:`ThresholdBook`."""
+
+    #: How long a read waits for records before the client checks whether it has caught up.
+    POLL_MS = 200
+    #: How often the client looks again for topics that do not exist yet.
+    TOPIC_RETRY_S = 1.0
 
     def __init__(self, bootstrap: str, book: ThresholdBook | None = None, prefix: str = "",
-                 keep_updates: bool = False, **consumer_kwargs):
+                 keep_updates: bool = False, shard: Shard | None = None, **consumer_kwargs):
         self.bootstrap = bootstrap
         self.thresholds_topic, self.pools_topic = prefix + THRESHOLDS, prefix + SAFE_POOLS
         self.book = book or ThresholdBook()
+        self.shard = shard
         self.consumer_kwargs = consumer_kwargs
         self._task: asyncio.Task | None = None
         self._consumer = None
@@ -188,18 +237,55 @@ class RankerClient:
         self.updates: asyncio.Queue | None = asyncio.Queue() if keep_updates else None
         #: Why the read loop stopped, if it failed (the book then no longer follows riskgate).
         self.error: BaseException | None = None
+        #: The ``safe-pools`` partitions followed, once the topics' metadata is known.
+        self.partitions: tuple[int, ...] = ()
+        self.pool_partitions: int | None = None  # how many safe-pools has
+        self._ready = asyncio.Event()
 
     @property
     def healthy(self) -> bool:
         """Whether the book still follows the topics: started, and the read loop neither failed nor ended."""
         return self._task is not None and not self._task.done() and self.error is None
 
+    @property
+    def ready(self) -> bool:
+        """Whether the book has caught up: it holds every value written before the client started."""
+        return self._ready.is_set() and self.healthy
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until :attr:`ready`; raises the read loop's error if it failed first, TimeoutError after ``timeout``."""
+        if self._task is None:
+            raise RuntimeError("the ranker client was not started")
+        ready = asyncio.ensure_future(self._ready.wait())
+        try:
+            done, _ = await asyncio.wait({ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if self.error is not None:
+            raise self.error
+        if not self._ready.is_set():
+            raise TimeoutError(f"the ranker client did not catch up with {self.thresholds_topic} and "
+                               f"{self.pools_topic} within {timeout} s")
+
+    def shard_of(self, user_id: str) -> int | None:
+        """The index of the shard that holds ``user_id``'s pool (0 unsharded); None before the metadata is known."""
+        if self.pool_partitions is None:
+            return None
+        n = self.shard.count if self.shard else 1
+        return key_partition(user_id.encode(), self.pool_partitions) % n
+
+    def owns(self, user_id: str) -> bool:
+        """Whether this client follows ``user_id``'s pool (False before the metadata is known)."""
+        if self.shard is None:
+            return True
+        return self.shard_of(user_id) == self.shard.index
+
     async def start(self) -> None:
         from aiokafka import AIOKafkaConsumer
 
         self._consumer = AIOKafkaConsumer(
-            self.thresholds_topic, self.pools_topic, bootstrap_servers=self.bootstrap, group_id=None,
-            auto_offset_reset="earliest", enable_auto_commit=False, **self.consumer_kwargs,
+            bootstrap_servers=self.bootstrap, group_id=None, auto_offset_reset="earliest",
+            enable_auto_commit=False, **self.consumer_kwargs,
         )
         try:
             await self._consumer.start()
@@ -208,15 +294,63 @@ class RankerClient:
             raise
         self._task = asyncio.create_task(self._run())
 
+    async def _assign(self) -> list:
+        """Assign both topics' partitions (safe-pools: the shard's), from the beginning, once they exist."""
+        from aiokafka import TopicPartition
+
+        consumer, tries = self._consumer, 0
+        while True:  # (the ranker may start before riskgate created its topics: it is not ready meanwhile)
+            await consumer._client.force_metadata_update()
+            parts = {t: consumer.partitions_for_topic(t) for t in (self.thresholds_topic, self.pools_topic)}
+            if all(parts.values()):
+                break
+            if tries % 30 == 0:
+                log.warning("waiting for %s to exist", " and ".join(t for t, p in parts.items() if not p))
+            tries += 1
+            await asyncio.sleep(self.TOPIC_RETRY_S)
+        n = len(parts[self.pools_topic])
+        followed = tuple(p for p in sorted(parts[self.pools_topic]) if self.shard is None or self.shard.follows(p))
+        if not followed:
+            raise ValueError(f"shard {self.shard} follows no partition: {self.pools_topic} has {n}, "
+                             f"so at most {n} shards")
+        self.pool_partitions, self.partitions = n, followed
+        tps = ([TopicPartition(self.thresholds_topic, p) for p in sorted(parts[self.thresholds_topic])]
+               + [TopicPartition(self.pools_topic, p) for p in followed])
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        return tps
+
     async def _run(self) -> None:
         try:
-            async for msg in self._consumer:
-                if msg.topic == self.thresholds_topic:
-                    self.book.on_threshold(msg.key, msg.value)  # (a bad value is refused, not raised)
-                else:
-                    self.book.on_pool(msg.key, msg.value)
-                if self.updates is not None:
-                    self.updates.put_nowait((msg.topic, msg.key, msg.value))
+            consumer = self._consumer
+            behind = set(await self._assign())
+            ends: dict = {}  # partition -> its end as of the first fetch (a live topic's end moves on)
+            while True:
+                batch = await consumer.getmany(timeout_ms=self.POLL_MS)
+                for records in batch.values():
+                    for msg in records:
+                        if msg.topic == self.thresholds_topic:
+                            self.book.on_threshold(msg.key, msg.value)  # (a bad value is refused, not raised)
+                        else:
+                            self.book.on_pool(msg.key, msg.value)
+                        if self.updates is not None:
+                            self.updates.put_nowait((msg.topic, msg.key, msg.value))
+                # (getmany returns at once while fetched records wait: without this a catch-up
+                # would hold the event loop, and the ranker's requests, until the buffer ran dry)
+                await asyncio.sleep(0)
+                if behind:
+                    # The end comes from the fetch responses' high watermarks: tansu answers
+                    # ListOffsets with the last batch's base offset + 1, short of the end.
+                    for tp in list(behind):
+                        if tp not in ends and (hw := consumer.highwater(tp)) is not None:
+                            ends[tp] = hw
+                        if tp in ends and await consumer.position(tp) >= ends[tp]:
+                            behind.discard(tp)
+                    if not behind:
+                        self._ready.set()
+                        log.info("caught up with %s and %s%s: %d thresholds, %d pools", self.thresholds_topic,
+                                 self.pools_topic, f" (shard {self.shard})" if self.shard else "",
+                                 len(self.book.thresholds), len(self.book.pools))
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the consumer itself failed: say so, the book is frozen from here

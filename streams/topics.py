@@ -14,10 +14,12 @@ import binascii
 import math
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Mapping
 
 import msgspec
 import orjson
+from aiokafka.partitioner import DefaultPartitioner
 
 from calibration.engine import EngineConfig, GroupResult
 from calibration.safe_pool import SafeItem
@@ -36,6 +38,7 @@ __all__ = [
     "encode_snapshot",
     "decode_snapshot",
     "InvalidSnapshot",
+    "key_partition",
 ]
 
 INPUT_TOPICS = ("impressions", "watch", "flags", "constraints", "forget")
@@ -45,6 +48,20 @@ DLQ = "riskgate-dlq"
 PARTIALS = "riskgate-partials"
 #: Largest dead-letter record (the original value, up to 1 MB, in base64 plus its envelope).
 DLQ_MAX_BYTES = 4 * 1024 * 1024
+
+_PARTITIONER = DefaultPartitioner()
+
+
+@lru_cache(maxsize=1 << 16)
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition of ``key`` among ``partitions`` under Kafka's default partitioner: murmur2(key) mod n.
+
+    Producers of the input topics (keyed by user id) and riskgate's ``safe-pools``
+    records use it, so a user's events, state and pool share one partition
+    number; a sharded ranker routes a user with it (:class:`streams.ranker.Shard`).
+    """
+    parts = list(range(partitions))
+    return _PARTITIONER(key, parts, parts)
 
 
 @dataclass(frozen=True)

@@ -92,27 +92,62 @@ def test_every_value_riskgate_writes_is_taken():
 
 
 class _Consumer:
-    """An aiokafka consumer's async iteration over given records; ``fail`` is raised after them."""
+    """What :class:`RankerClient` uses of an aiokafka consumer, over given records; ``fail`` is raised after them.
 
-    def __init__(self, records, fail: Exception | None = None):
-        self.records, self.fail = records, fail
+    ``pools`` is how many partitions ``safe-pools`` has (``risk-thresholds`` has one);
+    a record's partition is its ``partition`` (0 if unset). Each fetch hands out at
+    most ``per_fetch`` records, so that catching up takes several.
+    """
 
-    def __aiter__(self):
-        return self._gen()
+    def __init__(self, records, fail: Exception | None = None, pools: int = 1, per_fetch: int = 1000):
+        self.records, self.fail, self.pools, self.per_fetch = records, fail, pools, per_fetch
+        self._client = SimpleNamespace(force_metadata_update=self._metadata)
+        self.assigned: list = []
+        self.position_of: dict = {}
+        self.seen_metadata = False
 
-    async def _gen(self):
-        for r in self.records:
-            yield r
+    async def _metadata(self):
+        self.seen_metadata = True
+
+    def partitions_for_topic(self, topic):
+        return set(range(self.pools)) if topic == SAFE_POOLS else {0}
+
+    def assign(self, tps):
+        self.assigned = list(tps)
+
+    async def seek_to_beginning(self, *tps):
+        self.position_of = {tp: 0 for tp in tps}
+
+    def _log(self, tp):
+        return [r for r in self.records if (r.topic, getattr(r, "partition", 0)) == (tp.topic, tp.partition)]
+
+    def highwater(self, tp):
+        return len(self._log(tp))
+
+    async def position(self, tp):
+        return self.position_of[tp]
+
+    async def getmany(self, timeout_ms=0):
+        out, room = {}, self.per_fetch
+        for tp in self.assigned:
+            log = self._log(tp)[self.position_of[tp]:][:room]
+            if log:
+                out[tp] = log
+                self.position_of[tp] += len(log)
+                room -= len(log)
+        if out:
+            return out
         if self.fail is not None:
             raise self.fail
-        await asyncio.Event().wait()  # a live topic: nothing more for now
+        await asyncio.sleep(timeout_ms / 1000)  # a live topic: nothing more for now
+        return {}
 
     async def stop(self):
         pass
 
 
-def _rec(topic, key, value):
-    return SimpleNamespace(topic=topic, key=key, value=value)
+def _rec(topic, key, value, partition=0):
+    return SimpleNamespace(topic=topic, key=key, value=value, partition=partition)
 
 
 def _follow(consumer):
@@ -179,8 +214,12 @@ class _FakeClient:
     made: list = []
 
     def __init__(self, *a, **k):
-        self.book, self.error, self.healthy = ThresholdBook(), None, True
+        self.book, self.error, self.healthy, self.ready = ThresholdBook(), None, True, True
+        self.shard, self.partitions = k.get("shard"), (0,)
         self.made.append(self)
+
+    def owns(self, user_id):
+        return True
 
     async def start(self):
         pass
@@ -283,3 +322,205 @@ def test_the_example_ranker_health_is_503_once_its_client_stopped_following(monk
     assert s1 == 200 and b1["following"] is True and b1["rejected"] == {} and b1["error"] is None
     assert s2 == 503 and b2["following"] is False
     assert b2["error"] == "RuntimeError: broker gone" and b2["rejected"] == {THRESHOLDS: 2}
+
+
+# -- ready: serve only once caught up ----------------------------------------------------------------------------
+def _started(consumer, **kwargs) -> RankerClient:
+    client = RankerClient("unused:1", **kwargs)
+    client._consumer = consumer
+    client._task = asyncio.create_task(client._run())
+    return client
+
+
+def _pools(n, partitions=1):
+    from streams.topics import key_partition
+
+    return [_rec(SAFE_POOLS, f"u{i}".encode(), _good_pool(), key_partition(f"u{i}".encode(), partitions))
+            for i in range(n)]
+
+
+def test_the_client_is_ready_only_once_it_holds_everything_written_before_it_started():
+    """Before, a ranker served from its first moment, with users' pools (bands, blocked tags) still unread."""
+    records = [_rec(THRESHOLDS, b"replace:global", threshold_message(GOOD, CFG, 5))] + _pools(100)
+
+    async def run():
+        client = _started(_Consumer(records, per_fetch=10))
+        seen = []
+        while not client.ready:
+            seen.append(len(client.book.pools))
+            await asyncio.sleep(0)
+        held = len(client.book.pools)
+        await client.wait_ready(5)
+        await client.stop()
+        return seen, held, client
+
+    seen, held, client = asyncio.run(run())
+    assert held == 100 and len(client.book.thresholds) == 1
+    assert seen[0] == 0 and len(set(seen)) > 5  # not ready while the book was filling, fetch by fetch
+
+
+class _LiveConsumer(_Consumer):
+    """A topic written faster than one fetch reads it: its end keeps moving away."""
+
+    async def getmany(self, timeout_ms=0):
+        n = len(self.records)
+        self.records = self.records + [_rec(SAFE_POOLS, f"new{n + i}".encode(), _good_pool()) for i in range(20)]
+        return await super().getmany(timeout_ms)
+
+
+def test_a_client_on_a_busy_topic_is_ready_once_it_reached_where_the_topic_ended_when_it_started():
+    async def run():
+        client = _started(_LiveConsumer(_pools(100), per_fetch=10))
+        await client.wait_ready(5)
+        held = {k for k in client.book.pools if not k.startswith("new")}
+        await client.stop()
+        return held
+
+    assert len(asyncio.run(run())) == 100
+
+
+def test_a_client_of_empty_topics_is_ready_at_once():
+    async def run():
+        client = _started(_Consumer([]))
+        await client.wait_ready(5)
+        ok = client.ready
+        await client.stop()
+        return ok
+
+    assert asyncio.run(run())
+
+
+class _LateTopics(_Consumer):
+    """Topics that exist only from the third metadata request on."""
+
+    asked = 0
+
+    def partitions_for_topic(self, topic):
+        return super().partitions_for_topic(topic) if self.asked > 2 else None
+
+    async def _metadata(self):
+        self.asked += 1
+
+
+def test_a_client_started_before_the_topics_exist_waits_for_them_not_ready(monkeypatch, caplog):
+    monkeypatch.setattr(RankerClient, "TOPIC_RETRY_S", 0.01)
+
+    async def run():
+        consumer = _LateTopics(_pools(3))
+        client = _started(consumer)
+        while consumer.asked < 2:
+            await asyncio.sleep(0.005)
+        early = client.ready, client.healthy, client.shard_of("u1")
+        await client.wait_ready(5)
+        await client.stop()
+        return early, client
+
+    (ready, healthy, shard), client = asyncio.run(run())
+    assert (ready, healthy, shard) == (False, True, None)
+    assert len(client.book.pools) == 3 and "waiting for risk-thresholds and safe-pools to exist" in caplog.text
+
+
+def test_wait_ready_raises_the_error_of_a_client_that_failed_first():
+    from aiokafka.errors import KafkaError
+
+    async def run():
+        client = _started(_Consumer([], fail=KafkaError("broker gone")))
+        with pytest.raises(KafkaError):
+            await client.wait_ready(5)
+        return client.ready
+
+    assert asyncio.run(run()) is False
+
+
+# -- shards: a replica holds its share of the users' pools ------------------------------------------------------
+def test_shard_parses_i_of_n_and_refuses_anything_else():
+    from streams.ranker import Shard
+
+    assert Shard.parse("2/3") == Shard(2, 3) and str(Shard(2, 3)) == "2/3"
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0", ""):
+        with pytest.raises(ValueError, match="I/N"):
+            Shard.parse(bad)
+
+
+def test_sharded_clients_hold_disjoint_shares_that_together_are_the_whole_book():
+    from streams.ranker import Shard
+    from streams.topics import key_partition
+
+    records = [_rec(THRESHOLDS, b"replace:global", threshold_message(GOOD, CFG, 5))] + _pools(300, partitions=8)
+
+    async def run(shard):
+        client = _started(_Consumer(records, pools=8), shard=shard)
+        await client.wait_ready(5)
+        await client.stop()
+        return client
+
+    whole = asyncio.run(run(None))
+    shards = [asyncio.run(run(Shard(i, 3))) for i in range(3)]
+    assert len(whole.book.pools) == 300 and whole.partitions == tuple(range(8))
+    assert [c.partitions for c in shards] == [(0, 3, 6), (1, 4, 7), (2, 5)]
+    held = [set(c.book.pools) for c in shards]
+    assert set().union(*held) == set(whole.book.pools) and sum(map(len, held)) == 300  # disjoint, complete
+    for i, c in enumerate(shards):
+        assert len(c.book.thresholds) == 1  # every replica holds every group's threshold
+        assert all(c.owns(u) and whole.shard_of(u) == 0 and c.shard_of(u) == i for u in c.book.pools)
+        assert all(key_partition(u.encode(), 8) % 3 == i for u in c.book.pools)
+        assert not any(c.owns(u) for other in held if other is not held[i] for u in other)
+
+
+def test_a_shard_past_the_partition_count_fails_the_client_with_the_reason():
+    from streams.ranker import Shard
+
+    async def run():
+        client = _started(_Consumer([], pools=2), shard=Shard(2, 3))
+        with pytest.raises(ValueError, match="shard 2/3 follows no partition: safe-pools has 2"):
+            await client.wait_ready(5)
+        return client.healthy
+
+    assert asyncio.run(run()) is False
+
+
+def test_the_example_ranker_refuses_to_serve_until_ready_and_sends_other_shards_users_away(monkeypatch):
+    _no_broker(monkeypatch)
+    from streams.ranker import Shard
+
+    async def run():
+        out = []
+        app = example_ranker.make_app("unused:1", holdout_share=0.0, shard=Shard(1, 2))
+        async with TestClient(TestServer(app)) as http:
+            (client,) = _FakeClient.made
+            client.book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))
+            client.ready = False
+            for path in ("/ready", "/health"):
+                resp = await http.get(path)
+                out.append((resp.status, await resp.json()))
+            resp = await http.post("/rank", data=orjson.dumps(_OK))
+            out.append((resp.status, await resp.json()))
+            client.ready = True
+            client.owns = lambda u: u != "u1"
+            client.shard_of = lambda u: 0
+            resp = await http.post("/rank", data=orjson.dumps(_OK))
+            out.append((resp.status, await resp.json()))
+            resp = await http.post("/rank", data=orjson.dumps({**_OK, "user_id": "u2"}))
+            out.append((resp.status, await resp.json()))
+            resp = await http.get("/ready")
+            out.append((resp.status, await resp.json()))
+        return out, _FakeProducer.made[0].sent
+
+    [(r1, b1), (h1, hb1), (rank1, rb1), (rank2, rb2), (rank3, rb3), (r2, b2)], sent = asyncio.run(run())
+    assert r1 == 503 and b1["ready"] is False and b1["shard"] == "1/2"
+    assert h1 == 200 and hb1["following"] is True  # alive, not ready: no restart
+    assert rank1 == 503 and "not ready" in rb1["error"]
+    assert rank2 == 421 and rb2["shard"] == 0 and "belongs to shard 0, this is shard 1/2" in rb2["error"]
+    assert rank3 == 200 and rb3["lambda"] == 0.5
+    assert r2 == 200 and b2["ready"] is True
+    assert [orjson.loads(v)["user_id"] for _, _, v in sent] == ["u2"]  # only the served slate was produced
+
+
+@pytest.mark.parametrize("shard", ["3/2", "one/two"])
+def test_the_example_ranker_command_refuses_a_bad_shard_before_connecting(shard):
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    res = CliRunner().invoke(main, ["example-ranker", "--broker", "kafka://127.0.0.1:1", "--shard", shard])
+    assert res.exit_code == 2 and "Invalid value for '--shard'" in res.output and "I/N" in res.output

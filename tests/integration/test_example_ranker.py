@@ -34,17 +34,20 @@ def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_boo
         app = make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0)
         async with TestClient(TestServer(app)) as client:
             deadline = asyncio.get_running_loop().time() + 30
-            while True:  # until the ranker has read the published threshold
+            while True:  # until the ranker has caught up (503 before) and read the published threshold
                 resp = await client.post("/rank", data=orjson.dumps(request))
                 body = await resp.json()
-                if body["lambda"] is not None or asyncio.get_running_loop().time() > deadline:
+                if resp.status == 200 and body["lambda"] is not None or asyncio.get_running_loop().time() > deadline:
                     break
+                assert resp.status in (200, 503), body
                 await asyncio.sleep(0.2)
             health = await client.get("/health")
-            return body, health.status, await health.json()
+            ready = await client.get("/ready")
+            return body, health.status, await health.json(), ready.status
 
-    body, status, health = asyncio.run(run())
+    body, status, health, ready = asyncio.run(run())
     assert status == 200 and health["following"] and health["thresholds"] == 1 and health["pools"] == 1
+    assert ready == 200 and health["ready"] and health["partitions"] == [0, 1]
     assert (body["group"], body["lambda"], body["version"], body["policy_applied"]) == ("global", 0.5, 3, True)
     assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), ("safe-1", True)]
     imps = wait_for(lambda: [orjson.loads(v) for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])
@@ -54,3 +57,44 @@ def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_boo
     from streams.schemas import decode
 
     assert decode("impressions", orjson.dumps(imps[-1]), b"u1").policy_applied  # riskgate accepts it
+
+
+def test_sharded_ranker_clients_split_the_pools_and_each_is_ready_with_its_whole_share(kafka_bootstrap, topic_prefix):
+    """Three shards of an 8-partition ``safe-pools`` hold disjoint shares that make up the whole book.
+
+    The pools are produced as riskgate writes them: keyed by user id, placed by
+    Kafka's default partitioner. Each client is ready only once it holds every
+    pool of its share written before it started, and every replica holds every
+    group's threshold.
+    """
+    from streams.ranker import RankerClient, Shard
+    from streams.topics import key_partition
+
+    names = make_topics(kafka_bootstrap, topic_prefix, 8)
+    cfg = EngineConfig(alphas=(0.1,))
+    result = GroupResult("replace", "global", 500, (0.0, 1.0), (Threshold(0.1, 0.5, False, 0.08),))
+    users = [f"user-{i}" for i in range(240)]
+    produce_raw(kafka_bootstrap, [(names.thresholds, b"replace:global", threshold_message(result, cfg, 3))]
+                + [(names.safe_pools, u.encode(), safe_pool_message(u, [SafeItem(f"{u}-safe", 1.0)], [], band="low"))
+                   for u in users])
+    placed = {k.decode(): p for k, _, p in read_topic(kafka_bootstrap, names.safe_pools)}
+    assert placed == {u: key_partition(u.encode(), 8) for u in users}  # riskgate's placement is the producer's
+
+    async def follow(shard):
+        client = RankerClient(kafka_bootstrap, prefix=topic_prefix, shard=shard)
+        await client.start()
+        try:
+            await client.wait_ready(60)
+            return set(client.book.pools), len(client.book.thresholds), client.partitions, \
+                {u: client.shard_of(u) for u in users}, {u for u in users if client.owns(u)}
+        finally:
+            await client.stop()
+
+    whole, n_thresholds, parts, _, _ = asyncio.run(follow(None))
+    assert whole == set(users) and n_thresholds == 1 and parts == tuple(range(8))
+    shares = [asyncio.run(follow(Shard(i, 3))) for i in range(3)]
+    assert [s[2] for s in shares] == [(0, 3, 6), (1, 4, 7), (2, 5)]
+    for i, (held, n_thr, _, shard_of, owned) in enumerate(shares):
+        assert n_thr == 1 and held == owned == {u for u in users if placed[u] % 3 == i}
+        assert all(shard_of[u] == placed[u] % 3 for u in users)
+    assert sorted(u for s in shares for u in s[0]) == sorted(users)  # disjoint and complete
