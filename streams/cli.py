@@ -178,11 +178,14 @@ def example_ranker(broker, port, host, holdout_share, topic_prefix, shard) -> No
 @click.option("--rate", type=float, default=0.0, show_default=True, help="Events per second (0 = unthrottled).")
 @click.option("--events", "events_path", type=click.Path(exists=True, dir_okay=False),
               help="Produce this JSONL event file instead of a synthetic world.")
-def produce(broker, seed, users, n_slates, rate, events_path) -> None:
+@click.option("--skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leave out the first N events (to go on after a broker was lost: the count it printed).")
+def produce(broker, seed, users, n_slates, rate, events_path, skip) -> None:
     """Produce a seeded synthetic event stream (or an event file) to the input topics."""
     import asyncio
+    import itertools
 
-    from .producer import produce_events
+    from .producer import ProduceInterrupted, produce_events
 
     if events_path:
         from .synthetic_io import EventFileError, read_jsonl
@@ -200,19 +203,32 @@ def produce(broker, seed, users, n_slates, rate, events_path) -> None:
         events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
     bootstrap = broker.removeprefix("kafka://")
     with _broker_reachable("produce", bootstrap):
-        counts = asyncio.run(produce_events(bootstrap, events, rate=rate or None, producer_kwargs=_kafka_kwargs()))
+        try:
+            counts = asyncio.run(produce_events(bootstrap, itertools.islice(events, skip, None), rate=rate or None,
+                                                producer_kwargs=_kafka_kwargs()))
+        except ProduceInterrupted as e:
+            done = skip + e.acknowledged
+            click.echo(f"riskgate produce: lost the broker at {bootstrap} ({e}); the first {done} events are on it. "
+                       f"Go on with the same command and --skip {done} (events sent twice are dropped by "
+                       f"riskgate as duplicates).", err=True)
+            sys.exit(1)
     _dump({"produced": dict(counts)})
 
 
 @contextmanager
 def _broker_reachable(command: str, bootstrap: str):
-    """A broker that cannot be reached ends the command inside with status 1 and why, not a traceback."""
-    from aiokafka.errors import KafkaConnectionError
+    """A broker that cannot be reached, or fails, ends the command inside with status 1 and why, not a traceback."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError
 
     try:
         yield
     except KafkaConnectionError as e:
         click.echo(f"riskgate {command}: cannot reach the broker at {bootstrap} ({e})", err=True)
+        sys.exit(1)
+    except KafkaError as e:
+        from .producer import describe_error
+
+        click.echo(f"riskgate {command}: the broker at {bootstrap} failed ({describe_error(e)})", err=True)
         sys.exit(1)
 
 
@@ -233,7 +249,7 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
     """
     import asyncio
 
-    from .dlq import replay_dead_letters
+    from .dlq import ReplayInterrupted, replay_dead_letters
     from .settings import SettingsError, load_settings
     from .topics import Topics
 
@@ -243,9 +259,15 @@ def dlq_replay(broker, reasons, keys, start, dry_run) -> None:
         raise click.UsageError(f"bad configuration: {e}") from None
     bootstrap = broker.removeprefix("kafka://")
     with _broker_reachable("dlq-replay", bootstrap):
-        _dump(asyncio.run(replay_dead_letters(
-            bootstrap, Topics(settings.topic_prefix), reasons=reasons, keys=[k.encode() for k in keys], start=start,
-            dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
+        try:
+            _dump(asyncio.run(replay_dead_letters(
+                bootstrap, Topics(settings.topic_prefix), reasons=reasons, keys=[k.encode() for k in keys],
+                start=start, dry_run=dry_run, client_kwargs=settings.kafka_kwargs())))
+        except ReplayInterrupted as e:
+            click.echo(f"riskgate dlq-replay: lost the broker at {bootstrap} ({e}) after replaying "
+                       f"{sum(e.replayed.values())} dead letters; go on with the same command and "
+                       f"--from-offset {e.offset}.", err=True)
+            sys.exit(1)
 
 
 @main.group()

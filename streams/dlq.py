@@ -22,9 +22,10 @@ from typing import Iterable, Iterator
 
 import orjson
 
+from .producer import describe_error
 from .topics import Topics
 
-__all__ = ["DeadLetter", "parse", "select", "replay_dead_letters"]
+__all__ = ["DeadLetter", "parse", "select", "replay_dead_letters", "ReplayInterrupted"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,14 @@ async def _read(bootstrap: str, topic: str, start: int, timeout: float, client_k
         await c.stop()
 
 
+class ReplayInterrupted(Exception):
+    """The broker failed during a replay: every selected letter before DLQ offset ``offset`` was replayed."""
+
+    def __init__(self, offset: int, replayed: dict, cause: BaseException):
+        super().__init__(describe_error(cause))
+        self.offset, self.replayed, self.cause = offset, replayed, cause
+
+
 async def replay_dead_letters(bootstrap: str, names: Topics, *, reasons: Iterable[str] = (),
                               keys: Iterable[bytes] = (), start: int = 0, dry_run: bool = False,
                               timeout: float = 60.0, client_kwargs: dict | None = None) -> dict:
@@ -106,6 +115,7 @@ async def replay_dead_letters(bootstrap: str, names: Topics, *, reasons: Iterabl
     ``next_offset``: where the next replay should start.
     """
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
 
     kwargs = client_kwargs or {}
     records, end = await _read(bootstrap, names.dlq, start, timeout, kwargs)
@@ -117,7 +127,10 @@ async def replay_dead_letters(bootstrap: str, names: Topics, *, reasons: Iterabl
         try:
             await producer.start()
             for d in chosen:  # one at a time, acknowledged: DLQ order is kept, retries or not
-                await producer.send_and_wait(d.topic, d.value, key=d.key)
+                try:
+                    await producer.send_and_wait(d.topic, d.value, key=d.key)
+                except KafkaError as e:  # (lost after the start: say where to go on from)
+                    raise ReplayInterrupted(d.offset, dict(replayed), e) from e
                 replayed[f"{names.base(d.topic)} {d.code}"] += 1
         finally:
             await producer.stop()

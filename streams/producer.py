@@ -16,7 +16,25 @@ from typing import Iterable
 
 import orjson
 
-__all__ = ["produce_events"]
+__all__ = ["produce_events", "ProduceInterrupted", "describe_error"]
+
+
+def describe_error(e: BaseException) -> str:
+    """``e`` in one line with its class's name (aiokafka's errors name it already)."""
+    name, text = type(e).__name__, str(e)
+    return text if name in text else f"{name}: {text}" if text else name
+
+
+class ProduceInterrupted(Exception):
+    """The broker failed after the producer started; ``acknowledged`` events (the first ones) are on it.
+
+    Events after those may be on the broker too: sending them again is safe, riskgate
+    drops an event whose ``event_id`` its user has already applied.
+    """
+
+    def __init__(self, acknowledged: int, cause: BaseException):
+        super().__init__(describe_error(cause))
+        self.acknowledged, self.cause = acknowledged, cause
 
 
 async def produce_events(
@@ -30,34 +48,41 @@ async def produce_events(
 ) -> Counter:
     """Send every event; ``rate`` caps events per second (None: as fast as the broker takes them).
 
-    Returns the count of events sent per topic.
+    Returns the count of events sent per topic. A broker that cannot be reached at
+    the start raises aiokafka's error; one lost later, :class:`ProduceInterrupted`
+    with how many of the first events are on the broker.
     """
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024,
                                 **(producer_kwargs or {}))
     counts: Counter = Counter()
     pending: list[asyncio.Future] = []
     t0 = time.monotonic()
-    sent = 0
+    sent = acknowledged = 0
     try:
         await producer.start()  # (inside: a failed start leaves its client open until stopped)
-        for topic, value in events:
-            key = str(value.get("user_id", "")).encode()
-            pending.append(await producer.send(prefix + topic, orjson.dumps(value), key=key))
-            counts[topic] += 1
-            sent += 1
-            if len(pending) >= in_flight:
+        try:
+            for topic, value in events:
+                key = str(value.get("user_id", "")).encode()
+                pending.append(await producer.send(prefix + topic, orjson.dumps(value), key=key))
+                counts[topic] += 1
+                sent += 1
+                if len(pending) >= in_flight:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                    acknowledged = sent
+                    if on_progress is not None:
+                        on_progress(sent)
+                if rate:
+                    ahead = sent / rate - (time.monotonic() - t0)
+                    if ahead > 0.005:
+                        await asyncio.sleep(ahead)
+            if pending:
                 await asyncio.gather(*pending)
-                pending.clear()
-                if on_progress is not None:
-                    on_progress(sent)
-            if rate:
-                ahead = sent / rate - (time.monotonic() - t0)
-                if ahead > 0.005:
-                    await asyncio.sleep(ahead)
-        if pending:
-            await asyncio.gather(*pending)
+        except KafkaError as e:
+            raise ProduceInterrupted(acknowledged, e) from e
         if on_progress is not None:
             on_progress(sent)
     finally:

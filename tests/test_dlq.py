@@ -39,3 +39,45 @@ def test_replay_selects_input_events_by_reason_code_and_key_in_dlq_order():
     assert offsets(reasons=["unreadable_state", "schema"], keys=[b"u2"]) == [1, 2]
     assert offsets(keys=[b"u1"]) == [0]
     assert [d.offset for d in select(letters, Topics(""))] == []  # another deployment's topics
+
+
+def test_a_replay_that_lost_its_broker_names_the_first_letter_not_replayed(monkeypatch):
+    """Going on from ``ReplayInterrupted.offset`` sends every selected letter once more at most, and skips none."""
+    import asyncio
+
+    import aiokafka
+    import pytest
+    from aiokafka.errors import KafkaTimeoutError
+
+    from streams import dlq
+    from streams.schemas import dead_letter
+
+    names = Topics("acme.")
+    raws = [(i, dead_letter(names.prefix + "watch", 0, i, b'{"n":%d}' % i, "schema: x", b"u%d" % i)) for i in range(6)]
+    sent = []
+
+    class Producer:
+        def __init__(self, **kw):
+            pass
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send_and_wait(self, topic, value, key=None):
+            if len(sent) == 3:
+                raise KafkaTimeoutError("broker gone")
+            sent.append(key)
+
+    async def read(bootstrap, topic, start, timeout, kwargs):
+        return [r for r in raws if r[0] >= start], len(raws)
+
+    monkeypatch.setattr(aiokafka, "AIOKafkaProducer", Producer)
+    monkeypatch.setattr(dlq, "_read", read)
+    with pytest.raises(dlq.ReplayInterrupted) as raised:
+        asyncio.run(dlq.replay_dead_letters("h:1", names, start=1))
+    assert raised.value.offset == 4 and raised.value.replayed == {"watch schema": 3}
+    assert "KafkaTimeoutError: broker gone" in str(raised.value)
+    assert sent == [b"u1", b"u2", b"u3"]
