@@ -14,6 +14,8 @@ ranker that had just started served users with the ``low`` band's λ̂ and witho
 their blocked tags until it had read their pools. Started with a ``shard``
 (``--shard I/N``), it holds only its shard's pools and answers a request for any
 other user with 421 and the shard that holds it (``"shard"``), for the router.
+``GET /metrics`` exports the client's ``riskgate_ranker_*`` series
+(:class:`streams.metrics.RankerMetrics`).
 
 A deterministic ``holdout_share`` of slates is served unfiltered
 (``policy_applied=false``): only those measure the risk honestly and calibrate
@@ -31,6 +33,7 @@ from aiohttp import web
 
 from calibration.policy import Candidate, in_holdout
 
+from .metrics import RankerMetrics
 from .ranker import RankerClient, Shard
 from .schemas import InvalidEvent, decode
 
@@ -76,6 +79,7 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
 def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard: Shard | None = None,
              **kafka_kwargs) -> web.Application:
     client = RankerClient(bootstrap, prefix=prefix, shard=shard, **kafka_kwargs)
+    metrics = RankerMetrics(client)
     state: dict = {}
 
     async def on_start(app):
@@ -140,10 +144,14 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
     async def ready(request: web.Request) -> web.Response:  # readiness: 503 until caught up
         return web.json_response(status(), status=200 if client.ready else 503)
 
+    async def exposition(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), content_type="text/plain", charset="utf-8")
+
     app = web.Application()
     app.router.add_post("/rank", rank)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", exposition)
     app.on_startup.append(on_start)
     app.on_cleanup.append(on_stop)
     return app

@@ -1,17 +1,19 @@
-"""Prometheus metrics of a worker (SPEC "Monitoring"), in one registry per app.
+"""Prometheus metrics of a worker (SPEC "Monitoring") and of a ranker's client, in one registry per app.
 
 No module-level registry: each :class:`Metrics` owns its own
 ``CollectorRegistry``, so two workers (or tests) in one process never share
-counters. Every name starts with ``riskgate_``; the Grafana dashboard and the
-alert rules in ``deploy/`` use only the names listed in :data:`METRIC_NAMES`
-(a test checks that).
+counters. :class:`RankerMetrics` reads a :class:`streams.ranker.RankerClient` at
+each scrape (``riskgate_ranker_*``). Every name starts with ``riskgate_``; the
+Grafana dashboard and the alert rules in ``deploy/`` use only the names listed
+in :data:`METRIC_NAMES` (a test checks that).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-__all__ = ["Metrics", "METRIC_NAMES"]
+__all__ = ["Metrics", "RankerMetrics", "METRIC_NAMES"]
 
 
 class Metrics:
@@ -107,6 +109,53 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class RankerMetrics:
+    """What a ranker's client holds and whether it follows riskgate, read from the client at each scrape.
+
+    ``riskgate_ranker_threshold_version`` is the version of each shared group's
+    threshold the ranker holds (``strategy:user:<id>`` keys are left out: one
+    series per user), to compare with the ``riskgate_threshold_version`` the
+    workers published (alert ``RiskgateRankerBehind``).
+    """
+
+    def __init__(self, client) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(namespace="riskgate_ranker", registry=r)  # the book's memory: why shards exist
+        r.register(_RankerCollector(client))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _RankerCollector:
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def collect(self):
+        c, book = self.client, self.client.book
+        yield GaugeMetricFamily("riskgate_ranker_following", "1 while the client reads riskgate's outputs (its read "
+                                "loop has not failed), else 0.", value=float(c.healthy))
+        yield GaugeMetricFamily("riskgate_ranker_ready", "1 once the client has caught up with riskgate's outputs as "
+                                "they were when it started (serve only then), else 0.", value=float(c.ready))
+        yield GaugeMetricFamily("riskgate_ranker_pools", "Users' safe-pools values held (this shard's).",
+                                value=float(len(book.pools)))
+        yield GaugeMetricFamily("riskgate_ranker_thresholds", "risk-thresholds keys held.",
+                                value=float(len(book.thresholds)))
+        rejected = CounterMetricFamily("riskgate_ranker_rejected", "Output values the client refused (not JSON, or "
+                                       "missing what it reads), by topic; each key kept its last good value.",
+                                       labels=["topic"])
+        for topic, n in sorted(book.rejected.items()):
+            rejected.add_metric([topic], float(n))
+        yield rejected
+        version = GaugeMetricFamily("riskgate_ranker_threshold_version", "Version of each shared group's threshold "
+                                    "the ranker holds, by strategy and group.", labels=["strategy", "group"])
+        for key, msg in sorted(book.thresholds.items()):
+            strategy, _, group = key.partition(":")
+            if not group.startswith("user:"):
+                version.add_metric([strategy, group], float(msg["version"]))
+        yield version
+
+
 _SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created")}
 
 
@@ -114,8 +163,11 @@ def _names() -> frozenset[str]:
     # From the metric families where they have no samples: a labelled metric has
     # none until a label set is used, but its series names are fixed. Where they
     # have (the process collector's: no _created), from the samples.
+    from .ranker import RankerClient
+
     out = set()
-    for family in Metrics().registry.collect():
+    families = [*Metrics().registry.collect(), *RankerMetrics(RankerClient("unused:1")).registry.collect()]
+    for family in families:
         if family.samples:
             out.update(sample.name for sample in family.samples)
         else:
@@ -123,5 +175,5 @@ def _names() -> frozenset[str]:
     return frozenset(out)
 
 
-#: Every series name a worker can export (counters with ``_total``, histograms with ``_bucket`` etc.).
+#: Every series name a worker or a ranker's client can export (counters with ``_total``, histograms with ``_bucket``).
 METRIC_NAMES: frozenset[str] = _names()

@@ -216,6 +216,20 @@ def test_prometheus_scrapes_both_workers_and_loads_the_rules():
     assert {"/etc/prometheus/prometheus.yml", "/etc/prometheus/alerts.yml"} <= mounted
 
 
+def test_prometheus_scrapes_the_example_ranker_where_compose_runs_it():
+    cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "riskgate-ranker")
+    ranker = compose()["services"]["ranker"]
+    args = ranker["command"]
+    assert ranker["entrypoint"] == ["riskgate", "example-ranker"] and args[args.index("--host") + 1] == "0.0.0.0"
+    port = args[args.index("--port") + 1]
+    assert [t for sc in job["static_configs"] for t in sc["targets"]] == [f"ranker:{port}"]
+    assert job["metrics_path"] == "/metrics" and f"127.0.0.1:{port}/ready" in " ".join(ranker["healthcheck"]["test"])
+    # the alerts on rankers read what the ranker's client exports
+    ranker_alerts = [r for r in alert_rules() if r["alert"].startswith("RiskgateRanker")]
+    assert len(ranker_alerts) == 3 and all("riskgate_ranker_" in r["expr"] for r in ranker_alerts)
+
+
 # -- Dockerfile -------------------------------------------------------------------
 
 def test_dockerfile():

@@ -524,3 +524,32 @@ def test_the_example_ranker_command_refuses_a_bad_shard_before_connecting(shard)
 
     res = CliRunner().invoke(main, ["example-ranker", "--broker", "kafka://127.0.0.1:1", "--shard", shard])
     assert res.exit_code == 2 and "Invalid value for '--shard'" in res.output and "I/N" in res.output
+
+
+def test_the_example_ranker_exports_what_its_client_holds_and_whether_it_follows(monkeypatch):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _no_broker(monkeypatch)
+
+    async def run():
+        async with TestClient(TestServer(example_ranker.make_app("unused:1"))) as http:
+            (client,) = _FakeClient.made
+            book = client.book
+            book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))
+            book.on_threshold("replace:user:u1", threshold_message(OWN, CFG, 9))  # per user: no series
+            book.on_pool("u1", _good_pool())
+            book.on_pool("u2", b"{nope")
+            client.ready = False
+            resp = await http.get("/metrics")
+            return resp.status, await resp.text()
+
+    status, text = asyncio.run(run())
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert status == 200
+    assert samples[("riskgate_ranker_following", ())] == 1 and samples[("riskgate_ranker_ready", ())] == 0
+    assert samples[("riskgate_ranker_pools", ())] == 1 and samples[("riskgate_ranker_thresholds", ())] == 2
+    assert samples[("riskgate_ranker_rejected_total", (("topic", SAFE_POOLS),))] == 1
+    versions = {k: v for k, v in samples.items() if k[0] == "riskgate_ranker_threshold_version"}
+    assert versions == {("riskgate_ranker_threshold_version", (("group", "global"), ("strategy", "replace"))): 3}
+    assert samples[("riskgate_ranker_process_resident_memory_bytes", ())] > 0

@@ -231,6 +231,52 @@ case("worker unhealthy or not scraped for 5m", [
 ])
 
 
+RNF, RNR, RB = "RiskgateRankerNotFollowing", "RiskgateRankerNotReady", "RiskgateRankerBehind"
+RJ = "riskgate-ranker"
+def r(name, labels, values):
+    """A series of a ranker (scrape job riskgate-ranker)."""
+    lab = ",".join([f'job="{RJ}"'] + [f'{k}="{v}"' for k, v in labels.items()])
+    return {"series": f"{name}{{{lab}}}", "values": values}
+r1, r2, r3 = {"instance": "r1"}, {"instance": "r2"}, {"instance": "r3"}
+
+case("ranker not following: its read loop failed; another follows", [
+    r("riskgate_ranker_following", r1, "1x5 0x20"),
+    r("riskgate_ranker_following", r2, "1x25"),
+], [
+    ("6m", RNF, []),  # pending
+    ("10m", RNF, [({"job": RJ, "instance": "r1"}, None)]),
+])
+
+case("ranker not ready for 10m; one that caught up in 5m, one that failed (NotFollowing says so)", [
+    r("riskgate_ranker_following", r1, "1x30"),
+    r("riskgate_ranker_ready", r1, "0x30"),
+    r("riskgate_ranker_following", r2, "1x30"),
+    r("riskgate_ranker_ready", r2, "0x5 1x25"),
+    r("riskgate_ranker_following", r3, "0x30"),
+    r("riskgate_ranker_ready", r3, "0x30"),
+], [
+    ("8m", RNR, []),
+    ("15m", RNR, [({"job": RJ, "instance": "r1"}, None)]),
+])
+
+# Workers publish replace:global every minute (version 100 + 10 a minute; w1's
+# gauge lingers after w2 took the aggregator over) and a user's own threshold.
+# r1 keeps up, r2 is stuck, r3 is one version behind at every other evaluation.
+_pub = [100 + 10 * t for t in range(31)]
+case("ranker behind the published version for 5m; one that keeps up, one that lags only between scrapes", [
+    s("riskgate_threshold_version", {**i1, "strategy": "replace", "group": "global"}, "100+10x10 200x20"),
+    s("riskgate_threshold_version", {**i2, "strategy": "replace", "group": "global"}, "_x10 210+10x20"),
+    s("riskgate_threshold_version", {**i2, "strategy": "replace", "group": "user:u1"}, "900x30"),
+    r("riskgate_ranker_threshold_version", {**r1, "strategy": "replace", "group": "global"}, "100+10x30"),
+    r("riskgate_ranker_threshold_version", {**r2, "strategy": "replace", "group": "global"}, "100+10x3 130x27"),
+    r("riskgate_ranker_threshold_version", {**r3, "strategy": "replace", "group": "global"},
+      " ".join(str(v if t % 2 == 0 else v - 10) for t, v in enumerate(_pub))),
+], [
+    ("6m", RB, []),  # r2 behind since 4m: pending
+    ("12m", RB, [({"job": RJ, "instance": "r2", "strategy": "replace", "group": "global"}, None)]),
+])
+
+
 doc = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
 header = ("# Unit tests of alerts.yml: every alert fires on a bad stream and stays quiet on\n"
           "# a healthy or borderline one. Run: promtool test rules deploy/prometheus/alerts_test.yml\n"

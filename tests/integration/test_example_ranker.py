@@ -43,11 +43,18 @@ def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_boo
                 await asyncio.sleep(0.2)
             health = await client.get("/health")
             ready = await client.get("/ready")
-            return body, health.status, await health.json(), ready.status
+            metrics = await (await client.get("/metrics")).text()
+            return body, health.status, await health.json(), ready.status, metrics
 
-    body, status, health, ready = asyncio.run(run())
+    body, status, health, ready, metrics = asyncio.run(run())
     assert status == 200 and health["following"] and health["thresholds"] == 1 and health["pools"] == 1
     assert ready == 200 and health["ready"] and health["partitions"] == [0, 1]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics) for s in f.samples}
+    assert samples[("riskgate_ranker_ready", ())] == 1 and samples[("riskgate_ranker_pools", ())] == 1
+    assert samples[("riskgate_ranker_threshold_version", (("group", "global"), ("strategy", "replace")))] == 3
     assert (body["group"], body["lambda"], body["version"], body["policy_applied"]) == ("global", 0.5, 3, True)
     assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), ("safe-1", True)]
     imps = wait_for(lambda: [orjson.loads(v) for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])

@@ -1,4 +1,4 @@
-"""A real Prometheus scrapes a running ``riskgate worker`` (issue 5).
+"""A real Prometheus scrapes a running ``riskgate worker`` (issue 5), and the example ranker.
 
 The worker (tests/integration/harness.py, the same ``riskgate worker`` process
 the stream tests use) runs against the test broker; a seeded synthetic stream
@@ -46,14 +46,16 @@ def _prometheus_binary() -> str:
 class Prometheus:
     """``prometheus`` on 127.0.0.1:<free port> scraping ``targets`` every second, TSDB in ``tmp``."""
 
-    def __init__(self, binary: str, tmp: Path, targets: list[str]):
+    def __init__(self, binary: str, tmp: Path, targets: list[str], job: str = "riskgate", rules: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "riskgate", "metrics_path": "/metrics",
+            "scrape_configs": [{"job_name": job, "metrics_path": "/metrics",
                                 "static_configs": [{"targets": targets}]}],
         }
+        if rules is not None:
+            config["rule_files"] = [str(rules)]
         (tmp / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
         self.log_path = tmp / "prometheus.log"
         self.cmd = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
@@ -169,3 +171,60 @@ def test_prometheus_scrapes_worker_series(kafka_bootstrap, app_id, topic_prefix,
             assert exported - METRIC_NAMES == set()
     finally:
         worker.stop()
+
+
+def test_prometheus_scrapes_the_example_ranker_with_the_shipped_rules(kafka_bootstrap, topic_prefix, tmp_path):
+    """``riskgate example-ranker``'s ``/metrics`` through a real Prometheus that loads deploy/prometheus/alerts.yml."""
+    import sys
+
+    binary = _prometheus_binary()
+    make_topics(kafka_bootstrap, topic_prefix, 2)
+    port = free_port()
+    log = tmp_path / "ranker.log"
+    with open(log, "wb") as out:
+        ranker = subprocess.Popen([sys.executable, "-m", "streams.cli", "example-ranker", "--broker",
+                                   f"kafka://{kafka_bootstrap}", "--port", str(port), "--topic-prefix", topic_prefix],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    try:
+        def ready():
+            if ranker.poll() is not None:
+                raise AssertionError(f"the ranker exited with {ranker.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 60, what=f"the example ranker to be ready (log {log})")
+        with Prometheus(binary, prom_dir, [f"127.0.0.1:{port}"], job="riskgate-ranker",
+                        rules=REPO / "deploy" / "prometheus" / "alerts.yml") as prom:
+            up = wait_for(lambda: prom.query('riskgate_ranker_ready{job="riskgate-ranker"} == 1'), 30,
+                          what="riskgate_ranker_ready == 1 in Prometheus")
+            assert up[0]["metric"]["instance"] == f"127.0.0.1:{port}"
+            assert prom.query("riskgate_ranker_following == 1")
+            rss = float(wait_for(lambda: prom.query("riskgate_ranker_process_resident_memory_bytes"), 30,
+                                 what="the ranker's memory")[0]["value"][1])
+            assert 20e6 < rss < 4e9
+
+            def ranker_rules():  # the shipped rules on rankers, evaluated at least once
+                status, body = prom._get("/api/v1/rules")
+                groups = json.loads(body)["data"]["groups"] if status == 200 else []
+                rules = [r for g in groups if g["name"] == "riskgate-ranker" for r in g["rules"]]
+                return rules if rules and all(r.get("lastEvaluation", "").startswith("20") and
+                                              r["health"] == "ok" for r in rules) else None
+
+            rules = wait_for(ranker_rules, 30, what="the riskgate-ranker rules evaluated")
+            assert {r["name"] for r in rules} == {"RiskgateRankerNotFollowing", "RiskgateRankerNotReady",
+                                                  "RiskgateRankerBehind"}
+            assert all(r["state"] == "inactive" for r in rules)  # a following, ready ranker alerts nothing
+            exported = {n for n in prom.names() if n.startswith("riskgate_")}
+            assert "riskgate_ranker_ready" in exported and exported - METRIC_NAMES == set()
+    finally:
+        ranker.terminate()
+        try:
+            ranker.wait(15)
+        except subprocess.TimeoutExpired:
+            ranker.kill()
+            ranker.wait()
