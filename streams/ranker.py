@@ -19,15 +19,16 @@ then would serve a user the ``low`` band's λ̂ and items of tags the user block
 :attr:`RankerClient.ready` turns true once it has caught up (and stays true);
 serve only then (the example ranker answers 503 before).
 
-**Shards.** ``safe-pools`` holds one value per user (~1.5 kB for a pool of 20
-items), too many for every ranker replica to hold on a platform of hundreds of
-millions of users. With ``shard=Shard(i, n)`` a replica follows only the
+**Shards.** ``safe-pools`` holds one value per user (for a pool of 20 items,
+1.4 kB on the wire and ~10 kB parsed in the book), too many for every ranker
+replica to hold on a platform of hundreds of millions of users. With ``shard=Shard(i, n)`` a replica follows only the
 ``safe-pools`` partitions ``p`` with ``p mod n = i`` (and all of
 ``risk-thresholds``, one small value per group); requests for a user are routed
 to replica :meth:`RankerClient.shard_of` of the user, which :meth:`RankerClient.owns`
 checks. A user's partition is Kafka's default partitioner's, as riskgate writes it
 (:func:`streams.topics.key_partition`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -258,7 +259,7 @@ class RankerClient:
             raise RuntimeError("the ranker client was not started")
         ready = asyncio.ensure_future(self._ready.wait())
         try:
-            done, _ = await asyncio.wait({ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             ready.cancel()
         if self.error is not None:
