@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Iterable
 
-__all__ = ["LocalBroker", "create_topics", "free_port", "tansu_binary", "wait_for_broker"]
+__all__ = ["LocalBroker", "create_topics", "free_port", "partition_counts", "tansu_binary", "wait_for_broker"]
 
 
 def free_port() -> int:
@@ -47,6 +47,27 @@ async def _metadata_ok(bootstrap: str, **client_kwargs) -> bool:
         return False
     finally:
         await client.close()
+
+
+async def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float = 30.0,
+                           **client_kwargs) -> dict[str, int] | None:
+    """Partitions of each of ``topics`` that exists (name -> count); None if no broker answered within ``timeout``."""
+    from aiokafka import AIOKafkaClient
+
+    wanted = set(topics)
+    deadline = time.monotonic() + timeout
+    while True:
+        client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **client_kwargs)
+        try:
+            await client.bootstrap()
+            cluster = await client.fetch_all_metadata()
+            return {t: len(cluster.partitions_for_topic(t) or ()) for t in cluster.topics() if t in wanted}
+        except Exception:
+            if time.monotonic() > deadline:
+                return None
+        finally:
+            await client.close()
+        await asyncio.sleep(1.0)
 
 
 @contextlib.contextmanager

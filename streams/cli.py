@@ -122,6 +122,7 @@ def worker(loglevel) -> None:
     except SettingsError as e:
         click.echo(f"riskgate worker: bad configuration: {e}", err=True)
         sys.exit(2)
+    _check_topic_layout(settings)
     import faust
 
     from .app import GC_THRESHOLDS, RiskgateApp
@@ -150,6 +151,34 @@ def _shard_option(ctx, param, value):
         return None if value is None else Shard.parse(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def _check_topic_layout(settings) -> None:
+    """Stop at start, naming the setting, if existing topics have other partition counts than the worker's.
+
+    Before, Faust created the tables' changelogs with the setting's count and then
+    stopped on its own PartitionsMismatch, once records arrived: a changelog made
+    with the wrong count then stayed wrong whatever the setting became.
+    """
+    import asyncio
+    import logging
+
+    from .broker import _quiet, partition_counts
+    from .topics import Topics, layout_problems, partition_layout
+
+    names = Topics(settings.topic_prefix)
+    shared, single = partition_layout(names, settings.app_id)
+    with _quiet("aiokafka"):
+        actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single), timeout=30.0,
+                                              **settings.kafka_kwargs()))
+    if actual is None:  # (Faust waits for the broker and checks its tables' changelogs itself)
+        logging.getLogger("riskgate").warning("could not read the topics' partition counts from %s; starting "
+                                              "without checking them", settings.bootstrap)
+        return
+    problems = layout_problems(actual, names, settings.app_id, settings.topic_partitions)
+    if problems:
+        click.echo("riskgate worker: the topics do not fit the settings:\n  " + "\n  ".join(problems), err=True)
+        sys.exit(2)
 
 
 @main.command("example-ranker")

@@ -39,6 +39,8 @@ __all__ = [
     "decode_snapshot",
     "InvalidSnapshot",
     "key_partition",
+    "partition_layout",
+    "layout_problems",
 ]
 
 INPUT_TOPICS = ("impressions", "watch", "flags", "constraints", "forget")
@@ -112,6 +114,40 @@ class Topics:
 
 def threshold_key(strategy: str, group: str) -> str:
     return f"{strategy}:{group}"
+
+
+def partition_layout(names: Topics, app_id: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(topics with ``RISKGATE_TOPIC_PARTITIONS`` partitions, topics with exactly one).
+
+    The input topics, ``safe-pools`` and the changelogs of the per-partition
+    tables (``users``, ``partition-meta``) share one count: a user's events,
+    state and pool live under one partition number (Faust refuses a table whose
+    changelog differs from its source; a ranker shard finds a user's pool by
+    it). ``riskgate-partials`` has exactly one, so that one aggregator sums
+    every partition's totals, and so has ``threshold-versions``' changelog.
+    """
+    shared = (*names.inputs, names.safe_pools, *(f"{app_id}-{t}-changelog" for t in ("users", "partition-meta")))
+    return shared, (names.partials, f"{app_id}-threshold-versions-changelog")
+
+
+def layout_problems(actual: Mapping[str, int], names: Topics, app_id: str, partitions: int,
+                    setting: str = "RISKGATE_TOPIC_PARTITIONS") -> list[str]:
+    """Why the existing topics (``actual``: name -> partition count) do not fit ``partitions``; [] if they do.
+
+    Topics that do not exist yet are fine: the worker creates them.
+    """
+    shared, single = partition_layout(names, app_id)
+    out = []
+    off = {t: actual[t] for t in shared if t in actual and actual[t] != partitions}
+    if off:
+        existing = {actual[t] for t in shared if t in actual}
+        hint = (f"set {setting}={existing.pop()} to use them as they are" if len(existing) == 1
+                else "recreate the topics that differ")
+        out.append(f"{setting} is {partitions}, but " + ", ".join(f"{t} has {n}" for t, n in off.items())
+                   + " partitions. The input topics, safe-pools and the tables' changelogs must all have "
+                   + f"{setting} partitions (a changelog's count cannot be changed): {hint}")
+    out += [f"{t} has {actual[t]} partitions; it must have exactly 1" for t in single if actual.get(t, 1) != 1]
+    return out
 
 
 def threshold_message(result: GroupResult, config: EngineConfig, version: int, computed_at: float | None = None,

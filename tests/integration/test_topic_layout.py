@@ -1,0 +1,34 @@
+"""A worker whose RISKGATE_TOPIC_PARTITIONS does not fit the existing topics stops at start, naming the variable.
+
+Before, Faust created the tables' changelogs with the setting's count, began,
+and stopped on its own ``PartitionsMismatch`` once records arrived; the
+changelogs it had made kept the wrong count whatever the setting became.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from streams.broker import partition_counts
+
+from .harness import Worker, make_topics
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_worker_refuses_topics_with_another_partition_count_and_creates_nothing(kafka_bootstrap, app_id,
+                                                                                   topic_prefix, tmp_path):
+    names = make_topics(kafka_bootstrap, topic_prefix, 2)
+    worker = Worker(kafka_bootstrap, app_id, tmp_path / "data", tmp_path, partitions=4, prefix=topic_prefix).start()
+    try:
+        assert worker.proc.wait(90) == 2
+    finally:
+        worker.stop()
+    log = worker.log_path.read_text()
+    assert "riskgate worker: the topics do not fit the settings" in log
+    assert f"RISKGATE_TOPIC_PARTITIONS is 4, but {names.inputs[0]} has 2" in log
+    assert "set RISKGATE_TOPIC_PARTITIONS=2 to use them as they are" in log and "Traceback" not in log
+    changelogs = [f"{app_id}-{t}-changelog" for t in ("users", "partition-meta", "threshold-versions")]
+    assert asyncio.run(partition_counts(kafka_bootstrap, changelogs)) == {}  # none was made with the wrong count
