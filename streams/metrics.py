@@ -113,9 +113,9 @@ class RankerMetrics:
     """What a ranker's client holds and whether it follows riskgate, read from the client at each scrape.
 
     ``riskgate_ranker_threshold_version`` is the version of each shared group's
-    threshold the ranker holds (``strategy:user:<id>`` keys are left out: one
-    series per user), to compare with the ``riskgate_threshold_version`` the
-    workers published (alert ``RiskgateRankerBehind``).
+    threshold the ranker holds (the book keeps no ``strategy:user:<id>`` key: a
+    user's own λ̂ is read from its pool), to compare with the
+    ``riskgate_threshold_version`` the workers published (alert ``RiskgateRankerBehind``).
     """
 
     def __init__(self, client) -> None:
@@ -151,8 +151,7 @@ class _RankerCollector:
                                     "the ranker holds, by strategy and group.", labels=["strategy", "group"])
         for key, msg in sorted(book.thresholds.items()):
             strategy, _, group = key.partition(":")
-            if not group.startswith("user:"):
-                version.add_metric([strategy, group], float(msg["version"]))
+            version.add_metric([strategy, group], float(msg["version"]))
         yield version
 
 

@@ -138,10 +138,18 @@ class ThresholdBook:
     rejected: collections.Counter = field(default_factory=collections.Counter)
 
     def on_threshold(self, key: bytes | str, value: bytes | None) -> bool:
-        """Take one ``risk-thresholds`` record (``None``: a tombstone); False if its value was refused."""
+        """Take one ``risk-thresholds`` record (``None``: a tombstone); False if its value was refused.
+
+        A user's own threshold (key ``strategy:user:<id>``) is not kept: the same
+        value travels in the user's ``safe-pools`` record, which :meth:`resolve`
+        reads, so keeping this copy only made every replica, whatever its shard,
+        hold every such user's.
+        """
         k = self._key(THRESHOLDS, key)
         if k is None:
             return False
+        if k.partition(":")[2].startswith("user:"):
+            return True
         if value is None:
             self.thresholds.pop(k, None)
             return True

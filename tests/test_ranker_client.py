@@ -536,7 +536,7 @@ def test_the_example_ranker_exports_what_its_client_holds_and_whether_it_follows
             (client,) = _FakeClient.made
             book = client.book
             book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))
-            book.on_threshold("replace:user:u1", threshold_message(OWN, CFG, 9))  # per user: no series
+            book.on_threshold("replace:user:u1", threshold_message(OWN, CFG, 9))  # per user: not kept
             book.on_pool("u1", _good_pool())
             book.on_pool("u2", b"{nope")
             client.ready = False
@@ -548,8 +548,18 @@ def test_the_example_ranker_exports_what_its_client_holds_and_whether_it_follows
                for f in text_string_to_metric_families(text) for s in f.samples}
     assert status == 200
     assert samples[("riskgate_ranker_following", ())] == 1 and samples[("riskgate_ranker_ready", ())] == 0
-    assert samples[("riskgate_ranker_pools", ())] == 1 and samples[("riskgate_ranker_thresholds", ())] == 2
+    assert samples[("riskgate_ranker_pools", ())] == 1 and samples[("riskgate_ranker_thresholds", ())] == 1
     assert samples[("riskgate_ranker_rejected_total", (("topic", SAFE_POOLS),))] == 1
     versions = {k: v for k, v in samples.items() if k[0] == "riskgate_ranker_threshold_version"}
     assert versions == {("riskgate_ranker_threshold_version", (("group", "global"), ("strategy", "replace"))): 3}
     assert samples[("riskgate_ranker_process_resident_memory_bytes", ())] > 0
+
+
+def test_a_users_own_threshold_on_risk_thresholds_is_not_kept_the_one_in_the_pool_serves():
+    """Every replica would hold every such user's copy, which resolve never reads."""
+    book = ThresholdBook()
+    assert book.on_threshold(b"replace:user:u1", threshold_message(OWN, CFG, 9))
+    assert book.on_threshold(b"replace:user:u1", b"{not even json")  # (not read, so not refused either)
+    assert book.on_threshold(b"replace:user:u1", None)
+    assert not book.thresholds and not book.rejected
+    assert book.on_pool(b"u1", _good_pool()) and book.resolve("u1", 0.1, "replace") == ("user:u1", 0.7, 2)
