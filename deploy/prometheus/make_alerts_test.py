@@ -25,9 +25,8 @@ def render(alert, labels, value):
         out[k] = v
     return out
 
-W = 'job="riskgate"'
-def s(name, labels, values):
-    lab = ",".join([W] + [f'{k}="{v}"' for k, v in labels.items()])
+def s(name, labels, values, job="riskgate"):
+    lab = ",".join([f'job="{job}"'] + [f'{k}="{v}"' for k, v in labels.items()])
     return {"series": f"{name}{{{lab}}}", "values": values}
 
 tests = []
@@ -235,8 +234,7 @@ RNF, RNR, RB = "RiskgateRankerNotFollowing", "RiskgateRankerNotReady", "Riskgate
 RJ = "riskgate-ranker"
 def r(name, labels, values):
     """A series of a ranker (scrape job riskgate-ranker)."""
-    lab = ",".join([f'job="{RJ}"'] + [f'{k}="{v}"' for k, v in labels.items()])
-    return {"series": f"{name}{{{lab}}}", "values": values}
+    return s(name, labels, values, job=RJ)
 r1, r2, r3 = {"instance": "r1"}, {"instance": "r2"}, {"instance": "r3"}
 
 case("ranker not following: its read loop failed; another follows", [
