@@ -25,6 +25,7 @@ riskgate sees what users were shown, with the α that was applied.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -38,6 +39,8 @@ from .ranker import RankerClient, Shard
 from .schemas import InvalidEvent, decode
 
 __all__ = ["make_app", "serve"]
+
+log = logging.getLogger("riskgate.example_ranker")
 
 STRATEGIES = ("remove", "replace")
 
@@ -98,6 +101,14 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         await client.stop()
         await state["producer"].stop()
 
+    def on_sent(future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            metrics.impressions.labels("failed").inc()
+            log.error("an impression could not be produced (%s): riskgate will not calibrate on that slate",
+                      "cancelled" if future.cancelled() else future.exception())
+        else:
+            metrics.impressions.labels("sent").inc()
+
     async def rank(request: web.Request) -> web.Response:
         try:
             body, user_id, k, alpha, strategy, cands = _parse(await request.read())
@@ -128,7 +139,8 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         except InvalidEvent as e:
             return web.json_response({"error": f"riskgate would refuse this slate's impression: {e.reason}"},
                                      status=400)
-        await state["producer"].send(prefix + "impressions", raw, key=key)
+        sent = await state["producer"].send(prefix + "impressions", raw, key=key)
+        sent.add_done_callback(on_sent)  # (acknowledged later: the request does not wait for the broker)
         return web.json_response({"slate_id": slate_id, "policy_applied": not holdout, "items": served, **decision})
 
     def status() -> dict:

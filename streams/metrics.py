@@ -122,6 +122,11 @@ class RankerMetrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(namespace="riskgate_ranker", registry=r)  # the book's memory: why shards exist
         r.register(_RankerCollector(client))
+        # Served slates reported to `impressions` (SPEC §2): a ranker that stops reporting them
+        # starves the calibration window, while every threshold is still republished on time.
+        self.impressions = Counter("riskgate_ranker_impressions", "Served slates produced to the impressions "
+                                   "topic, by outcome (sent: acknowledged; failed: the broker refused or timed out).",
+                                   ["outcome"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -227,7 +227,7 @@ def test_prometheus_scrapes_the_example_ranker_where_compose_runs_it():
     assert job["metrics_path"] == "/metrics" and f"127.0.0.1:{port}/ready" in " ".join(ranker["healthcheck"]["test"])
     # the alerts on rankers read what the ranker's client exports
     ranker_alerts = [r for r in alert_rules() if r["alert"].startswith("RiskgateRanker")]
-    assert len(ranker_alerts) == 3 and all("riskgate_ranker_" in r["expr"] for r in ranker_alerts)
+    assert len(ranker_alerts) == 4 and all("riskgate_ranker_" in r["expr"] for r in ranker_alerts)
 
 
 # -- Dockerfile -------------------------------------------------------------------

@@ -233,10 +233,18 @@ class _FakeProducer(_FakeClient):
 
     def __init__(self, *a, **k):
         super().__init__()
-        self.sent = []
+        self.sent, self.fail_next = [], None
 
     async def send(self, topic, value, key=None):
+        """Like aiokafka's: a future of the broker's acknowledgement (``fail_next``: its error instead)."""
         self.sent.append((topic, key, value))
+        acked = asyncio.get_running_loop().create_future()
+        if self.fail_next is not None:
+            acked.set_exception(self.fail_next)
+            self.fail_next = None
+        else:
+            acked.set_result(None)
+        return acked
 
 
 def _no_broker(monkeypatch):
@@ -563,3 +571,27 @@ def test_a_users_own_threshold_on_risk_thresholds_is_not_kept_the_one_in_the_poo
     assert book.on_threshold(b"replace:user:u1", None)
     assert not book.thresholds and not book.rejected
     assert book.on_pool(b"u1", _good_pool()) and book.resolve("u1", 0.1, "replace") == ("user:u1", 0.7, 2)
+
+
+def test_the_example_ranker_counts_and_logs_impressions_the_broker_did_not_take(monkeypatch, caplog):
+    """A ranker that stops reporting slates starves the calibration window while thresholds still arrive on time."""
+    from aiokafka.errors import KafkaTimeoutError
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _no_broker(monkeypatch)
+
+    async def run():
+        async with TestClient(TestServer(example_ranker.make_app("unused:1", holdout_share=0.0))) as http:
+            producer = _FakeProducer.made[0]
+            statuses = [(await http.post("/rank", data=orjson.dumps(_OK))).status]
+            producer.fail_next = KafkaTimeoutError("batch expired")
+            statuses.append((await http.post("/rank", data=orjson.dumps({**_OK, "slate_id": "s2"}))).status)
+            statuses.append((await http.post("/rank", data=orjson.dumps({**_OK, "slate_id": "s3"}))).status)
+            await asyncio.sleep(0)  # (the acknowledgements' callbacks)
+            return statuses, await (await http.get("/metrics")).text()
+
+    statuses, text = asyncio.run(run())
+    counts = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "riskgate_ranker_impressions_total"}
+    assert statuses == [200, 200, 200] and counts == {"sent": 2, "failed": 1}
+    assert "an impression could not be produced (KafkaTimeoutError: batch expired)" in caplog.text

@@ -275,6 +275,18 @@ case("ranker behind the published version for 5m; one that keeps up, one that la
 ])
 
 
+RIF = "RiskgateRankerImpressionsFailing"
+case("ranker impressions: 5% fail for 10m; another ranker loses one in a thousand", [
+    r("riskgate_ranker_impressions_total", {**r1, "outcome": "sent"}, "0+95x30"),
+    r("riskgate_ranker_impressions_total", {**r1, "outcome": "failed"}, "0x10 0+5x20"),
+    r("riskgate_ranker_impressions_total", {**r2, "outcome": "sent"}, "0+999x30"),
+    r("riskgate_ranker_impressions_total", {**r2, "outcome": "failed"}, "0+1x30"),
+], [
+    ("12m", RIF, []),  # failing since 10m: pending
+    ("25m", RIF, [({"instance": "r1"}, "5%")]),
+])
+
+
 doc = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
 header = ("# Unit tests of alerts.yml: every alert fires on a bad stream and stays quiet on\n"
           "# a healthy or borderline one. Run: promtool test rules deploy/prometheus/alerts_test.yml\n"
