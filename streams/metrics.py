@@ -142,6 +142,12 @@ class _RankerCollector:
                                 "loop has not failed), else 0.", value=float(c.healthy))
         yield GaugeMetricFamily("riskgate_ranker_ready", "1 once the client has caught up with riskgate's outputs as "
                                 "they were when it started (serve only then), else 0.", value=float(c.ready))
+        lag = GaugeMetricFamily("riskgate_ranker_lag_records", "Records of each output topic the client has not "
+                                "taken yet (high watermark of its latest fetch minus its position), by topic.",
+                                labels=["topic"])
+        for topic, n in sorted(c.lag().items()):
+            lag.add_metric([topic], float(n))
+        yield lag
         yield GaugeMetricFamily("riskgate_ranker_pools", "Users' safe-pools values held (this shard's).",
                                 value=float(len(book.pools)))
         yield GaugeMetricFamily("riskgate_ranker_thresholds", "risk-thresholds keys held.",

@@ -250,6 +250,7 @@ class RankerClient:
         self.partitions: tuple[int, ...] = ()
         self.pool_partitions: int | None = None  # how many safe-pools has
         self._ready = asyncio.Event()
+        self._next: dict = {}  # partition -> offset of the next record to take (what lag() counts from)
 
     @property
     def healthy(self) -> bool:
@@ -275,6 +276,16 @@ class RankerClient:
         if not self._ready.is_set():
             raise TimeoutError(f"the ranker client did not catch up with {self.thresholds_topic} and "
                                f"{self.pools_topic} within {timeout} s")
+
+    def lag(self) -> dict[str, int]:
+        """Records each followed topic holds beyond what the book took, as of the latest fetch responses."""
+        out = {self.thresholds_topic: 0, self.pools_topic: 0}
+        consumer = self._consumer
+        for tp, taken in self._next.items():
+            hw = consumer.highwater(tp) if consumer is not None else None
+            if hw is not None and hw > taken:
+                out[tp.topic] += hw - taken
+        return out
 
     def shard_of(self, user_id: str) -> int | None:
         """The index of the shard that holds ``user_id``'s pool (0 unsharded); None before the metadata is known."""
@@ -333,10 +344,12 @@ class RankerClient:
         try:
             consumer = self._consumer
             behind = set(await self._assign())
+            self._next = dict.fromkeys(behind, 0)
             ends: dict = {}  # partition -> its end as of the first fetch (a live topic's end moves on)
             while True:
                 batch = await consumer.getmany(timeout_ms=self.POLL_MS)
-                for records in batch.values():
+                for tp, records in batch.items():
+                    self._next[tp] = records[-1].offset + 1
                     for msg in records:
                         if msg.topic == self.thresholds_topic:
                             self.book.on_threshold(msg.key, msg.value)  # (a bad value is refused, not raised)

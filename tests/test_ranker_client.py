@@ -130,9 +130,10 @@ class _Consumer:
     async def getmany(self, timeout_ms=0):
         out, room = {}, self.per_fetch
         for tp in self.assigned:
-            log = self._log(tp)[self.position_of[tp]:][:room]
+            at = self.position_of[tp]
+            log = self._log(tp)[at:][:room]
             if log:
-                out[tp] = log
+                out[tp] = [SimpleNamespace(**vars(r), offset=at + i) for i, r in enumerate(log)]
                 self.position_of[tp] += len(log)
                 room -= len(log)
         if out:
@@ -220,6 +221,9 @@ class _FakeClient:
 
     def owns(self, user_id):
         return True
+
+    def lag(self):
+        return {THRESHOLDS: 0, SAFE_POOLS: 7}
 
     async def start(self):
         pass
@@ -364,6 +368,7 @@ def test_the_client_is_ready_only_once_it_holds_everything_written_before_it_sta
 
     seen, held, client = asyncio.run(run())
     assert held == 100 and len(client.book.thresholds) == 1
+    assert client.lag() == {THRESHOLDS: 0, SAFE_POOLS: 0}
     assert seen[0] == 0 and len(set(seen)) > 5  # not ready while the book was filling, fetch by fetch
 
 
@@ -558,6 +563,7 @@ def test_the_example_ranker_exports_what_its_client_holds_and_whether_it_follows
     assert samples[("riskgate_ranker_following", ())] == 1 and samples[("riskgate_ranker_ready", ())] == 0
     assert samples[("riskgate_ranker_pools", ())] == 1 and samples[("riskgate_ranker_thresholds", ())] == 1
     assert samples[("riskgate_ranker_rejected_total", (("topic", SAFE_POOLS),))] == 1
+    assert samples[("riskgate_ranker_lag_records", (("topic", SAFE_POOLS),))] == 7
     versions = {k: v for k, v in samples.items() if k[0] == "riskgate_ranker_threshold_version"}
     assert versions == {("riskgate_ranker_threshold_version", (("group", "global"), ("strategy", "replace"))): 3}
     assert samples[("riskgate_ranker_process_resident_memory_bytes", ())] > 0
@@ -595,3 +601,23 @@ def test_the_example_ranker_counts_and_logs_impressions_the_broker_did_not_take(
               if s.name == "riskgate_ranker_impressions_total"}
     assert statuses == [200, 200, 200] and counts == {"sent": 2, "failed": 1}
     assert "an impression could not be produced (KafkaTimeoutError: batch expired)" in caplog.text
+
+
+def test_the_clients_lag_is_what_the_topics_hold_beyond_what_its_book_took():
+    records = _pools(50)
+
+    async def run():
+        consumer = _Consumer(records, per_fetch=20)
+        client = RankerClient("unused:1")
+        client._consumer = consumer
+        await client._assign()  # (as _run does first; no record taken yet)
+        client._next = {tp: 0 for tp in consumer.assigned}
+        before = client.lag()
+        client._task = asyncio.create_task(client._run())
+        await client.wait_ready(5)
+        after = client.lag()
+        await client.stop()
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert before == {THRESHOLDS: 0, SAFE_POOLS: 50} and after == {THRESHOLDS: 0, SAFE_POOLS: 0}

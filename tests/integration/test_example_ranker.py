@@ -55,6 +55,7 @@ def test_ranker_applies_published_threshold_and_reports_the_impression(kafka_boo
                for f in text_string_to_metric_families(metrics) for s in f.samples}
     assert samples[("riskgate_ranker_ready", ())] == 1 and samples[("riskgate_ranker_pools", ())] == 1
     assert samples[("riskgate_ranker_threshold_version", (("group", "global"), ("strategy", "replace")))] == 3
+    assert samples[("riskgate_ranker_lag_records", (("topic", names.safe_pools),))] == 0
     assert (body["group"], body["lambda"], body["version"], body["policy_applied"]) == ("global", 0.5, 3, True)
     assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), ("safe-1", True)]
     imps = wait_for(lambda: [orjson.loads(v) for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])
