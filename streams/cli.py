@@ -189,14 +189,23 @@ def _check_topic_layout(settings) -> None:
 @click.option("--topic-prefix", default="", show_default=True)
 @click.option("--shard", callback=_shard_option, default=None,
               help="I/N: hold only replica I of N's share of the users' pools (safe-pools partitions p with "
-                   "p mod N = I); requests for other users get 421.")
-def example_ranker(broker, port, host, holdout_share, topic_prefix, shard) -> None:
+                   "p mod N = I); requests for other users get 421, or go to their shard with --peers.")
+@click.option("--peers", default=None,
+              help="With --shard I/N: the N shards' base URLs in shard order, comma-separated (this one's too); a "
+                   "request for another shard's user is forwarded there.")
+def example_ranker(broker, port, host, holdout_share, topic_prefix, shard, peers) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
     from .example_ranker import serve
 
+    urls = [u.strip() for u in peers.split(",")] if peers else []
+    if urls and shard is None:
+        raise click.BadParameter("needs --shard I/N", param_hint="--peers")
+    if urls and len(urls) != shard.count:
+        raise click.BadParameter(f"one URL per shard, in shard order: {shard.count}, not {len(urls)}",
+                                 param_hint="--peers")
     bootstrap = broker.removeprefix("kafka://")
     with _broker_reachable("example-ranker", bootstrap):  # (at start: the ranker never served)
-        serve(bootstrap, port, host, topic_prefix, holdout_share, shard, **_kafka_kwargs())
+        serve(bootstrap, port, host, topic_prefix, holdout_share, shard, urls, **_kafka_kwargs())
 
 
 @main.command()

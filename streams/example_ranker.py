@@ -13,7 +13,11 @@ Until its client has caught up with riskgate's outputs (:attr:`RankerClient.read
 ranker that had just started served users with the ``low`` band's λ̂ and without
 their blocked tags until it had read their pools. Started with a ``shard``
 (``--shard I/N``), it holds only its shard's pools and answers a request for any
-other user with 421 and the shard that holds it (``"shard"``), for the router.
+other user with 421 and the shard that holds it (``"shard"``), for the router;
+given its shards' addresses (``peers``, ``--peers URL0,URL1,...``), it forwards
+such a request to the shard that holds the user instead, so that any load
+balancer can spread requests over the shards (one extra hop for the requests
+it sent to the wrong one). A forwarded request is never forwarded again.
 ``GET /metrics`` exports the client's ``riskgate_ranker_*`` series
 (:class:`streams.metrics.RankerMetrics`).
 
@@ -25,9 +29,11 @@ riskgate sees what users were shown, with the α that was applied.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
+from typing import Sequence
 
 import orjson
 from aiohttp import web
@@ -38,7 +44,12 @@ from .metrics import RankerMetrics
 from .ranker import RankerClient, Shard
 from .schemas import InvalidEvent, decode
 
-__all__ = ["make_app", "serve"]
+__all__ = ["make_app", "serve", "FORWARDED"]
+
+#: Header of a request one shard forwarded to another (its value: the forwarding shard's index).
+FORWARDED = "X-Riskgate-Forwarded"
+#: How long a shard waits for the shard it forwarded a request to.
+FORWARD_TIMEOUT_S = 5.0
 
 log = logging.getLogger("riskgate.example_ranker")
 
@@ -80,7 +91,11 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
 
 
 def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard: Shard | None = None,
-             **kafka_kwargs) -> web.Application:
+             peers: Sequence[str] = (), **kafka_kwargs) -> web.Application:
+    if peers and (shard is None or len(peers) != shard.count):
+        raise ValueError("peers are the base URLs of every shard, in shard order: "
+                         + (f"{shard.count}, not {len(peers)}" if shard else "they need a shard"))
+    peers = [p.rstrip("/") for p in peers]
     client = RankerClient(bootstrap, prefix=prefix, shard=shard, **kafka_kwargs)
     metrics = RankerMetrics(client)
     state: dict = {}
@@ -88,18 +103,38 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
     async def on_start(app):
         from aiokafka import AIOKafkaProducer
 
+        from aiohttp import ClientSession, ClientTimeout
+
         await client.start()
+        state["peers"] = ClientSession(timeout=ClientTimeout(total=FORWARD_TIMEOUT_S)) if peers else None
         state["producer"] = producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_kwargs)
         try:
             await producer.start()
         except BaseException:  # (the app never started: nothing else stops these)
             await producer.stop()
             await client.stop()
+            if state["peers"] is not None:
+                await state["peers"].close()
             raise
 
     async def on_stop(app):
         await client.stop()
         await state["producer"].stop()
+        if state["peers"] is not None:
+            await state["peers"].close()
+
+    async def forward(request: web.Request, raw: bytes, owner: int) -> web.Response:
+        """The answer of shard ``owner`` to this request (502 if it gives none)."""
+        from aiohttp import ClientError
+
+        try:
+            async with state["peers"].post(peers[owner] + "/rank", data=raw,
+                                           headers={FORWARDED: str(shard.index),
+                                                    "Content-Type": "application/json"}) as resp:
+                return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+        except (ClientError, asyncio.TimeoutError) as e:
+            return web.json_response({"error": f"shard {owner} at {peers[owner]} did not answer: "
+                                               f"{type(e).__name__}: {e}", "shard": owner}, status=502)
 
     def on_sent(future) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -110,16 +145,19 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
             metrics.impressions.labels("sent").inc()
 
     async def rank(request: web.Request) -> web.Response:
+        raw = await request.read()
         try:
-            body, user_id, k, alpha, strategy, cands = _parse(await request.read())
+            body, user_id, k, alpha, strategy, cands = _parse(raw)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
             return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"}, status=400)
         if not client.ready:  # (fail closed: the book may lack this user's band and blocked tags)
             return web.json_response({"error": "not ready: still reading riskgate's outputs"}, status=503)
         if not client.owns(user_id):
-            return web.json_response({"error": f"user {user_id!r} belongs to shard {client.shard_of(user_id)}, "
-                                               f"this is shard {client.shard}", "shard": client.shard_of(user_id)},
-                                     status=421)
+            owner = client.shard_of(user_id)
+            if peers and FORWARDED not in request.headers:  # (once: two shards that disagree do not loop)
+                return await forward(request, raw, owner)
+            return web.json_response({"error": f"user {user_id!r} belongs to shard {owner}, "
+                                               f"this is shard {client.shard}", "shard": owner}, status=421)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
         holdout = in_holdout(slate_id, holdout_share)
         if holdout:
@@ -170,6 +208,6 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
 
 
 def serve(bootstrap: str, port: int, host: str = "127.0.0.1", prefix: str = "", holdout_share: float = 0.1,
-          shard: Shard | None = None, **kafka_kwargs) -> None:
+          shard: Shard | None = None, peers: Sequence[str] = (), **kafka_kwargs) -> None:
     """Run the example ranker; ``kafka_kwargs`` are aiokafka's security options (SASL/TLS)."""
-    web.run_app(make_app(bootstrap, prefix, holdout_share, shard, **kafka_kwargs), host=host, port=port)
+    web.run_app(make_app(bootstrap, prefix, holdout_share, shard, peers, **kafka_kwargs), host=host, port=port)

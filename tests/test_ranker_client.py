@@ -621,3 +621,69 @@ def test_the_clients_lag_is_what_the_topics_hold_beyond_what_its_book_took():
 
     before, after = asyncio.run(run())
     assert before == {THRESHOLDS: 0, SAFE_POOLS: 50} and after == {THRESHOLDS: 0, SAFE_POOLS: 0}
+
+
+def test_a_shard_forwards_a_request_for_another_shards_user_once_and_says_when_that_shard_is_down(monkeypatch):
+    """With --peers any load balancer can spread requests over the shards: a misrouted one takes one more hop."""
+    from streams.broker import free_port
+    from streams.ranker import Shard
+
+    _no_broker(monkeypatch)
+    ports = [free_port(), free_port()]
+    peers = [f"http://127.0.0.1:{p}" for p in ports]
+    owner = {"u0": 0, "u1": 1}
+
+    async def run():
+        apps = [example_ranker.make_app("unused:1", holdout_share=0.0, shard=Shard(i, 2), peers=peers)
+                for i in range(2)]
+        out = {}
+        servers = [TestServer(app, port=port) for app, port in zip(apps, ports)]
+        async with TestClient(servers[0]) as http0, TestClient(servers[1]) as http1:
+            for i, client in enumerate(_FakeClient.made):
+                client.book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))
+                client.owns = lambda u, i=i: owner[u] == i
+                client.shard_of = lambda u: owner[u]
+            resp = await http0.post("/rank", data=orjson.dumps({**_OK, "user_id": "u1", "slate_id": "f1"}))
+            out["forwarded"] = resp.status, await resp.json()
+            resp = await http0.post("/rank", data=orjson.dumps({**_OK, "user_id": "u0", "slate_id": "own"}))
+            out["own"] = resp.status, await resp.json()
+            # two shards that disagree about a user: the forwarded request is answered, not sent back
+            _FakeClient.made[1].owns = lambda u: False
+            _FakeClient.made[1].shard_of = lambda u: 0
+            resp = await http0.post("/rank", data=orjson.dumps({**_OK, "user_id": "u1", "slate_id": "loop"}))
+            out["disagree"] = resp.status, await resp.json()
+            await servers[1].close()  # shard 1 is down
+            resp = await http0.post("/rank", data=orjson.dumps({**_OK, "user_id": "u1", "slate_id": "down"}))
+            out["down"] = resp.status, await resp.json()
+        sent = [[orjson.loads(v)["slate_id"] for _, _, v in p.sent] for p in _FakeProducer.made]
+        return out, sent
+
+    out, sent = asyncio.run(run())
+    status, body = out["forwarded"]
+    assert status == 200 and body["slate_id"] == "f1" and body["lambda"] == 0.5
+    assert out["own"][0] == 200
+    assert sent == [["own"], ["f1"]]  # each slate reported once, by the shard that holds its user
+    status, body = out["disagree"]
+    assert status == 421 and body["shard"] == 0
+    status, body = out["down"]
+    assert status == 502 and body["shard"] == 1 and body["error"].startswith(f"shard 1 at {peers[1]} did not answer")
+
+
+def test_peers_need_a_shard_and_one_url_per_shard():
+    from streams.ranker import Shard
+
+    with pytest.raises(ValueError, match="they need a shard"):
+        example_ranker.make_app("unused:1", peers=["http://a"])
+    with pytest.raises(ValueError, match="in shard order: 3, not 2"):
+        example_ranker.make_app("unused:1", shard=Shard(0, 3), peers=["http://a", "http://b"])
+
+
+@pytest.mark.parametrize("args, says", [(["--peers", "http://a,http://b"], "needs --shard I/N"),
+                                        (["--shard", "0/2", "--peers", "http://a"], "in shard order: 2, not 1")])
+def test_the_example_ranker_command_refuses_peers_that_do_not_match_its_shards(args, says):
+    from click.testing import CliRunner
+
+    from streams.cli import main
+
+    res = CliRunner().invoke(main, ["example-ranker", "--broker", "kafka://127.0.0.1:1", *args])
+    assert res.exit_code == 2 and "Invalid value for --peers" in res.output and says in res.output

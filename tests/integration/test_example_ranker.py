@@ -106,3 +106,52 @@ def test_sharded_ranker_clients_split_the_pools_and_each_is_ready_with_its_whole
         assert n_thr == 1 and held == owned == {u for u in users if placed[u] % 3 == i}
         assert all(shard_of[u] == placed[u] % 3 for u in users)
     assert sorted(u for s in shares for u in s[0]) == sorted(users)  # disjoint and complete
+
+
+def test_sharded_example_rankers_with_peers_serve_every_user_with_its_own_pool(kafka_bootstrap, topic_prefix):
+    """Two shards behind any balancer: a request sent to the wrong one is answered with the user's pool all the same."""
+    from streams.broker import free_port
+    from streams.ranker import Shard
+    from streams.topics import key_partition
+
+    names = make_topics(kafka_bootstrap, topic_prefix, 4)
+    cfg = EngineConfig(alphas=(0.1,))
+    result = GroupResult("replace", "global", 500, (0.0, 1.0), (Threshold(0.1, 0.5, False, 0.08),))
+    users = {}  # shard -> a user of it
+    for i in range(100):
+        users.setdefault(key_partition(f"v{i}".encode(), 4) % 2, f"v{i}")
+    produce_raw(kafka_bootstrap, [(names.thresholds, b"replace:global", threshold_message(result, cfg, 3))] + [
+        (names.safe_pools, u.encode(), safe_pool_message(u, [SafeItem(f"safe-of-{u}", 9.0)], ["guns"], band="low"))
+        for u in users.values()])
+    ports = [free_port(), free_port()]
+    peers = [f"http://127.0.0.1:{p}" for p in ports]
+
+    def request(user):
+        return {"user_id": user, "k": 2, "alpha": 0.1, "strategy": "replace",
+                "candidates": [{"item_id": "a", "score": 0.9, "rank_score": 3.0},
+                               {"item_id": "g", "score": 0.1, "rank_score": 2.0, "tags": ["guns"]}]}
+
+    async def run():
+        apps = [make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0, shard=Shard(i, 2), peers=peers)
+                for i in range(2)]
+        async with TestClient(TestServer(apps[0], port=ports[0])) as s0, \
+                TestClient(TestServer(apps[1], port=ports[1])) as s1:
+            for s in (s0, s1):
+                deadline = asyncio.get_running_loop().time() + 60
+                while (await s.get("/ready")).status != 200:
+                    assert asyncio.get_running_loop().time() < deadline, "a shard never became ready"
+                    await asyncio.sleep(0.2)
+            out = []
+            for s in (s0, s1):  # every user through every shard
+                for shard, user in sorted(users.items()):
+                    resp = await s.post("/rank", data=orjson.dumps(request(user)))
+                    out.append((shard, user, resp.status, await resp.json()))
+            pools = [(await (await s.get("/health")).json())["pools"] for s in (s0, s1)]
+            return out, pools
+
+    out, pools = asyncio.run(run())
+    assert sorted(users) == [0, 1] and pools == [1, 1]  # each shard holds its own user's pool only
+    for shard, user, status, body in out:
+        assert status == 200, body
+        # the user's blocked tag dropped "g", and the user's own safe item took its place
+        assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), (f"safe-of-{user}", True)]
