@@ -36,7 +36,7 @@ import uuid
 from typing import Sequence
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from calibration.policy import Candidate, in_holdout
 
@@ -103,8 +103,6 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
     async def on_start(app):
         from aiokafka import AIOKafkaProducer
 
-        from aiohttp import ClientSession, ClientTimeout
-
         await client.start()
         state["peers"] = ClientSession(timeout=ClientTimeout(total=FORWARD_TIMEOUT_S)) if peers else None
         state["producer"] = producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_kwargs)
@@ -123,12 +121,10 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         if state["peers"] is not None:
             await state["peers"].close()
 
-    async def forward(request: web.Request, raw: bytes, owner: int) -> web.Response:
+    async def forward(request_body: bytes, owner: int) -> web.Response:
         """The answer of shard ``owner`` to this request (502 if it gives none)."""
-        from aiohttp import ClientError
-
         try:
-            async with state["peers"].post(peers[owner] + "/rank", data=raw,
+            async with state["peers"].post(peers[owner] + "/rank", data=request_body,
                                            headers={FORWARDED: str(shard.index),
                                                     "Content-Type": "application/json"}) as resp:
                 return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
@@ -145,9 +141,9 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
             metrics.impressions.labels("sent").inc()
 
     async def rank(request: web.Request) -> web.Response:
-        raw = await request.read()
+        request_body = await request.read()
         try:
-            body, user_id, k, alpha, strategy, cands = _parse(raw)
+            body, user_id, k, alpha, strategy, cands = _parse(request_body)
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
             return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"}, status=400)
         if not client.ready:  # (fail closed: the book may lack this user's band and blocked tags)
@@ -155,7 +151,7 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         if not client.owns(user_id):
             owner = client.shard_of(user_id)
             if peers and FORWARDED not in request.headers:  # (once: two shards that disagree do not loop)
-                return await forward(request, raw, owner)
+                return await forward(request_body, owner)
             return web.json_response({"error": f"user {user_id!r} belongs to shard {owner}, "
                                                f"this is shard {client.shard}", "shard": owner}, status=421)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
