@@ -20,7 +20,8 @@ import tempfile
 import time
 from typing import Iterable
 
-__all__ = ["LocalBroker", "create_topics", "free_port", "partition_counts", "tansu_binary", "wait_for_broker"]
+__all__ = ["LocalBroker", "create_topics", "describe_error", "free_port", "partition_counts", "tansu_binary",
+           "wait_for_broker"]
 
 
 def free_port() -> int:
@@ -49,9 +50,19 @@ async def _metadata_ok(bootstrap: str, **client_kwargs) -> bool:
         await client.close()
 
 
+def describe_error(e: BaseException) -> str:
+    """``e`` in one line with its class's name (aiokafka's errors name it already)."""
+    name, text = type(e).__name__, str(e)
+    return text if name in text else f"{name}: {text}" if text else name
+
+
 async def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float = 30.0,
-                           **client_kwargs) -> dict[str, int] | None:
-    """Partitions of each of ``topics`` that exists (name -> count); None if no broker answered within ``timeout``."""
+                           **client_kwargs) -> dict[str, int]:
+    """Partitions of each of ``topics`` that exists (name -> count).
+
+    Asks again every second while no broker answers; after ``timeout`` raises
+    TimeoutError with the last error (refused connections, a failed login, ...).
+    """
     from aiokafka import AIOKafkaClient
 
     wanted = set(topics)
@@ -62,9 +73,10 @@ async def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float
             await client.bootstrap()
             cluster = await client.fetch_all_metadata()
             return {t: len(cluster.partitions_for_topic(t) or ()) for t in cluster.topics() if t in wanted}
-        except Exception:
+        except Exception as e:
             if time.monotonic() > deadline:
-                return None
+                raise TimeoutError(f"no broker at {bootstrap} answered within {timeout:g} s "
+                                   f"(last: {describe_error(e)})") from e
         finally:
             await client.close()
         await asyncio.sleep(1.0)

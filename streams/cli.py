@@ -158,23 +158,25 @@ def _check_topic_layout(settings) -> None:
 
     Before, Faust created the tables' changelogs with the setting's count and then
     stopped on its own PartitionsMismatch, once records arrived: a changelog made
-    with the wrong count then stayed wrong whatever the setting became.
+    with the wrong count then stayed wrong whatever the setting became. A broker
+    that does not answer within RISKGATE_BROKER_WAIT (30 s; one starting beside
+    the worker gets that long) stops the worker with status 1 and the last
+    error: Faust would stop at once on it, with a traceback.
     """
     import asyncio
-    import logging
 
     from .broker import _quiet, partition_counts
     from .topics import Topics, layout_problems, partition_layout
 
     names = Topics(settings.topic_prefix)
     shared, single = partition_layout(names, settings.app_id)
-    with _quiet("aiokafka"):
-        actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single), timeout=30.0,
-                                              **settings.kafka_kwargs()))
-    if actual is None:  # (Faust waits for the broker and checks its tables' changelogs itself)
-        logging.getLogger("riskgate").warning("could not read the topics' partition counts from %s; starting "
-                                              "without checking them", settings.bootstrap)
-        return
+    try:
+        with _quiet("aiokafka"):
+            actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single),
+                                                  timeout=settings.broker_wait, **settings.kafka_kwargs()))
+    except TimeoutError as e:
+        click.echo(f"riskgate worker: {e}; check RISKGATE_BROKER and the RISKGATE_SECURITY_* settings", err=True)
+        sys.exit(1)
     problems = layout_problems(actual, names, settings.app_id, settings.topic_partitions)
     if problems:
         click.echo("riskgate worker: the topics do not fit the settings:\n  " + "\n  ".join(problems), err=True)
@@ -264,7 +266,7 @@ def _broker_reachable(command: str, bootstrap: str):
         click.echo(f"riskgate {command}: cannot reach the broker at {bootstrap} ({e})", err=True)
         sys.exit(1)
     except KafkaError as e:
-        from .producer import describe_error
+        from .broker import describe_error
 
         click.echo(f"riskgate {command}: the broker at {bootstrap} failed ({describe_error(e)})", err=True)
         sys.exit(1)

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import orjson
 
-from .producer import describe_error
+from .broker import describe_error
 from .topics import Topics
 
 __all__ = ["DeadLetter", "parse", "select", "replay_dead_letters", "ReplayInterrupted"]

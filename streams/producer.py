@@ -16,13 +16,9 @@ from typing import Iterable
 
 import orjson
 
-__all__ = ["produce_events", "ProduceInterrupted", "describe_error"]
+from .broker import describe_error
 
-
-def describe_error(e: BaseException) -> str:
-    """``e`` in one line with its class's name (aiokafka's errors name it already)."""
-    name, text = type(e).__name__, str(e)
-    return text if name in text else f"{name}: {text}" if text else name
+__all__ = ["produce_events", "ProduceInterrupted"]
 
 
 class ProduceInterrupted(Exception):

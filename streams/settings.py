@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # comes first: a user with many events in that time is written once. A crash
     # re-reads at most what was not flushed (at-least-once, idempotent folding).
     flush_interval: float = Field(1.0, gt=0)
+    # How long a starting worker asks the broker for the topics' partition counts before it
+    # stops with status 1 (a broker starting beside it gets this long; Faust would stop at once).
+    broker_wait: float = Field(30.0, ge=0)
     # An event stamped further than this past the worker's clock is dead-lettered
     # (future_ts): one such event would drag its partition's watermark forward and
     # make everything after it late.

@@ -32,3 +32,18 @@ def test_a_worker_refuses_topics_with_another_partition_count_and_creates_nothin
     assert "set RISKGATE_TOPIC_PARTITIONS=2 to use them as they are" in log and "Traceback" not in log
     changelogs = [f"{app_id}-{t}-changelog" for t in ("users", "partition-meta", "threshold-versions")]
     assert asyncio.run(partition_counts(kafka_bootstrap, changelogs)) == {}  # none was made with the wrong count
+
+
+def test_a_worker_whose_broker_never_answers_stops_with_one_line_naming_the_setting(app_id, tmp_path):
+    """Before, Faust stopped at once on it with a traceback."""
+    from streams.broker import free_port
+
+    port = free_port()  # nothing listens there
+    worker = Worker(f"127.0.0.1:{port}", app_id, tmp_path / "data", tmp_path, broker_wait=1).start()
+    try:
+        assert worker.proc.wait(60) == 1
+    finally:
+        worker.stop()
+    log = worker.log_path.read_text()
+    assert f"riskgate worker: no broker at 127.0.0.1:{port} answered within 1 s (last: KafkaConnectionError" in log
+    assert "check RISKGATE_BROKER" in log and "Traceback" not in log
