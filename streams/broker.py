@@ -20,8 +20,8 @@ import tempfile
 import time
 from typing import Iterable
 
-__all__ = ["LocalBroker", "create_topics", "describe_error", "free_port", "partition_counts", "tansu_binary",
-           "wait_for_broker"]
+__all__ = ["BrokerRefused", "LocalBroker", "create_topics", "describe_error", "free_port", "partition_counts",
+           "tansu_binary", "wait_for_broker"]
 
 
 def free_port() -> int:
@@ -56,12 +56,55 @@ def describe_error(e: BaseException) -> str:
     return text if name in text else f"{name}: {text}" if text else name
 
 
+class BrokerRefused(Exception):
+    """The broker answered and refused this client (a failed login, TLS): asking again would not help."""
+
+
+class _ConnectErrors(logging.Handler):
+    """The errors aiokafka logs while it bootstraps, before it raises only "Unable to bootstrap"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.args, tuple) and record.args and isinstance(record.args[-1], BaseException):
+            self.last = record.args[-1]
+
+
+@contextlib.contextmanager
+def _connect_errors():
+    """Capture aiokafka's connection errors (they are not printed meanwhile)."""
+    log = logging.getLogger("aiokafka")
+    handler, level, propagate = _ConnectErrors(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.ERROR)
+    log.propagate = False
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def _refused(e: BaseException) -> bool:
+    """Whether ``e`` is the broker refusing this client's login or TLS handshake, not a broker that is not there."""
+    import ssl
+
+    from aiokafka.errors import AuthenticationFailedError, SaslAuthenticationFailed, UnsupportedSaslMechanismError
+
+    return isinstance(e, (SaslAuthenticationFailed, AuthenticationFailedError, UnsupportedSaslMechanismError,
+                          ssl.SSLError))
+
+
 async def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float = 30.0,
                            **client_kwargs) -> dict[str, int]:
     """Partitions of each of ``topics`` that exists (name -> count).
 
     Asks again every second while no broker answers; after ``timeout`` raises
-    TimeoutError with the last error (refused connections, a failed login, ...).
+    TimeoutError with the last error. A broker that refuses this client's login
+    or TLS handshake raises :class:`BrokerRefused` with aiokafka's error at once.
     """
     from aiokafka import AIOKafkaClient
 
@@ -70,13 +113,17 @@ async def partition_counts(bootstrap: str, topics: Iterable[str], timeout: float
     while True:
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=5000, **client_kwargs)
         try:
-            await client.bootstrap()
-            cluster = await client.fetch_all_metadata()
+            with _connect_errors() as seen:
+                await client.bootstrap()
+                cluster = await client.fetch_all_metadata()
             return {t: len(cluster.partitions_for_topic(t) or ()) for t in cluster.topics() if t in wanted}
         except Exception as e:
+            cause = seen.last or e
+            if _refused(cause):
+                raise BrokerRefused(f"the broker at {bootstrap} refused this client: {describe_error(cause)}") from e
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no broker at {bootstrap} answered within {timeout:g} s "
-                                   f"(last: {describe_error(e)})") from e
+                                   f"(last: {describe_error(cause)})") from e
         finally:
             await client.close()
         await asyncio.sleep(1.0)

@@ -165,17 +165,17 @@ def _check_topic_layout(settings) -> None:
     """
     import asyncio
 
-    from .broker import _quiet, partition_counts
+    from .broker import BrokerRefused, partition_counts
     from .topics import Topics, layout_problems, partition_layout
 
     names = Topics(settings.topic_prefix)
     shared, single = partition_layout(names, settings.app_id)
     try:
-        with _quiet("aiokafka"):
-            actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single),
-                                                  timeout=settings.broker_wait, **settings.kafka_kwargs()))
-    except TimeoutError as e:
-        click.echo(f"riskgate worker: {e}; check RISKGATE_BROKER and the RISKGATE_SECURITY_* settings", err=True)
+        actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single), timeout=settings.broker_wait,
+                                              **settings.kafka_kwargs()))
+    except (TimeoutError, BrokerRefused) as e:
+        click.echo(f"riskgate worker: {e}; check RISKGATE_BROKER and the RISKGATE_SECURITY_* and RISKGATE_SASL_* "
+                   "settings", err=True)
         sys.exit(1)
     problems = layout_problems(actual, names, settings.app_id, settings.topic_partitions)
     if problems:

@@ -45,5 +45,5 @@ def test_a_worker_whose_broker_never_answers_stops_with_one_line_naming_the_sett
     finally:
         worker.stop()
     log = worker.log_path.read_text()
-    assert f"riskgate worker: no broker at 127.0.0.1:{port} answered within 1 s (last: KafkaConnectionError" in log
+    assert f"riskgate worker: no broker at 127.0.0.1:{port} answered within 1 s (last: ConnectionRefusedError" in log
     assert "check RISKGATE_BROKER" in log and "Traceback" not in log
