@@ -197,14 +197,12 @@ def _check_topic_layout(settings) -> None:
                    "request for another shard's user is forwarded there.")
 def example_ranker(broker, port, host, holdout_share, topic_prefix, shard, peers) -> None:
     """An example ranker: POST /rank applies Algorithm 1 with riskgate's live thresholds."""
-    from .example_ranker import serve
+    from .example_ranker import peer_urls, serve
 
-    urls = [u.strip() for u in peers.split(",")] if peers else []
-    if urls and shard is None:
-        raise click.BadParameter("needs --shard I/N", param_hint="--peers")
-    if urls and len(urls) != shard.count:
-        raise click.BadParameter(f"one URL per shard, in shard order: {shard.count}, not {len(urls)}",
-                                 param_hint="--peers")
+    try:
+        urls = peer_urls([u.strip() for u in peers.split(",")] if peers else [], shard)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--peers") from None
     bootstrap = broker.removeprefix("kafka://")
     with _broker_reachable("example-ranker", bootstrap):  # (at start: the ranker never served)
         serve(bootstrap, port, host, topic_prefix, holdout_share, shard, urls, **_kafka_kwargs())

@@ -40,11 +40,12 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from calibration.policy import Candidate, in_holdout
 
+from .broker import describe_error
 from .metrics import RankerMetrics
 from .ranker import RankerClient, Shard
 from .schemas import InvalidEvent, decode
 
-__all__ = ["make_app", "serve", "FORWARDED"]
+__all__ = ["make_app", "peer_urls", "serve", "FORWARDED"]
 
 #: Header of a request one shard forwarded to another (its value: the forwarding shard's index).
 FORWARDED = "X-Riskgate-Forwarded"
@@ -90,12 +91,18 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
     return body, user_id, k, alpha, strategy, cands
 
 
-def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard: Shard | None = None,
-             peers: Sequence[str] = (), **kafka_kwargs) -> web.Application:
+def peer_urls(peers: Sequence[str], shard: Shard | None) -> list[str]:
+    """``peers`` as base URLs, once they name every shard of ``shard`` in order; ``ValueError`` saying why not."""
     if peers and (shard is None or len(peers) != shard.count):
         raise ValueError("peers are the base URLs of every shard, in shard order: "
-                         + (f"{shard.count}, not {len(peers)}" if shard else "they need a shard"))
-    peers = [p.rstrip("/") for p in peers]
+                         + (f"{shard.count}, not {len(peers)}" if shard else
+                            "they need a shard (--peers needs --shard I/N)"))
+    return [p.rstrip("/") for p in peers]
+
+
+def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard: Shard | None = None,
+             peers: Sequence[str] = (), **kafka_kwargs) -> web.Application:
+    peers = peer_urls(peers, shard)
     client = RankerClient(bootstrap, prefix=prefix, shard=shard, **kafka_kwargs)
     metrics = RankerMetrics(client)
     state: dict = {}
@@ -130,7 +137,7 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
                 return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
         except (ClientError, asyncio.TimeoutError) as e:
             return web.json_response({"error": f"shard {owner} at {peers[owner]} did not answer: "
-                                               f"{type(e).__name__}: {e}", "shard": owner}, status=502)
+                                               f"{describe_error(e)}", "shard": owner}, status=502)
 
     def on_sent(future) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -182,7 +189,7 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         return {"following": client.healthy, "ready": client.ready, "shard": None if shard is None else str(shard),
                 "partitions": list(client.partitions), "thresholds": len(book.thresholds), "pools": len(book.pools),
                 "rejected": dict(book.rejected),
-                "error": None if client.error is None else f"{type(client.error).__name__}: {client.error}"}
+                "error": None if client.error is None else describe_error(client.error)}
 
     async def health(request: web.Request) -> web.Response:  # liveness: 503 once the client failed
         return web.json_response(status(), status=200 if client.healthy else 503)
