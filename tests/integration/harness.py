@@ -493,13 +493,12 @@ def send_events(bootstrap: str, prefix: str, events) -> dict[tuple[str, int], in
 
 def users_in_partition(stem: str, partition: int, count: int, partitions: int) -> list[str]:
     """``count`` user ids that the default partitioner (keys = user ids) puts in ``partition``."""
-    from aiokafka.partitioner import DefaultPartitioner
+    from streams.topics import key_partition
 
-    part, parts = DefaultPartitioner(), list(range(partitions))
     out, j = [], 0
     while len(out) < count:
         u = f"{stem}-{j}"
-        if part(u.encode(), parts, parts) == partition:
+        if key_partition(u.encode(), partitions) == partition:
             out.append(u)
         j += 1
     return out
@@ -521,13 +520,12 @@ def outcome_counts(worker: "Worker") -> dict | None:
 # -- shared input builders ---------------------------------------------------------
 def tick_users(partitions: int) -> list[str]:
     """One user id per partition (keys = user ids, aiokafka's default partitioner), sorted."""
-    from aiokafka.partitioner import DefaultPartitioner
+    from streams.topics import key_partition
 
-    part, parts = DefaultPartitioner(), list(range(partitions))
     users, j = {}, 0
     while len(users) < partitions:
         u = f"tick-{j}"
-        users.setdefault(part(u.encode(), parts, parts), u)
+        users.setdefault(key_partition(u.encode(), partitions), u)
         j += 1
     return sorted(users.values())
 
