@@ -140,10 +140,9 @@ class Calibrator:
             count += 1
         for (group, b), ms in by_key.items():
             batch = _batch(ms)
-            ts = b * self._clock.width
             for strategy in cfg.strategies:
                 inc = fold(batch, cfg.grid, strategy, cfg.loss)
-                self._windows[(strategy, group)].add_increments(ts, sign * inc, sign * len(ms))
+                self._windows[(strategy, group)].add_to_bucket(b, sign * inc, sign * len(ms))
         return count
 
     def add(self, slates: Iterable[MatureSlate]) -> int:

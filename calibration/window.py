@@ -170,9 +170,19 @@ class BucketedWindow:
 
     def add_increments(self, ts: float, increments: np.ndarray, n: int) -> bool:
         """Add slates served at ``ts``; False (nothing added) if their bucket aged out."""
-        if not self.accepts(ts):
+        return self.add_to_bucket(self.bucket_of(ts), increments, n)
+
+    def add_to_bucket(self, b: int, increments: np.ndarray, n: int) -> bool:
+        """Add slates to bucket ``b`` (a :meth:`bucket_of` id); False if it aged out.
+
+        Callers that already know a slate's bucket pass its id, never a time made
+        back from it: ``floor(b * width / width)`` is ``b - 1`` for some ``b`` when
+        ``width`` is not a whole number (86400 s in 13 buckets), and such a slate
+        would land a bucket early, or be dropped from the oldest live one.
+        """
+        oldest = self.oldest_live()
+        if oldest is not None and b < oldest:
             return False
-        b = self.bucket_of(ts)
         acc = self._acc.get(b)
         if acc is None:
             acc = self._acc[b] = CurveAccumulator(self.size)

@@ -106,6 +106,30 @@ def test_window_keeps_exactly_the_live_buckets(adds, watermark):
     assert int(w.total().increments[3]) == 7 * sum(live.values())
 
 
+@settings(max_examples=60)
+@given(st.integers(1, 48), st.integers(0, 10**6), st.floats(0, 1, exclude_max=True))
+def test_a_slate_lands_in_the_bucket_of_its_ts_whatever_the_bucket_width(buckets, b, frac):
+    # 86400 s in 13 buckets is not a whole number of seconds: folding by a time made back
+    # from the bucket id (b * width) put some slates a bucket early, or dropped them
+    # from the oldest live bucket while counting them as added.
+    from calibration.engine import Calibrator, EngineConfig
+    from calibration.user_state import MatureSlate
+
+    cfg = EngineConfig(grid=GRID, strategies=("remove",), alphas=(0.1,), window=86400.0, buckets=buckets)
+    cal = Calibrator(cfg)
+    clock = BucketedWindow(len(GRID), cfg.window, buckets)
+    ts = (b + frac) * clock.width
+    bucket = clock.bucket_of(ts)
+    cal.advance(ts + (buckets - 1) * clock.width)  # the slate's bucket is now the oldest live one
+    if not cal.accepts(ts):
+        return  # ts + (buckets-1) * width rounded into a later bucket: nothing to check
+    m = MatureSlate("u", "s", ts, 1, 0, "low", False, None, (0.5,), (True,), (False,), (None,))
+    assert cal.add([m]) == 1
+    window = cal.windows[("remove", "global")]
+    assert [k for k, acc in window.items() if acc.n] == [bucket]
+    assert cal.result("remove", "global").n == 1
+
+
 _ENTRY = st.builds(
     lambda i, r, pct, flagged, tags: __import__("calibration.safe_pool", fromlist=["HistoryEntry"]).HistoryEntry(
         f"i{i}", float(r), tuple(tags), pct, pct is not None, True, flagged),
