@@ -48,7 +48,7 @@ from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
 from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, key_partition,
-                     safe_pool_message, threshold_message)
+                     safe_pool_message, threshold_basis, threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -102,6 +102,7 @@ class RiskgateApp:
     def __init__(self, settings: Settings):
         self.settings = s = settings
         self.config = engine_config(s)
+        self._basis = threshold_basis(self.config)  # what every published λ̂ says it was computed with
         self.metrics = Metrics()
         for a in self.config.alphas:
             self.metrics.target_risk.labels(str(a)).set(a)
@@ -461,6 +462,7 @@ class RiskgateApp:
         using, or any other change, goes out with this flush.
         """
         out = []
+        basis = self._basis
         horizon = part.engine.calibrator.horizon()
         round_due = force or self._additions_due(part)
         due: set = set()
@@ -497,7 +499,7 @@ class RiskgateApp:
                 own = known[1]
             pool = state.safe_pool(self.config.limits)
             state.pool_published(pool)  # later removals are judged against what rankers were given
-            payload = safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band)
+            payload = safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band, basis)
             digest = hash(payload)
             if part.pools.get(uid) != digest:
                 part.pools[uid] = digest
@@ -626,7 +628,7 @@ class RiskgateApp:
             m.filter_all.labels(*labels).set(1 if t.filter_all else 0)
             m.risk_at_lambda.labels(*labels).set(float("nan") if t.risk_at_lambda is None else t.risk_at_lambda)
         self.latest[pub.key] = {"version": pub.version, "n": r.n, "group": r.group, "strategy": r.strategy,
-                                "thresholds": [t.to_dict() for t in r.thresholds]}
+                                **threshold_basis(self.config), "thresholds": [t.to_dict() for t in r.thresholds]}
 
     # -- health and lag -------------------------------------------------------
     async def _check_health(self) -> None:

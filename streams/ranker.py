@@ -65,6 +65,8 @@ class _Level(msgspec.Struct):
 class _Thresholds(msgspec.Struct):
     version: int
     thresholds: list[_Level]
+    n: int | None = None
+    min_slates: int | None = None  # (values written before riskgate said it: the group is taken)
 
 
 class _PoolItem(msgspec.Struct):
@@ -118,6 +120,12 @@ class Decision:
     group: str | None  # the group whose λ̂ was used (None: no threshold known, everything filtered)
     lam: float | None
     version: int | None
+
+
+def _own_lambda(msg: dict) -> bool:
+    """Whether a group's value is its own λ̂: ``n >= min_slates`` (SPEC §5), or a value that does not say."""
+    n, least = msg.get("n"), msg.get("min_slates")
+    return n is None or least is None or n >= least
 
 
 def _checked(shape: type[msgspec.Struct], value: bytes) -> dict:
@@ -195,10 +203,13 @@ class ThresholdBook:
             return None
 
     def resolve(self, user_id: str, alpha: float, strategy: str) -> tuple[str | None, float | None, int | None]:
-        """(group, λ̂, version) from the most specific group that has a threshold for ``alpha``.
+        """(group, λ̂, version) from the most specific group that has a threshold of its own for ``alpha``.
 
-        λ̂ None means filter everything: the answer when riskgate said filter_all,
-        and also when no threshold is known at all (fail closed).
+        SPEC §5: a group has a λ̂ of its own only with ``n >= min_slates``
+        (both in its value); otherwise the next group is used, ``user:<id>`` →
+        band → ``global``, and ``global`` whatever its ``n``. λ̂ None means
+        filter everything: the answer when riskgate said filter_all, and also
+        when no threshold is known at all (fail closed).
         """
         pool = self.pools.get(user_id, {})
         own = pool.get("thresholds", {}).get(strategy)
@@ -208,7 +219,7 @@ class ThresholdBook:
         candidates += [(g, self.thresholds.get(f"{strategy}:{g}"))
                        for g in (band_group(pool.get("band", "low")), GLOBAL)]
         for group, msg in candidates:
-            if not msg:
+            if not msg or (group != GLOBAL and not _own_lambda(msg)):
                 continue
             for t in msg["thresholds"]:
                 if abs(t["alpha"] - alpha) < 1e-12:

@@ -161,9 +161,7 @@ def threshold_message(result: GroupResult, config: EngineConfig, version: int, c
             "version": version,
             "computed_at": time.time() if computed_at is None else computed_at,
             "strategy": result.strategy,
-            "guarantee": config.guarantee,
-            "delta": config.delta if config.guarantee == "high_probability" else None,
-            "loss": config.loss,
+            **threshold_basis(config),
             "group": result.group,
             "window": {"start": start, "end": end},
             "n": result.n,
@@ -173,12 +171,31 @@ def threshold_message(result: GroupResult, config: EngineConfig, version: int, c
     )
 
 
+def threshold_basis(config: EngineConfig) -> dict:
+    """What every published λ̂ says it was computed with (SPEC §4: "every output names the loss").
+
+    ``min_slates`` tells consumers when to fall back (SPEC §5): a group whose
+    ``n`` is below it has no λ̂ of its own, and a ranker uses the next group in
+    ``user:<id>`` → band → ``global`` (``global`` is used whatever its ``n``).
+    """
+    return {
+        "guarantee": config.guarantee,
+        "delta": config.delta if config.guarantee == "high_probability" else None,
+        "loss": config.loss,
+        "min_slates": config.min_slates,
+    }
+
+
 _json = msgspec.json.Encoder()
 
 
 def safe_pool_message(user_id: str, pool: Iterable[SafeItem], blocked: Iterable[str],
-                      user_thresholds: Iterable[GroupResult] = (), version: int = 0, band: str = "low") -> bytes:
-    """One ``safe-pools`` value: the pool with rank scores, blocked tags, band, the user's own λ̂ if any."""
+                      user_thresholds: Iterable[GroupResult] = (), version: int = 0, band: str = "low",
+                      basis: Mapping[str, object] | None = None) -> bytes:
+    """One ``safe-pools`` value: the pool with rank scores, blocked tags, band, the user's own λ̂ if any.
+
+    ``basis`` (:func:`threshold_basis`) goes into each own λ̂, as into every ``risk-thresholds`` value.
+    """
     # msgspec encodes the SafeItem structs as {"item_id", "rank_score", "tags"} objects, ~10× faster
     # than building a dict per item (a pool is re-sent whenever it changes).
     return _json.encode(
@@ -188,7 +205,7 @@ def safe_pool_message(user_id: str, pool: Iterable[SafeItem], blocked: Iterable[
             "safe_pool": pool if isinstance(pool, list) else list(pool),
             "blocked_tags": sorted(blocked),
             "thresholds": {
-                r.strategy: {"group": r.group, "n": r.n, "version": version,
+                r.strategy: {"group": r.group, "n": r.n, "version": version, **(basis or {}),
                              "thresholds": [t.to_dict() for t in r.thresholds]}
                 for r in user_thresholds
             },

@@ -24,7 +24,8 @@ from streams.topics import (
     threshold_message,
 )
 
-CFG = EngineConfig(alphas=(0.1, 0.3), label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11))
+CFG = EngineConfig(alphas=(0.1, 0.3), label_window=10.0, allowed_lateness=0.0, grid=make_grid(0, 1, 11),
+                   min_slates=5)
 
 
 def _engine(user_prefix, n):

@@ -86,7 +86,7 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
 
     from calibration.synthetic import WorldConfig, generate_events
     from streams.schemas import decode_event
-    from streams.topics import safe_pool_message
+    from streams.topics import safe_pool_message, threshold_basis
 
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
                                    safe_pool_max=3, beta=50.0, pool_additions_interval=3600.0, min_slates=3,
@@ -123,7 +123,8 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
                 continue
             own = part.own[uid][1]
             pool = state.safe_pool(rg.config.limits)
-            assert held[uid] == safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band), uid
+            assert held[uid] == safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band,
+                                                threshold_basis(rg.config)), uid
             checked += 1
         return checked
 

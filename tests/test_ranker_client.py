@@ -13,7 +13,7 @@ from calibration.safe_pool import SafeItem
 from calibration.threshold import Threshold
 from streams import example_ranker
 from streams.ranker import RankerClient, ThresholdBook
-from streams.topics import SAFE_POOLS, THRESHOLDS, safe_pool_message, threshold_message
+from streams.topics import SAFE_POOLS, THRESHOLDS, safe_pool_message, threshold_basis, threshold_message
 
 CFG = EngineConfig(alphas=(0.1,))
 GOOD = GroupResult("replace", "global", 500, (0.0, 1.0), (Threshold(0.1, 0.5, False, 0.08),))
@@ -81,7 +81,7 @@ def test_a_record_whose_key_is_not_text_is_refused(key):
 
 def test_every_value_riskgate_writes_is_taken():
     book = ThresholdBook()
-    filter_all = GroupResult("remove", "band:high", 3, None, (Threshold(0.1, None, True, None),))
+    filter_all = GroupResult("remove", "band:high", 300, None, (Threshold(0.1, None, True, None),))
     assert book.on_threshold("remove:band:high", threshold_message(filter_all, CFG, 1))
     assert book.on_threshold("replace:global", threshold_message(GOOD, CFG, 4, inputs_through=12.5))
     assert book.on_pool("u1", _good_pool())
@@ -89,6 +89,49 @@ def test_every_value_riskgate_writes_is_taken():
     assert book.on_threshold("replace:global", None) and book.on_pool("u2", None)  # tombstones
     assert not book.rejected and set(book.thresholds) == {"remove:band:high"} and set(book.pools) == {"u1"}
     assert book.resolve("u1", 0.1, "remove") == ("band:high", None, 1)  # filter_all: λ̂ None
+
+
+def test_a_group_short_of_min_slates_falls_back_to_the_next_one_and_global_is_used_whatever_its_n():
+    """SPEC §5: a group has a λ̂ of its own only with ``min_slates`` slates; below, consumers fall back.
+
+    The book used a band's value whatever its ``n``: a band with no slate yet
+    (published as filter_all) filtered its users' every item while ``global``
+    had a λ̂ from thousands of slates.
+    """
+    def result(group, n, lam):
+        return GroupResult("remove", group, n, None, (Threshold(0.1, lam, lam is None, None),))
+
+    cfg = EngineConfig(alphas=(0.1,), min_slates=100)
+    book = ThresholdBook()
+    book.on_pool("u1", safe_pool_message("u1", [], [], band="high"))
+    book.on_threshold("remove:global", threshold_message(result("global", 5000, 0.4), cfg, 3))
+    book.on_threshold("remove:band:high", threshold_message(result("band:high", 0, None), cfg, 1))
+    assert book.resolve("u1", 0.1, "remove") == ("global", 0.4, 3)
+    book.on_threshold("remove:band:high", threshold_message(result("band:high", 99, 0.9), cfg, 2))
+    assert book.resolve("u1", 0.1, "remove") == ("global", 0.4, 3)
+    book.on_threshold("remove:band:high", threshold_message(result("band:high", 100, 0.6), cfg, 3))
+    assert book.resolve("u1", 0.1, "remove") == ("band:high", 0.6, 3)
+    # global is the last resort: used short of min_slates too (its λ̂ is then conservative)
+    book.on_threshold("remove:global", threshold_message(result("global", 7, None), cfg, 4))
+    assert book.resolve("u2", 0.1, "remove") == ("global", None, 4)
+    # the user's own λ̂ comes only with min_slates of its own, and is used first
+    own = GroupResult("remove", "user:u1", 100, (0.0, 1.0), (Threshold(0.1, 0.2, False, 0.05),))
+    book.on_pool("u1", safe_pool_message("u1", [], [], [own], version=5, band="high", basis=threshold_basis(cfg)))
+    assert book.resolve("u1", 0.1, "remove") == ("user:u1", 0.2, 5)
+    # a value that does not say min_slates (written before riskgate did) is taken as before
+    old = {"version": 9, "n": 3, "thresholds": [{"alpha": 0.1, "lambda": 0.8, "filter_all": False}]}
+    book.on_threshold("remove:band:low", orjson.dumps(old))
+    assert book.resolve("u3", 0.1, "remove") == ("band:low", 0.8, 9)
+
+
+def test_every_published_lambda_names_its_loss_guarantee_and_min_slates():
+    """SPEC §4: every output names the loss it was computed with, a user's own λ̂ in safe-pools too."""
+    cfg = EngineConfig(alphas=(0.1,), loss="per_slot", guarantee="high_probability", delta=0.05, min_slates=50)
+    want = {"loss": "per_slot", "guarantee": "high_probability", "delta": 0.05, "min_slates": 50}
+    shared = orjson.loads(threshold_message(GOOD, cfg, 1))
+    own = orjson.loads(safe_pool_message("u1", [], [], [OWN], basis=threshold_basis(cfg)))["thresholds"]["replace"]
+    for value in (shared, own):
+        assert {k: value[k] for k in want} == want
 
 
 class _Consumer:
