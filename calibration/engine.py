@@ -74,7 +74,19 @@ class GroupResult:
 
 
 def _batch(slates: Sequence[MatureSlate]) -> SlateBatch:
-    return SlateBatch.from_slates([Slate(m.scores, m.flags, m.k, m.pool) for m in slates])
+    return SlateBatch.from_slates([calibration_slate(m) for m in slates])
+
+
+def calibration_slate(m: MatureSlate) -> Slate:
+    """What a mature slate calibrates: its scores, flags, k and p; an item its user's tag
+    rules dropped (score -inf, see :meth:`UserState.mature`) is never kept, so its flag
+    never counts."""
+    if _NEG_INF in m.scores:
+        return Slate(m.scores, tuple(f and s != _NEG_INF for s, f in zip(m.scores, m.flags)), m.k, m.pool)
+    return Slate(m.scores, m.flags, m.k, m.pool)
+
+
+_NEG_INF = float("-inf")
 
 
 class Calibrator:

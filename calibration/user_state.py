@@ -35,6 +35,9 @@ from .safe_pool import (HistoryEntry, SafeItem, SafePool, SafeSpans, is_safe, po
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN", "SPANS_MIN"]
 
 _INF = float("inf")
+#: The filter score a holdout slate's item of a tag its user had blocked at the slate's
+#: ts matures with: never kept at any λ (:meth:`UserState.mature`, SPEC §8).
+_DROPPED = float("-inf")
 
 #: Histories of at least this many entries count a maturing slate's ``p`` with
 #: :class:`calibration.safe_pool.SafeSpans` (kept change by change, ~16 bytes an
@@ -95,8 +98,8 @@ class MatureSlate(msgspec.Struct, frozen=True, gc=False):
     band: str  # the user's reporting band at ts
     policy_applied: bool
     alpha: float | None
-    scores: tuple[float, ...]
-    flags: tuple[bool, ...]
+    scores: tuple[float, ...]  # -inf: an item of a holdout slate the user's tag rules at ts drop
+    flags: tuple[bool, ...]  # as read, dropped items' too (calibration ignores those: never kept)
     replacement: tuple[bool, ...]
     repeat_pct: tuple[float | None, ...]  # first-view W% of items viewed before ts and not flagged before it
 
@@ -442,8 +445,17 @@ class UserState:
             cutoff = t + label_window
             flags = []
             repeats = []
+            blocked_then = self.blocked_at(t)
+            # SPEC §8: the ranker drops an item of a tag the user blocked whatever λ̂, so a
+            # holdout slate calibrates that filter: such an item gets filter score -inf
+            # (never kept at any λ, as padding), or a slate's fraction of flagged kept
+            # items would not bound what the policy serves (dropping an unflagged blocked
+            # item raises it). Its flag stays as read, for the monitors.
+            dropped = None if p.policy_applied or not blocked_then else []
             for item in p.item_ids:
                 h = history.get(item)  # (items of pending slates are never trimmed)
+                if dropped is not None:
+                    dropped.append(h is not None and not blocked_then.isdisjoint(h.tags))
                 if h is None:
                     flags.append(False)
                     repeats.append(None)
@@ -459,14 +471,16 @@ class UserState:
             band = band_of(*self.counts_at(t))
             # p, the usable safe-pool size when the slate was served, under the tag rules then.
             # (the spans follow the current rules: a slate served under others walks the history)
-            blocked_then = self.blocked_at(t)
             if spans is not None and (blocked_then is blocked or blocked_then == blocked):
                 pool = spans.size_at(t, history, limits.safe_pool_max, set(p.item_ids))
             else:
                 pool = pool_size_at(history.values(), t, limits.beta, blocked_then, limits.safe_pool_max,
                                     set(p.item_ids))
+            scores = p.scores
+            if dropped and any(dropped):
+                scores = tuple(_DROPPED if d else sc for sc, d in zip(scores, dropped))
             m = MatureSlate(self.user_id, p.slate_id, t, p.k, pool, band, p.policy_applied, p.alpha,
-                            p.scores, tuple(flags), p.replacement, tuple(repeats))
+                            scores, tuple(flags), p.replacement, tuple(repeats))
             matured.append(m)
             if not p.policy_applied and p.ts >= horizon:
                 if self.touched is not None:

@@ -54,6 +54,8 @@ from calibration.policy import Candidate
 from calibration.safe_pool import watch_pct
 from calibration.user_state import MatureSlate
 
+from .slate_file import item_json
+
 __all__ = [
     "ReplayConfig",
     "ArmResult",
@@ -534,13 +536,14 @@ def _num(x: float) -> float | None:
 def write_slates_jsonl(slates: Iterable[MatureSlate], path: str | Path) -> int:
     """Write mature slates in the ``riskgate calibrate`` input format; returns how many.
 
-    One line per slate: ``{"k", "safe_pool_size", "items": [{"score", "flagged"}]}``.
+    One line per slate: ``{"k", "safe_pool_size", "items": [{"score", "flagged"}]}`` (an item its
+    user's tag rules dropped: ``"blocked": true``, see :mod:`streams.slate_file`).
     """
     n = 0
     with open(path, "wb") as fh:
         for m in slates:
             fh.write(orjson.dumps({"k": m.k, "safe_pool_size": m.pool,
-                                   "items": [{"score": s, "flagged": f} for s, f in zip(m.scores, m.flags)]}) + b"\n")
+                                   "items": [item_json(s, f) for s, f in zip(m.scores, m.flags)]}) + b"\n")
             n += 1
     return n
 

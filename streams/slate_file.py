@@ -4,6 +4,12 @@ One slate per line::
 
     {"k": 20, "safe_pool_size": 4, "items": [{"score": 0.31, "flagged": true}, ...]}
 
+An item may say ``"blocked": true``: its user had blocked one of its tags when
+the slate was served, so the ranker drops it whatever λ̂ (SPEC §8) and it is
+never kept at any λ; its ``score`` may then be ``null`` and its flag does not
+count. riskgate's own dumps (``/debug/window-slates``, ``replay --dump-slates``)
+write such items so.
+
 Every line is validated (strict types, finite scores, ``k ≥ 1``, at most ``k``
 items); the first bad line stops the read with its line number and the problem,
 so no threshold is ever computed from part of a file. Blank lines are skipped;
@@ -21,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from calibration.slates import Slate, SlateBatch
 
-__all__ = ["SlateFileError", "SlateLine", "read_slates", "iter_slates"]
+__all__ = ["SlateFileError", "SlateLine", "read_slates", "iter_slates", "item_json"]
 
 
 class SlateFileError(ValueError):
@@ -34,15 +40,37 @@ class SlateFileError(ValueError):
 
 class SlateItem(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
-    score: float
+    score: float | None
     flagged: bool
+    blocked: bool = False
 
     @field_validator("score")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
             raise ValueError("score must be a finite number")
         return v
+
+    @model_validator(mode="after")
+    def _scored(self) -> "SlateItem":
+        if self.score is None and not self.blocked:
+            raise ValueError("score must be a finite number (null only for a blocked item)")
+        return self
+
+    @property
+    def filter_score(self) -> float:
+        """The score the filter compares with λ: -inf (never kept) for a blocked item."""
+        return _DROPPED if self.blocked else self.score
+
+
+_DROPPED = float("-inf")
+
+
+def item_json(score: float, flagged: bool) -> dict:
+    """One item of a mature slate as a line holds it (score -inf: an item its user's tag rules dropped)."""
+    if score == _DROPPED:
+        return {"score": None, "flagged": flagged, "blocked": True}
+    return {"score": score, "flagged": flagged}
 
 
 class SlateLine(BaseModel):
@@ -84,7 +112,8 @@ def iter_slates(path: str | Path) -> Iterator[Slate]:
             except ValidationError as e:
                 raise SlateFileError(name, lineno, _problem(e)) from None
             yield Slate(
-                tuple(i.score for i in s.items), tuple(i.flagged for i in s.items), s.k, s.safe_pool_size
+                tuple(i.filter_score for i in s.items), tuple(i.flagged and not i.blocked for i in s.items), s.k,
+                s.safe_pool_size
             )
 
 

@@ -11,6 +11,7 @@ import hmac
 from typing import TYPE_CHECKING
 
 from .state import UnreadableUser
+from .slate_file import item_json
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import RiskgateApp
@@ -62,7 +63,7 @@ def register_views(rg: "RiskgateApp") -> None:
                 for m in state.live_recent(horizon):
                     out.append({"partition": p, "user_id": uid, "slate_id": m.slate_id, "band": m.band,
                                 "k": m.k, "safe_pool_size": m.pool,
-                                "items": [{"score": sc, "flagged": fl} for sc, fl in zip(m.scores, m.flags)]})
+                                "items": [item_json(sc, fl) for sc, fl in zip(m.scores, m.flags)]})
         return web.json({"slates": out})
 
     @app.page("/users/{user_id}")

@@ -73,6 +73,9 @@ GOOD = '{"k": 3, "safe_pool_size": 1, "items": [{"score": 0.5, "flagged": false}
         ('{"k": 1, "safe_pool_size": 0, "items": [{"score": 0.5, "flagged": false}, {"score": 0.4, "flagged": false}]}', "exceed k"),
         ('[1, 2]', "JSON object"),
         ('{"k": 3, "safe_pool_size": -1, "items": []}', "safe_pool_size"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": null, "flagged": false}]}', "null only for a blocked item"),
+        ('{"k": 3, "safe_pool_size": 1, "items": [{"score": 0.5, "flagged": false, "blocked": 1}]}',
+         "items.0.blocked"),
     ],
 )
 def test_bad_line_fails_naming_line_and_problem(tmp_path, bad, needle):
@@ -98,3 +101,27 @@ def test_empty_file_filters_everything(tmp_path):
     res = _run("--slates", path, "--alpha", 0.1)
     out = json.loads(res.stdout)
     assert out["n"] == 0 and out["thresholds"][0]["filter_all"] and out["thresholds"][0]["risk_at_lambda"] is None
+
+
+@pytest.mark.parametrize("strategy", ["remove", "replace"])
+def test_a_blocked_item_calibrates_as_the_slate_without_it(tmp_path, strategy):
+    """An item its user's tag rules dropped is never kept, whatever its score, and its flag never counts:
+    the λ̂ is that of the slates the ranker serves without it (SPEC §8)."""
+    from streams.slate_file import item_json
+
+    rng = np.random.default_rng(11)
+    with_blocked, without = tmp_path / "with.jsonl", tmp_path / "without.jsonl"
+    lines_with, lines_without = [], []
+    for _ in range(300):
+        items = [(float(rng.random()), bool(rng.random() < 0.15), bool(rng.random() < 0.2)) for _ in range(6)]
+        lines_with.append({"k": 6, "safe_pool_size": 2,
+                           "items": [item_json(float("-inf") if b else sc, f) for sc, f, b in items]})
+        lines_without.append({"k": 6, "safe_pool_size": 2,
+                              "items": [{"score": sc, "flagged": f} for sc, f, b in items if not b]})
+    assert any(i.get("blocked") and i["flagged"] for line in lines_with for i in line["items"])
+    for path, lines in ((with_blocked, lines_with), (without, lines_without)):
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    args = ("--alpha", 0.1, "--alpha", 0.2, "--strategy", strategy, "--grid-size", 101)
+    a, b = _run("--slates", with_blocked, *args), _run("--slates", without, *args)
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    assert json.loads(a.stdout)["thresholds"] == json.loads(b.stdout)["thresholds"]

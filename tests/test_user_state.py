@@ -105,6 +105,37 @@ def test_safe_pool_size_at_serve_time_excludes_items_in_the_slate():
     assert [m.repeat_pct for m in matured if m.slate_id == "s9"] == [(80.0, None)]  # a was viewed before
 
 
+def test_a_holdout_item_of_a_tag_blocked_at_ts_calibrates_as_dropped_and_keeps_its_flag():
+    """SPEC §8 drops an item of a blocked tag whatever λ̂: a holdout slate calibrates that filter.
+
+    Calibrating on scores alone, dropping an unflagged blocked item raised the
+    flagged share of what the policy serves above what the window measured
+    (one flagged item in 10 is 0.1; served without five unflagged blocked
+    ones, 0.2).
+    """
+    from calibration.engine import calibration_slate
+    from calibration.risk import fold
+
+    s = UserState("u1")
+    s.on_constraints(Constraints("c1", "u1", 10.0, block_tags=("guns",)), 0.0, LIM)
+    s.on_constraints(Constraints("c2", "u1", 30.0, block_tags=("dice",)), 0.0, LIM)  # after s1, before s2
+    shown = [item("bad", 0.9), item("g1", 0.8, tags=("guns",)), item("g2", 0.7, tags=("guns", "x")),
+             item("d", 0.6, tags=("dice",)), item("ok", 0.5)]
+    s.on_impression(imp("e1", "s1", 20.0, shown, k=5), 0.0, LIM)
+    s.on_impression(imp("e2", "s2", 40.0, [item("p1", 0.9, tags=("guns",))], applied=True, k=5), 0.0, LIM)
+    s.on_flag(Flag("f1", "u1", "bad", "report", 21.0), 0.0, LIM)
+    s.on_flag(Flag("f2", "u1", "g1", "report", 22.0), 0.0, LIM)
+    holdout, applied = s.mature(1e9, 10.0, 0.0, LIM)[0]
+    ninf = float("-inf")
+    assert holdout.scores == (0.9, ninf, ninf, 0.6, 0.5)  # dice was blocked after the slate was served
+    assert holdout.flags == (True, True, False, False, False)  # as read: the monitors count served flags
+    assert applied.scores == (0.9,)  # a policy-applied slate does not calibrate: left as served
+    grid = make_grid(0, 1, 11)
+    got = fold(SlateBatch.from_slates([calibration_slate(holdout)]), grid, "remove")
+    want = fold(SlateBatch.from_slates([Slate((0.9, 0.6, 0.5), (True, False, False), 5)]), grid, "remove")
+    assert got.tolist() == want.tolist()  # the same curve as the slate the policy serves
+
+
 def test_pool_size_is_as_of_the_slates_ts_whatever_order_the_topics_were_read_in():
     def run(order):
         s = UserState("u1")
