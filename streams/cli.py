@@ -58,7 +58,11 @@ def main() -> None:
 @click.option("--grid-min", type=float, default=0.0, show_default=True)
 @click.option("--grid-max", type=float, default=1.0, show_default=True)
 @click.option("--grid-size", type=int, default=1001, show_default=True)
-def calibrate(slates_path, alphas, strategy, guarantee, delta, loss, grid_min, grid_max, grid_size) -> None:
+@click.option("--grid-values", default=None, metavar="V1,V2,...",
+              help="An explicit grid, comma-separated (+inf is appended); replaces --grid-min/max/size "
+                   "(as RISKGATE_GRID_VALUES does for the worker).")
+def calibrate(slates_path, alphas, strategy, guarantee, delta, loss, grid_min, grid_max, grid_size,
+              grid_values) -> None:
     """λ̂ for each --alpha from a file of mature slates (JSON on stdout)."""
     from calibration.grid import make_grid
     from calibration.threshold import thresholds
@@ -68,10 +72,16 @@ def calibrate(slates_path, alphas, strategy, guarantee, delta, loss, grid_min, g
 
     if guarantee == "high_probability" and not 0.0 < delta < 1.0:
         raise click.BadParameter(f"{delta} is not in (0, 1)", param_hint="--delta")
-    try:
-        grid = make_grid(grid_min, grid_max, grid_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--grid-min/--grid-max/--grid-size") from None
+    if grid_values is not None:
+        try:
+            grid = make_grid(values=[float(v) for v in grid_values.split(",")])
+        except ValueError as e:
+            raise click.BadParameter(f"{grid_values!r}: {e}", param_hint="--grid-values") from None
+    else:
+        try:
+            grid = make_grid(grid_min, grid_max, grid_size)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--grid-min/--grid-max/--grid-size") from None
     try:
         batch = read_slates(slates_path)
     except SlateFileError as e:

@@ -86,7 +86,6 @@ class Settings(BaseSettings):
     user_window_max: int = Field(1000, ge=1)
     safe_pool_max: int = Field(100, ge=0)
     max_items: int = Field(200, ge=1)
-    holdout_share: float = Field(0.05, ge=0, le=1)  # ranker: share of slates served unfiltered (SPEC §8)
     user_cache: int = Field(100_000, ge=1)
     batch_max: int = Field(5000, ge=1)  # most input records per call of the batch callback
     # Changed users are written (one changelog record each) and their records

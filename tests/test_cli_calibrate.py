@@ -125,3 +125,20 @@ def test_a_blocked_item_calibrates_as_the_slate_without_it(tmp_path, strategy):
     a, b = _run("--slates", with_blocked, *args), _run("--slates", without, *args)
     assert a.exit_code == b.exit_code == 0, a.output + b.output
     assert json.loads(a.stdout)["thresholds"] == json.loads(b.stdout)["thresholds"]
+
+
+def test_an_explicit_grid_gives_the_reference_lambda_on_it(tmp_path):
+    batch = toy_batch(np.random.default_rng(4), 200, m=5, rate=0.1)
+    path = tmp_path / "s.jsonl"
+    _write(path, batch)
+    values = [0.05, 0.2, 0.33, 0.5, 0.71, 0.9]
+    res = _run("--slates", path, "--alpha", 0.1, "--alpha", 0.2, "--strategy", "remove",
+               "--grid-values", ",".join(map(str, values)))
+    assert res.exit_code == 0, res.output
+    want, _ = ref.lambda_hat(batch.slates(), values + [float("inf")], [0.1, 0.2], "remove")
+    got = [t["lambda"] for t in json.loads(res.stdout)["thresholds"]]
+    assert got == [None if g == len(values) else values[g] for g in want]
+    assert any(x is not None for x in got)
+    for bad in ("0.1,x", "0.1,inf", ""):
+        res = _run("--slates", path, "--alpha", 0.1, "--grid-values", bad)
+        assert res.exit_code == 2 and "--grid-values" in res.stderr and res.stdout == ""

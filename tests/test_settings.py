@@ -117,7 +117,7 @@ def test_a_bad_alpha_names_the_variable(monkeypatch):
     ({"history_max": "0"}, "RISKGATE_HISTORY_MAX"),
     ({"user_window_max": "0"}, "RISKGATE_USER_WINDOW_MAX"),
     ({"max_items": "-5"}, "RISKGATE_MAX_ITEMS"),
-    ({"holdout_share": "1.5"}, "RISKGATE_HOLDOUT_SHARE"),
+    ({"safe_pool_max": "-1"}, "RISKGATE_SAFE_POOL_MAX"),
     ({"broker": "localhost:9092"}, "RISKGATE_BROKER"),
     ({"broker": "kafka://a:1,b"}, "RISKGATE_BROKER"),
     ({"security_protocol": "TLS"}, "RISKGATE_SECURITY_PROTOCOL"),
