@@ -162,7 +162,9 @@ class RiskgateApp:
         self.names = names = Topics(s.topic_prefix)
         self._base_names = {t: names.base(t) for t in names.inputs}  # input topic -> its SPEC name
         self.inputs = app.topic(*names.inputs, partitions=s.topic_partitions, **raw)
-        self.thresholds_topic = app.topic(names.thresholds, partitions=1, **raw)
+        # Compacted like safe-pools: one latest value per strategy:group, which a ranker reads
+        # from the beginning; tombstones (a forgotten user's, an ended user λ̂) then erase the key.
+        self.thresholds_topic = app.topic(names.thresholds, partitions=1, compacting=True, **raw)
         self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
         self.dlq_topic = app.topic(names.dlq, partitions=1, config={"max.message.bytes": str(DLQ_MAX_BYTES)}, **raw)
         self.partials_topic = app.topic(names.partials, partitions=1, internal=True, **raw)
@@ -492,6 +494,12 @@ class RiskgateApp:
                     for r in own:
                         out.append((self.thresholds_topic, f"{r.strategy}:{r.group}".encode(),
                                     threshold_message(r, self.config, state.version)))
+                elif not own and state.version and (known is None or known[0]):
+                    # The user's own λ̂ ended (fewer than min_slates live slates): delete its
+                    # keys, or the last one would stand on risk-thresholds for good. (Not
+                    # known, as after a restart: sent again, harmless on a compacted topic.)
+                    for st in self.config.strategies:
+                        out.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
                 part.own[uid] = (fingerprint, own)
             elif not pool_changed:
                 continue

@@ -107,7 +107,8 @@ class Topics:
         from .broker import create_topics
 
         create_topics(bootstrap, self.inputs, partitions, **client_kwargs)
-        create_topics(bootstrap, [self.thresholds, self.partials], 1, **client_kwargs)
+        create_topics(bootstrap, [self.thresholds], 1, compacted=[self.thresholds], **client_kwargs)
+        create_topics(bootstrap, [self.partials], 1, **client_kwargs)
         create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)}, **client_kwargs)
         create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], **client_kwargs)
 

@@ -99,9 +99,12 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
                         out_of_order_lag=10.0)
     held: dict[str, bytes | None] = {}  # user -> the value rankers hold
     lapsed: list[str] = []  # users whose own thresholds left a value published
+    keys: dict[str, bytes | None] = {}  # strategy:user:<id> -> what risk-thresholds holds (None: deleted)
 
     def flush(force: bool = False) -> None:
         for t, k, v in rg._user_outputs(part, eng.changed, force=force):
+            if t is rg.thresholds_topic:
+                keys[k.decode()] = v
             if t is rg.pools_topic:
                 uid = k.decode()
                 if held.get(uid) and orjson.loads(held[uid])["thresholds"] and not orjson.loads(v)["thresholds"]:
@@ -113,6 +116,8 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
             part.pools.pop(uid, None)
             part.own.pop(uid, None)
             held[uid] = None
+            for st in rg.config.strategies:  # (the flush's own tombstones, as RiskgateApp._flush sends them)
+                keys[f"{st}:user:{uid}"] = None
 
     def check(users) -> int:
         checked = 0
@@ -122,6 +127,15 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
                 assert held.get(uid) is None
                 continue
             own = part.own[uid][1]
+            # risk-thresholds holds the user's own λ̂ while there is one, and nothing once it
+            # lapsed (its last value stood there for good)
+            mine = {r.strategy: r for r in own}
+            for st in rg.config.strategies:
+                value = keys.get(f"{st}:user:{uid}")
+                if st in mine:
+                    assert orjson.loads(value)["version"] == state.version, uid
+                else:
+                    assert value is None, uid
             pool = state.safe_pool(rg.config.limits)
             assert held[uid] == safe_pool_message(uid, pool, state.blocked_tags, own, state.version, state.band,
                                                 threshold_basis(rg.config)), uid

@@ -333,6 +333,14 @@ def test_compose_topic_init_creates_the_workers_topics():
     for t in (*INPUT_TOPICS, SAFE_POOLS, THRESHOLDS, DLQ, PARTIALS):
         assert re.search(rf"(^|\s){re.escape(t)}(\s|;|$)", script), t
     assert f"--partitions {partitions}" in script and "cleanup.policy=compact" in script
+    # what the worker would create itself (streams.topics.Topics.create): compaction for the
+    # latest-value topics, and room for dead letters that carry a whole bad value
+    from streams.topics import DLQ_MAX_BYTES
+
+    lines = {t: next(line for line in script.splitlines() if re.search(rf"--topic {re.escape(t)}(\s|$)", line))
+             for t in (SAFE_POOLS, THRESHOLDS, DLQ)}
+    assert "cleanup.policy=compact" in lines[SAFE_POOLS] and "cleanup.policy=compact" in lines[THRESHOLDS]
+    assert f"max.message.bytes={DLQ_MAX_BYTES}" in lines[DLQ]
 
 
 def test_compose_env_names_are_settings():
