@@ -226,8 +226,9 @@ _TOPIC_ALREADY_EXISTS = 36
 
 
 async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: int,
-                              compacted: Iterable[str] = (), configs: dict | None = None, **client_kwargs) -> None:
-    """Create missing topics; raise RuntimeError naming each topic the broker refused.
+                              compacted: Iterable[str] = (), configs: dict | None = None, replication: int = 1,
+                              **client_kwargs) -> list[str]:
+    """Create missing topics, returning their names; raise RuntimeError naming each topic the broker refused.
 
     aiokafka's admin client returns per-topic error codes instead of raising,
     so they are checked here; "already exists" (36, a race with another
@@ -248,25 +249,28 @@ async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: 
     try:
         existing = set(await admin.list_topics())
         new = [
-            NewTopic(n, partitions, 1, topic_configs={**({"cleanup.policy": "compact"} if n in compact else {}),
-                                                      **(configs or {})})
+            NewTopic(n, partitions, replication,
+                     topic_configs={**({"cleanup.policy": "compact"} if n in compact else {}), **(configs or {})})
             for n in names if n not in existing
         ]
         if new:
             try:
                 response = await admin.create_topics(new)
             except TopicAlreadyExistsError:
-                return
+                return []
             failed = [(t[0], t[1], t[2] if len(t) > 2 else None) for t in response.topic_errors
                       if t[1] not in (0, _TOPIC_ALREADY_EXISTS)]
             if failed:
                 raise RuntimeError("could not create topics: " + ", ".join(
                     f"{name} (error {code}: {msg})" for name, code, msg in failed))
+        return [t.name for t in new]
     finally:
         await admin.close()
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int, compacted: Iterable[str] = (),
-                  configs: dict | None = None, **client_kwargs) -> None:
-    """Create the topics that do not exist yet (``compacted`` ones with cleanup.policy=compact, all with ``configs``)."""
-    asyncio.run(create_topics_async(bootstrap, list(names), partitions, compacted, configs, **client_kwargs))
+                  configs: dict | None = None, replication: int = 1, **client_kwargs) -> list[str]:
+    """Create the topics that do not exist yet (``compacted`` ones with cleanup.policy=compact, all with
+    ``configs``); returns the names created."""
+    return asyncio.run(create_topics_async(bootstrap, list(names), partitions, compacted, configs, replication,
+                                           **client_kwargs))

@@ -164,7 +164,8 @@ def _shard_option(ctx, param, value):
 
 
 def _check_topic_layout(settings) -> None:
-    """Stop at start, naming the setting, if existing topics have other partition counts than the worker's.
+    """Stop at start, naming the setting, if existing topics have other partition counts than the worker's;
+    then create the missing ones with the worker's counts.
 
     Before, Faust created the tables' changelogs with the setting's count and then
     stopped on its own PartitionsMismatch, once records arrived: a changelog made
@@ -175,7 +176,9 @@ def _check_topic_layout(settings) -> None:
     """
     import asyncio
 
-    from .broker import BrokerRefused, partition_counts
+    from aiokafka.errors import KafkaError
+
+    from .broker import BrokerRefused, describe_error, partition_counts
     from .topics import Topics, layout_problems, partition_layout
 
     names = Topics(settings.topic_prefix)
@@ -191,6 +194,20 @@ def _check_topic_layout(settings) -> None:
     if problems:
         click.echo("riskgate worker: the topics do not fit the settings:\n  " + "\n  ".join(problems), err=True)
         sys.exit(2)
+    # Missing topics are made now, with the settings' counts: Faust makes its changelogs but
+    # not its source topics, and a broker that creates topics on first use (tansu, Kafka
+    # with auto-creation) made the inputs with its own default count, which stopped the
+    # worker at its first record (PartitionsMismatch), changelogs already made.
+    try:
+        created = names.create(settings.bootstrap, settings.topic_partitions,
+                               replication=settings.topic_replication_factor, **settings.kafka_kwargs())
+    except (RuntimeError, KafkaError) as e:
+        click.echo(f"riskgate worker: {describe_error(e)}; create riskgate's topics beforehand "
+                   "(docs/operations.md, \"Topics and state\") or let the worker's user create them", err=True)
+        sys.exit(1)
+    if created:
+        click.echo(f"riskgate worker: created topics {', '.join(created)} "
+                   f"({settings.topic_partitions} partitions for inputs and safe-pools)", err=True)
 
 
 @main.command("example-ranker")

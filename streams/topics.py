@@ -102,15 +102,22 @@ class Topics:
         """The spec name of a (prefixed) topic: ``acme.flags`` -> ``flags``."""
         return topic[len(self.prefix):] if self.prefix and topic.startswith(self.prefix) else topic
 
-    def create(self, bootstrap: str, partitions: int, **client_kwargs) -> None:
-        """Create every topic riskgate uses (inputs and safe-pools with ``partitions``)."""
+    def create(self, bootstrap: str, partitions: int, replication: int = 1, **client_kwargs) -> list[str]:
+        """Create every topic riskgate uses that does not exist yet (inputs and safe-pools with
+        ``partitions``, the rest with one); returns the names created."""
         from .broker import create_topics
 
-        create_topics(bootstrap, self.inputs, partitions, **client_kwargs)
-        create_topics(bootstrap, [self.thresholds], 1, compacted=[self.thresholds], **client_kwargs)
-        create_topics(bootstrap, [self.partials], 1, **client_kwargs)
-        create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)}, **client_kwargs)
-        create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], **client_kwargs)
+        r = replication
+        return [
+            *create_topics(bootstrap, self.inputs, partitions, replication=r, **client_kwargs),
+            *create_topics(bootstrap, [self.thresholds], 1, compacted=[self.thresholds], replication=r,
+                           **client_kwargs),
+            *create_topics(bootstrap, [self.partials], 1, replication=r, **client_kwargs),
+            *create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)},
+                           replication=r, **client_kwargs),
+            *create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], replication=r,
+                           **client_kwargs),
+        ]
 
 
 def threshold_key(strategy: str, group: str) -> str:

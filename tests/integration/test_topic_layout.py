@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from streams.broker import partition_counts
 
-from .harness import Worker, make_topics
+from .harness import Worker, impression_event, make_topics, produce_raw, wait_for, watch_event
 
 pytestmark = pytest.mark.integration
 
@@ -47,3 +48,33 @@ def test_a_worker_whose_broker_never_answers_stops_with_one_line_naming_the_sett
     log = worker.log_path.read_text()
     assert f"riskgate worker: no broker at 127.0.0.1:{port} answered within 1 s (last: ConnectionRefusedError" in log
     assert "check RISKGATE_BROKER" in log and "Traceback" not in log
+
+
+def test_a_worker_on_a_broker_without_its_topics_creates_them_with_its_counts_and_applies_records(
+        kafka_bootstrap, app_id, topic_prefix, tmp_path):
+    """Found by running one by hand: Faust makes its changelogs but not its source topics, and a broker
+    that creates topics on first use (tansu; Kafka with auto-creation) made the inputs with its own
+    default count (4). The worker then never published (no snapshot from partitions 4-7 of 8) and
+    stopped with Faust's PartitionsMismatch at its first record."""
+    from streams.topics import Topics
+
+    names = Topics(topic_prefix)
+    worker = Worker(kafka_bootstrap, app_id, tmp_path / "data", tmp_path, partitions=3, prefix=topic_prefix).start()
+    try:
+        worker.wait_healthy(90)
+        counts = asyncio.run(partition_counts(kafka_bootstrap, (*names.inputs, names.safe_pools, names.thresholds,
+                                                                names.dlq, names.partials)))
+        assert counts == {**{t: 3 for t in (*names.inputs, names.safe_pools)},
+                          **{t: 1 for t in (names.thresholds, names.dlq, names.partials)}}
+        produce_raw(kafka_bootstrap, [
+            (names.inputs[0], b"u1", orjson.dumps(impression_event("u1", "e1", "s1", 1000.0,
+                                                                     [("i1", 0.5, 1.0, ())]))),
+            (names.inputs[1], b"u1", orjson.dumps(watch_event("u1", "w1", "i1", 1001.0))),
+        ])
+        wait_for(lambda: worker.metric("riskgate_events_total", type="watch", outcome="ok") >= 1, 60,
+                 what="the worker to apply the records")
+        worker.check_alive()
+    finally:
+        worker.stop()
+    log = worker.log_path.read_text()
+    assert "riskgate worker: created topics" in log and "PartitionsMismatch" not in log and "Traceback" not in log
