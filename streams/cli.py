@@ -102,9 +102,11 @@ def calibrate(slates_path, alphas, strategy, guarantee, delta, loss, grid_min, g
 
 
 @main.command()
-@click.option("--duration", type=float, default=120.0, show_default=True, help="Wall-clock seconds to run.")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), default=120.0, show_default=True,
+              help="Wall-clock seconds to run.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--rate", type=float, default=2000.0, show_default=True, help="Synthetic events per second.")
+@click.option("--rate", type=click.FloatRange(0, min_open=True), default=2000.0, show_default=True,
+              help="Synthetic events per second.")
 @click.option("--offline", is_flag=True, help="No broker: run the core on toy slates only.")
 def demo(duration, seed, rate, offline) -> None:
     """The embedded default: local broker, worker, synthetic traffic, thresholds printed as published."""

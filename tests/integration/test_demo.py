@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 LINE = re.compile(r"^v(\d+)\s+(remove|replace):(\S+)\s+n=(\d+)\s+(.*)$")
 
@@ -34,3 +36,42 @@ def test_the_demo_prints_thresholds_as_the_worker_publishes_them(tmp_path):
     calibrated = [m for m in updates if m[3] == "global" and int(m[4]) > 0 and "λ̂=" in m[5]]
     assert calibrated, "no global threshold calibrated on matured slates within 30 s:\n" + out.stdout[-3000:]
     assert re.search(r"produced [\d,]+ events, \d+ threshold updates", out.stdout)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: the demo's children are in sessions of their own, and nothing may reap them here."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_terminated_demo_stops_its_broker_and_worker_and_removes_its_files(tmp_path):
+    """Found by running it under ``timeout``: SIGTERM ended the demo at once and left its tansu broker
+    and worker running (each in a session of its own) and their directories behind. Ctrl-C cleaned up."""
+    env = {k: v for k, v in dict(os.environ, COLUMNS="240").items() if not k.startswith("RISKGATE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "demo", "--duration", "300"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    header = ""
+    try:
+        deadline = time.monotonic() + 120
+        while "web views" not in header and time.monotonic() < deadline:  # (readline: the lines come as printed)
+            line = proc.stdout.readline()
+            if not line:
+                break
+            header += line
+        broker = re.search(r"\(pid (\d+)\), data in (\S+)", header)
+        worker = re.search(r"worker pid (\d+)", header)
+        assert broker and worker, header
+        pids = [int(broker[1]), int(worker[1])]
+        assert all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, header + rest
+    assert "stopped" in rest
+    assert not any(_alive(p) for p in pids), pids
+    assert not os.path.exists(broker[2])
