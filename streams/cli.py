@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 import orjson
@@ -134,6 +135,7 @@ def worker(loglevel) -> None:
     except SettingsError as e:
         click.echo(f"riskgate worker: bad configuration: {e}", err=True)
         sys.exit(2)
+    _check_local(settings)
     _check_topic_layout(settings)
     import faust
 
@@ -163,6 +165,42 @@ def _shard_option(ctx, param, value):
         return None if value is None else Shard.parse(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def _check_local(settings) -> None:
+    """Stop at start with status 2, naming the setting, if the data directory or the web address cannot be used.
+
+    Found by running a worker: each was a traceback from deep in Faust after it had
+    joined the group (OSError 98 for a web port in use, gaierror for an unknown
+    host, NotADirectoryError at the clean-stop marker for a data directory under a file).
+    """
+    import socket
+
+    data = settings.data_dir
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        probe = data / ".riskgate-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        _fail(2, f"RISKGATE_DATA_DIR={data} cannot be used: {e.strerror or e}")
+    where = f"RISKGATE_WEB_HOST={settings.web_host}, RISKGATE_WEB_PORT={settings.web_port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(settings.web_host, settings.web_port,
+                                                             type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        _fail(2, f"{where}: the host cannot be resolved ({e.strerror})")
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the web server binds: TIME_WAIT is no conflict)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            _fail(2, f"{where}: the web views cannot listen there ({e.strerror or e})")
+
+
+def _fail(status: int, message: str) -> None:
+    click.echo(f"riskgate worker: {message}", err=True)
+    sys.exit(status)
 
 
 def _check_topic_layout(settings) -> None:
@@ -214,9 +252,9 @@ def _check_topic_layout(settings) -> None:
 
 @main.command("example-ranker")
 @click.option("--broker", required=True, help="kafka://host:port of the broker.")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--holdout-share", type=float, default=0.1, show_default=True)
+@click.option("--holdout-share", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True)
 @click.option("--topic-prefix", default="", show_default=True)
 @click.option("--shard", callback=_shard_option, default=None,
               help="I/N: hold only replica I of N's share of the users' pools (safe-pools partitions p with "
@@ -240,9 +278,10 @@ def example_ranker(broker, port, host, holdout_share, topic_prefix, shard, peers
 @main.command()
 @click.option("--broker", required=True, help="kafka://host:port of the broker.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--users", type=int, default=2000, show_default=True)
-@click.option("--slates", "n_slates", type=int, default=100_000, show_default=True)
-@click.option("--rate", type=float, default=0.0, show_default=True, help="Events per second (0 = unthrottled).")
+@click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--slates", "n_slates", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Events per second (0 = unthrottled).")
 @click.option("--events", "events_path", type=click.Path(exists=True, dir_okay=False),
               help="Produce this JSONL event file instead of a synthetic world.")
 @click.option("--skip", type=click.IntRange(min=0), default=0, show_default=True,
@@ -269,17 +308,35 @@ def produce(broker, seed, users, n_slates, rate, events_path, skip) -> None:
 
         events = generate_events(WorldConfig(seed=seed, n_users=users, n_slates=n_slates))
     bootstrap = broker.removeprefix("kafka://")
+    span = [float("inf"), float("-inf")]  # event time of what was produced
+
+    def timed(stream):
+        for topic, value in stream:
+            ts = value.get("ts")
+            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                span[0], span[1] = min(span[0], ts), max(span[1], ts)
+            yield topic, value
+
     with _broker_reachable("produce", bootstrap):
         try:
-            counts = asyncio.run(produce_events(bootstrap, itertools.islice(events, skip, None), rate=rate or None,
-                                                producer_kwargs=_kafka_kwargs()))
+            counts = asyncio.run(produce_events(bootstrap, timed(itertools.islice(events, skip, None)),
+                                                rate=rate or None, producer_kwargs=_kafka_kwargs()))
         except ProduceInterrupted as e:
             done = skip + e.acknowledged
             click.echo(f"riskgate produce: lost the broker at {bootstrap} ({e}); the first {done} events are on it. "
                        f"Go on with the same command and --skip {done} (events sent twice are dropped by "
                        f"riskgate as duplicates).", err=True)
             sys.exit(1)
-    _dump({"produced": dict(counts)})
+    from .settings import Settings
+
+    label_window = Settings.model_fields["label_window"].default
+    seconds = span[1] - span[0] if span[1] >= span[0] else 0.0
+    _dump({"produced": dict(counts), "event_time_seconds": round(seconds, 3)})
+    if seconds < label_window:  # (a newcomer's first run: why the worker publishes n = 0)
+        click.echo(f"riskgate produce: note: these events span {seconds:,.0f} s of event time; a slate matures "
+                   f"RISKGATE_LABEL_WINDOW ({label_window:,.0f} s by default) after it was served, so a "
+                   "worker with the default calibrates on none of them (more --slates, or a shorter label "
+                   "window)", err=True)
 
 
 @contextmanager
@@ -343,10 +400,10 @@ def bench() -> None:
 
 
 @bench.command("calibrate")
-@click.option("--slates", "n_slates", type=int, default=1_000_000, show_default=True)
-@click.option("--items", type=int, default=20, show_default=True)
-@click.option("--alphas", "n_alphas", type=int, default=8, show_default=True)
-@click.option("--grid-size", type=int, default=1001, show_default=True)
+@click.option("--slates", "n_slates", type=click.IntRange(min=1), default=1_000_000, show_default=True)
+@click.option("--items", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--alphas", "n_alphas", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--grid-size", type=click.IntRange(min=1), default=1001, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def bench_calibrate(n_slates, items, n_alphas, grid_size, seed) -> None:
     """Fold N slates into a window and time λ̂ for several α."""
@@ -362,8 +419,9 @@ def _inprocess_backlog(command):
     compared as the README writes them.
     """
     command = click.option("--seed", type=int, default=0, show_default=True)(command)
-    command = click.option("--users", type=int, default=50_000, show_default=True)(command)
-    return click.option("--events", "n_events", type=int, default=300_000, show_default=True)(command)
+    command = click.option("--users", type=click.IntRange(min=1), default=50_000, show_default=True)(command)
+    return click.option("--events", "n_events", type=click.IntRange(min=1), default=300_000,
+                        show_default=True)(command)
 
 
 @bench.command("inprocess")
@@ -386,18 +444,19 @@ def bench_columnar(n_events, users, seed) -> None:
 
 
 @bench.command("stream")
-@click.option("--events", "n_events", type=int, default=1_000_000, show_default=True,
+@click.option("--events", "n_events", type=click.IntRange(min=1), default=1_000_000, show_default=True,
               help="Backlog size: synthetic events produced before the worker starts.")
-@click.option("--users", type=int, default=50_000, show_default=True)
-@click.option("--partitions", type=int, default=8, show_default=True)
+@click.option("--users", type=click.IntRange(min=1), default=50_000, show_default=True)
+@click.option("--partitions", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--broker", default=None, help="host:port of a broker to use instead of a local tansu.")
-@click.option("--live-seconds", type=float, default=0.0, show_default=True,
+@click.option("--live-seconds", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Then produce live traffic for this long (freshness, RSS, soak).")
-@click.option("--live-rate", type=float, default=20_000.0, show_default=True, help="Live events/s.")
-@click.option("--live-producers", type=int, default=1, show_default=True,
+@click.option("--live-rate", type=click.FloatRange(0, min_open=True), default=20_000.0, show_default=True,
+              help="Live events/s.")
+@click.option("--live-producers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Producer processes sharing --live-rate (one tops out near 80k events/s here).")
-@click.option("--recompute-interval", type=float, default=5.0, show_default=True)
+@click.option("--recompute-interval", type=click.FloatRange(0, min_open=True), default=5.0, show_default=True)
 @click.option("--profile", type=click.Path(dir_okay=False), default=None,
               help="Record the worker with py-spy to this file and print where its time went.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the figures as JSON.")
@@ -437,8 +496,9 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
               help="JSONL event file, one {\"topic\", \"value\"} per line (.gz ok).")
 @click.option("--synthetic", is_flag=True, help="Replay a seeded synthetic world instead of a file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="--synthetic: world seed.")
-@click.option("--users", type=int, default=2000, show_default=True, help="--synthetic: number of users.")
-@click.option("--slates", "n_slates", type=int, default=20000, show_default=True, help="--synthetic: number of slates.")
+@click.option("--users", type=click.IntRange(min=1), default=2000, show_default=True, help="--synthetic: number of users.")
+@click.option("--slates", "n_slates", type=click.IntRange(min=1), default=20000, show_default=True,
+              help="--synthetic: number of slates.")
 @click.option("--table1-rates", is_flag=True, help="--synthetic: the paper's Table-1 reporting rates (tiny α only).")
 @click.option("--kuairand", "kuairand_path", type=click.Path(exists=True, dir_okay=False),
               help="A KuaiRand standard-log CSV (or the processed TSV slice).")
@@ -453,9 +513,11 @@ def bench_stream(n_events, users, partitions, seed, broker, live_seconds, live_r
 @click.option("--beta-ablation", is_flag=True, help="Also replay β in 0%, 50%, 100%, none (Fig. 5).")
 @click.option("--group-policy", type=click.Choice(["global", "fallback"]), default="global", show_default=True,
               help="λ̂ from the global group (paper) or user → band → global (SPEC §8).")
-@click.option("--label-window", type=float, default=3600.0, show_default=True, help="Seconds until labels are final.")
-@click.option("--window", type=float, default=86400.0, show_default=True, help="Calibration window, seconds.")
-@click.option("--min-slates", type=int, default=100, show_default=True)
+@click.option("--label-window", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
+              help="Seconds until labels are final.")
+@click.option("--window", type=click.FloatRange(0, min_open=True), default=86400.0, show_default=True,
+              help="Calibration window, seconds.")
+@click.option("--min-slates", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report folder.")
 @click.option("--dump-slates", type=click.Path(dir_okay=False),
               help="Also write the final global window's mature slates (riskgate calibrate input).")
@@ -489,6 +551,11 @@ def replay(events_path, synthetic, seed, users, n_slates, table1_rates, kuairand
         label_window=label_window, window=window, min_slates=min_slates,
     )
     ecfg = _replace(ecfg, limits=Limits(beta=beta_v))
+    made = not Path(out_dir).exists()
+    try:  # before the replay, which may take minutes: a folder that cannot be made fails now
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"{out_dir} cannot be created: {e.strerror or e}", param_hint="--out") from None
     cfg = ReplayConfig(engine=ecfg, ablation_betas=ABLATION_BETAS if beta_ablation else None,
                        group_policy=group_policy, keep_window=bool(dump_slates), progress=progress)
     try:  # a bad line of an event or KuaiRand file: PATH:LINE and status 2, like `riskgate calibrate`
@@ -510,6 +577,8 @@ def replay(events_path, synthetic, seed, users, n_slates, table1_rates, kuairand
             title = f"riskgate replay: {events_path}"
         result = run_replay(events, cfg)  # (an event file is read as it replays)
     except (EventFileError, KuaiRandFileError) as e:
+        if made:
+            Path(out_dir).rmdir()  # (empty: nothing is written before the replay ends)
         click.echo(f"riskgate replay: {e} (no report written)", err=True)
         sys.exit(2)
     paths = write_report(result, out_dir, title=title)
@@ -519,6 +588,7 @@ def replay(events_path, synthetic, seed, users, n_slates, table1_rates, kuairand
     _dump({
         "report": str(paths["index.html"]),
         "evaluated_slates": result.counts.get("evaluated_slates", 0),
+        "invalid_events": result.counts.get("invalid_events", 0),
         "base_risk": result.main.row("none", None)["risk"],
         "realised": [{"strategy": r["strategy"], "alpha": r["alpha"], "risk": r["risk"], "ndcg": r["ndcg"],
                       "size": r["size"]} for r in main_rows],

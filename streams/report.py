@@ -240,6 +240,10 @@ def write_report(result, out_dir: str | Path, title: str = "riskgate replay") ->
                f"λ̂ from {meta['group_policy']} groups, safe-pool β = {meta['beta']}; "
                f"{meta['counts'].get('evaluated_slates', 0)} holdout slates evaluated, "
                f"unfiltered risk R₀ = {_fmt(fig['base_risk'])}.")
+    invalid = meta["counts"].get("invalid_events", 0)
+    if invalid:  # (left out of every figure: say so where a reader looks first)
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(meta["counts"].get("invalid_reasons", {}).items()))
+        summary += f" {invalid} invalid events were left out ({reasons})."
     rows = [r for r in fig["rows"] if r["population"] == "all"] + [r for r in fig["rows"] if r["population"] != "all"]
     md = [f"# {title}", "", summary, "",
           "Each holdout slate is re-served through Algorithm 1 with the λ̂ current at its serve time and the "

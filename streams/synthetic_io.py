@@ -15,10 +15,13 @@ gzip-compressed transparently.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 import orjson
+
+from .topics import INPUT_TOPICS
 
 __all__ = ["write_jsonl", "read_jsonl", "EventFileError"]
 
@@ -81,17 +84,25 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     Blank lines are skipped. Only the envelope is checked here (the values are
     validated by the consumer, which dead-letters bad ones per SPEC §2).
     """
-    with _open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as err:
-                raise EventFileError(f"{path}:{lineno}: bad JSON ({err})") from None
-            if not (isinstance(obj, dict) and isinstance(obj.get("topic"), str) and isinstance(obj.get("value"), dict)):
-                raise EventFileError(f"{path}:{lineno}: expected {{\"topic\": str, \"value\": object}}")
-            yield obj["topic"], obj["value"]
+    lineno = 0
+    try:
+        with _open(path, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError as err:
+                    raise EventFileError(f"{path}:{lineno}: bad JSON ({err})") from None
+                if not (isinstance(obj, dict) and isinstance(obj.get("topic"), str)
+                        and isinstance(obj.get("value"), dict)):
+                    raise EventFileError(f"{path}:{lineno}: expected {{\"topic\": str, \"value\": object}}")
+                if obj["topic"] not in INPUT_TOPICS:  # (produce would send it to a topic of that name)
+                    raise EventFileError(f"{path}:{lineno}: unknown topic {obj['topic']!r} "
+                                         f"(one of {', '.join(INPUT_TOPICS)})")
+                yield obj["topic"], obj["value"]
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz that is not gzip, or cut short
+        raise EventFileError(f"{path}:{lineno + 1}: not a readable gzip file ({e})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

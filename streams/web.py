@@ -31,6 +31,14 @@ def _authorised(rg: "RiskgateApp", request) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), want.encode())
 
 
+def _refused(rg: "RiskgateApp", web):
+    # Without a token the views are disabled, and the answer says how to enable them (an
+    # operator read a bare "forbidden" as a wrong token); with one, the request lacked it.
+    if rg.settings.web_token is None:
+        return web.json({"error": "disabled: set RISKGATE_WEB_TOKEN on the worker to enable this view"}, status=403)
+    return web.json({"error": "forbidden: send Authorization: Bearer <RISKGATE_WEB_TOKEN>"}, status=403)
+
+
 def register_views(rg: "RiskgateApp") -> None:
     app = rg.app
 
@@ -55,7 +63,7 @@ def register_views(rg: "RiskgateApp") -> None:
         worker holds. Personal data: token required like ``/users``.
         """
         if not _authorised(rg, request):
-            return web.json({"error": "forbidden"}, status=403)
+            return _refused(rg, web)
         out = []
         for p, part in sorted(rg.partitions.items()):
             horizon = part.engine.calibrator.horizon()
@@ -69,7 +77,7 @@ def register_views(rg: "RiskgateApp") -> None:
     @app.page("/users/{user_id}")
     async def user(web, request, user_id):
         if not _authorised(rg, request):
-            return web.json({"error": "forbidden"}, status=403)
+            return _refused(rg, web)
         for part in rg.partitions.values():
             try:
                 state = part.users.get(user_id)

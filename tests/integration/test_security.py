@@ -691,7 +691,9 @@ def test_personal_views_are_disabled_without_a_configured_token(kafka_bootstrap,
         w.wait_healthy()
         for path in ("/users/anyone", "/debug/window-slates"):
             for auth in (None, b"Bearer " + TOKEN.encode(), b"Bearer ", b"Bearer None", b"Bearer null"):
-                assert _get(w.port, path, auth)[0] in (401, 403), (path, auth)
+                status, body = _get(w.port, path, auth)
+                assert status in (401, 403), (path, auth)
+                assert "set RISKGATE_WEB_TOKEN" in json_of(body)["error"]  # how to enable it, not "forbidden"
         assert _get(w.port, "/health")[0] == 200
     finally:
         w.stop()
