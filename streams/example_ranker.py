@@ -2,11 +2,14 @@
 
 A small HTTP service. ``POST /rank`` with
 ``{"user_id", "slate_id", "k", "alpha", "strategy", "candidates": [{"item_id", "score", "rank_score", "tags"}]}``
-returns the served slate, or 400 with the reason: a bad field, or a slate whose
-impression riskgate would dead-letter (checked with riskgate's own validator
-before anything is produced). ``GET /health`` answers 503 once the client no longer
-follows riskgate's topics (its read loop failed: :attr:`RankerClient.healthy`), so
-that an orchestrator restarts it rather than let it serve old λ̂ for good.
+returns the served slate, or 400 with the reason: a bad field (scores must be
+finite JSON numbers), an ``alpha`` riskgate does not publish for the strategy, or
+a slate whose impression riskgate would dead-letter (checked with riskgate's own
+validator before anything is produced); docs/operations.md ("Run the rankers")
+describes both bodies and every status. ``GET /health`` answers 503 once the
+client no longer follows riskgate's topics (its read loop failed:
+:attr:`RankerClient.healthy`), so that an orchestrator restarts it rather than
+let it serve old λ̂ for good.
 
 Until its client has caught up with riskgate's outputs (:attr:`RankerClient.ready`)
 ``/rank`` answers 503, and so does ``GET /ready`` (a readiness probe): before, a
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from typing import Sequence
@@ -38,11 +42,12 @@ from typing import Sequence
 import orjson
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from calibration.groups import GLOBAL
 from calibration.policy import Candidate, in_holdout
 
 from .broker import describe_error
 from .metrics import RankerMetrics
-from .ranker import RankerClient, Shard
+from .ranker import RankerClient, Shard, ThresholdBook
 from .schemas import InvalidEvent, decode
 
 __all__ = ["make_app", "peer_urls", "serve", "FORWARDED"]
@@ -62,6 +67,15 @@ def _id(value, name: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{name} must be a string")
     return str(value)
+
+
+def _score(value, name: str) -> float:
+    """A score as a float: a finite JSON number; a string (even "0.5" or "NaN"), a bool or null is refused."""
+    # (float() took "NaN" and "inf": a NaN score fails every score >= λ̂, so the item was dropped without a
+    # word, and a non-finite one reaches the impression as null, which riskgate refuses)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return float(value)
 
 
 def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
@@ -86,9 +100,26 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
         tags = c.get("tags", [])
         if not isinstance(tags, list):  # (tuple("guns") would be four one-letter tags)
             raise ValueError(f"candidates[{i}].tags must be a list of strings")
-        cands.append(Candidate(_id(c["item_id"], f"candidates[{i}].item_id"), float(c["score"]),
-                               float(c.get("rank_score", c["score"])), tuple(tags)))
+        score = _score(c["score"], f"candidates[{i}].score")
+        rank_score = _score(c["rank_score"], f"candidates[{i}].rank_score") if "rank_score" in c else score
+        cands.append(Candidate(_id(c["item_id"], f"candidates[{i}].item_id"), score, rank_score, tuple(tags)))
     return body, user_id, k, alpha, strategy, cands
+
+
+def _published_alphas(book: ThresholdBook, alpha: float, strategy: str) -> list[float] | None:
+    """The α riskgate publishes for ``strategy`` when ``alpha`` is not one of them; None if it is, or none is known.
+
+    Read from the strategy's ``global`` value, which riskgate writes for every α it
+    publishes. Before, an unpublished α resolved to no λ̂ and every slate was
+    silently filtered. Without a ``global`` value yet (riskgate has not published)
+    the request is served fail-closed, as :meth:`ThresholdBook.resolve` does.
+    """
+    msg = book.thresholds.get(f"{strategy}:{GLOBAL}")
+    published = sorted(t["alpha"] for t in msg["thresholds"]) if msg else []
+    # (the same equality as ThresholdBook.resolve: an α it would match is never refused here)
+    if not published or any(abs(a - alpha) < 1e-12 for a in published):
+        return None
+    return published
 
 
 def peer_urls(peers: Sequence[str], shard: Shard | None) -> list[str]:
@@ -155,6 +186,12 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
             return web.json_response({"error": f"bad request: {type(e).__name__}: {e}"}, status=400)
         if not client.ready:  # (fail closed: the book may lack this user's band and blocked tags)
             return web.json_response({"error": "not ready: still reading riskgate's outputs"}, status=503)
+        # (before the shard check: every shard holds every risk-thresholds value, so none is forwarded for this)
+        published = _published_alphas(client.book, alpha, strategy)
+        if published is not None:
+            return web.json_response({"error": f"alpha {alpha} is not published for strategy {strategy!r}: "
+                                               f"riskgate publishes {', '.join(map(str, published))}",
+                                      "alphas": published}, status=400)
         if not client.owns(user_id):
             owner = client.shard_of(user_id)
             if peers and FORWARDED not in request.headers:  # (once: two shards that disagree do not loop)

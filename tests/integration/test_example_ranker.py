@@ -1,6 +1,7 @@
 """The example ranker against a real broker: it follows riskgate's outputs and applies Algorithm 1."""
 
 import asyncio
+import math
 
 import orjson
 import pytest
@@ -155,3 +156,116 @@ def test_sharded_example_rankers_with_peers_serve_every_user_with_its_own_pool(k
         assert status == 200, body
         # the user's blocked tag dropped "g", and the user's own safe item took its place
         assert [(i["item_id"], i["replacement"]) for i in body["items"]] == [("a", False), (f"safe-of-{user}", True)]
+
+
+def test_ranker_refuses_an_alpha_riskgate_does_not_publish_once_it_knows_the_published_ones(kafka_bootstrap,
+                                                                                           topic_prefix):
+    """Before, an unpublished α resolved to no λ̂: 200 with every candidate silently filtered.
+
+    With the strategy's ``global`` value held, such an α is a 400 naming it and the
+    published ones; before riskgate's first publication it is still served fail-closed.
+    """
+    names = make_topics(kafka_bootstrap, topic_prefix, 2)
+    cfg = EngineConfig(alphas=(0.05, 0.1, 0.2))
+    result = GroupResult("replace", "global", 500, (0.0, 1.0), (
+        Threshold(0.05, 0.7, False, 0.04), Threshold(0.1, 0.5, False, 0.08), Threshold(0.2, 0.3, False, 0.15)))
+
+    def request(slate_id, alpha, strategy="replace"):
+        return orjson.dumps({"user_id": "u1", "slate_id": slate_id, "k": 2, "alpha": alpha, "strategy": strategy,
+                             "candidates": [{"item_id": "a", "score": 0.9, "rank_score": 3.0},
+                                            {"item_id": "b", "score": 0.6, "rank_score": 2.0}]})
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        app = make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0)
+        async with TestClient(TestServer(app)) as client:
+            deadline = loop.time() + 60
+            while (await client.get("/ready")).status != 200:
+                assert loop.time() < deadline, "the ranker never became ready"
+                await asyncio.sleep(0.2)
+            out = {}
+
+            async def post(name, *args):
+                resp = await client.post("/rank", data=request(name, *args))
+                out[name] = resp.status, await resp.json()
+
+            await post("before", 0.33)  # nothing published yet: fail closed
+            await asyncio.to_thread(produce_raw, kafka_bootstrap,
+                                    [(names.thresholds, b"replace:global", threshold_message(result, cfg, 4))])
+            deadline = loop.time() + 30
+            while True:  # until the ranker has read the threshold
+                await post("published", 0.1)
+                if out["published"][1]["lambda"] is not None:
+                    break
+                assert loop.time() < deadline, out["published"]
+                await asyncio.sleep(0.2)
+            await post("unpublished", 0.33)
+            await post("near", 0.1 + 5e-13)  # ThresholdBook.resolve's equality: |Δα| < 1e-12
+            await post("other-strategy", 0.33, "remove")  # no remove:global known: fail closed
+            return out
+
+    out = asyncio.run(run())
+    status, body = out["before"]
+    assert status == 200 and (body["group"], body["lambda"], body["items"]) == (None, None, []), body
+    status, body = out["unpublished"]
+    assert status == 400, body
+    assert body["error"] == "alpha 0.33 is not published for strategy 'replace': riskgate publishes 0.05, 0.1, 0.2"
+    assert body["alphas"] == [0.05, 0.1, 0.2]
+    for name in ("published", "near"):
+        status, body = out[name]
+        assert status == 200 and (body["group"], body["lambda"], body["version"]) == ("global", 0.5, 4), body
+        assert [i["item_id"] for i in body["items"]] == ["a", "b"]
+    status, body = out["other-strategy"]
+    assert status == 200 and (body["group"], body["lambda"], body["items"]) == (None, None, []), body
+
+    def slates():
+        seen = {orjson.loads(v)["slate_id"] for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])}
+        return seen if seen >= {"before", "published", "near", "other-strategy"} else None
+
+    assert "unpublished" not in wait_for(slates, 30, what="the impressions")  # a refused request produces nothing
+
+
+BAD_SCORES = [  # (the second candidate, the reason the 400 gives)
+    ({"item_id": "b", "score": "NaN"}, "candidates[1].score must be a finite number, not 'NaN'"),
+    ({"item_id": "b", "score": "0.5"}, "candidates[1].score must be a finite number, not '0.5'"),
+    ({"item_id": "b", "score": True}, "candidates[1].score must be a finite number, not True"),
+    ({"item_id": "b", "score": None}, "candidates[1].score must be a finite number, not None"),
+    ({"item_id": "b", "score": 0.5, "rank_score": "Infinity"},
+     "candidates[1].rank_score must be a finite number, not 'Infinity'"),
+    ({"item_id": "b", "score": 0.5, "rank_score": "-inf"},
+     "candidates[1].rank_score must be a finite number, not '-inf'"),
+]
+
+
+def test_ranker_refuses_a_score_that_is_not_a_finite_number_naming_the_field_and_candidate(kafka_bootstrap,
+                                                                                           topic_prefix):
+    """Before, ``float()`` took "NaN" and "inf": a NaN score failed every ``score >= λ̂`` and was dropped unseen."""
+    make_topics(kafka_bootstrap, topic_prefix, 1)
+
+    def request(candidate):
+        return orjson.dumps({"user_id": "u1", "slate_id": "s1", "k": 2, "alpha": 0.1, "strategy": "replace",
+                             "candidates": [{"item_id": "a", "score": 0.9, "rank_score": 3.0}, candidate]})
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        async with TestClient(TestServer(make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0))) as c:
+            deadline = loop.time() + 60
+            while (await c.get("/ready")).status != 200:  # (ready: a refusal is the body's, not a 503)
+                assert loop.time() < deadline, "the ranker never became ready"
+                await asyncio.sleep(0.2)
+            out = []
+            for candidate, _ in BAD_SCORES:
+                resp = await c.post("/rank", data=request(candidate))
+                out.append((resp.status, (await resp.json()).get("error")))
+            return out
+
+    assert asyncio.run(run()) == [(400, f"bad request: ValueError: {says}") for _, says in BAD_SCORES]
+
+
+def test_a_score_must_be_a_finite_number_even_where_json_cannot_carry_one():
+    from streams.example_ranker import _score
+
+    assert _score(2, "s") == 2.0 and isinstance(_score(2, "s"), float)
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match="s must be a finite number"):
+            _score(bad, "s")
