@@ -47,8 +47,8 @@ from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
-from .topics import (DLQ_MAX_BYTES, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot, key_partition,
-                     safe_pool_message, threshold_basis, threshold_message)
+from .topics import (DLQ_MAX_BYTES, INPUT_TOPICS, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot,
+                     key_partition, safe_pool_message, threshold_basis, threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -106,6 +106,7 @@ class RiskgateApp:
         self.metrics = Metrics()
         for a in self.config.alphas:
             self.metrics.target_risk.labels(str(a)).set(a)
+        self.metrics.min_slates.set(self.config.min_slates)
         self.partitions: dict[int, _Partition] = {}
         self.latest: dict[str, dict] = {}  # risk-thresholds published by this worker, by key
         self.healthy = False
@@ -250,6 +251,11 @@ class RiskgateApp:
         # Dead letters of records not acked (the flush before the revoke failed): the
         # records are read again by the partition's next owner, which sends them.
         self._dead.pop(p, None)
+        # Its series too: a former owner's frozen lag summed with the new owner's showed
+        # phantom lag on the dashboard, and could hold RiskgateConsumerLagGrowing up.
+        for topic in INPUT_TOPICS:
+            _remove(self.metrics.lag, topic, str(p))
+        _remove(self.metrics.watermark, str(p))
 
     def _partition(self, p: int) -> _Partition:
         part = self.partitions.get(p)
@@ -642,8 +648,16 @@ class RiskgateApp:
     async def _check_health(self) -> None:
         # (set aside on reading: when rebuilding an assigned partition, or on a user's next event)
         self.metrics.unreadable_users.set(sum(len(part.users.unreadable) for part in self.partitions.values()))
-        tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs]
         consumer = self.app.consumer
+        if self.app.rebalancing:
+            return  # (the assignor's partitions are not the consumer's yet: see below)
+        # Only partitions the consumer holds: the assignor's new ones during a rebalance are not
+        # assigned in aiokafka yet, and highwater() of one raised AssertionError, outside any
+        # handler: the worker crashed on a second worker's join (found by scaling a group up).
+        tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs]
+        if tps:
+            held = consumer.assignment()
+            tps = [tp for tp in tps if tp in held]
         try:
             # A round trip to the broker: fails (or times out) while it is unreachable.
             if tps:
@@ -655,7 +669,10 @@ class RiskgateApp:
         for tp in tps:
             # Lag from the high watermark of the last fetch response: some brokers
             # (tansu) answer ListOffsets with stale numbers, fetches are exact.
-            hw = consumer.highwater(tp)
+            try:
+                hw = consumer.highwater(tp)
+            except AssertionError:  # (revoked during the await above)
+                continue
             if hw is None:
                 continue
             part = self.partitions.get(tp.partition)
@@ -706,9 +723,22 @@ class RiskgateApp:
                 if delta > 0:
                     m.realised_slates.labels(str(a)).inc(delta)
                 self._exported[("slates", a)] = n
+                # (re-based with the slates: after a rebalance both start again from the new engines' sums)
+                delta = risk_sum[a] - self._exported.get(("risk_sum", a), 0.0)
+                if delta > 0:
+                    m.realised_risk_sum.labels(str(a)).inc(delta)
+                self._exported[("risk_sum", a)] = risk_sum[a]
         for b, n in p1_seen.items():
             if n:
                 m.property1.labels(str(b)).set(p1_flag[b] / n)
+
+
+def _remove(metric, *labels: str) -> None:
+    """Drop one labelled series (a no-op when it was never set)."""
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
 
 
 class _Recent(OrderedDict):

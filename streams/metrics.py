@@ -60,10 +60,18 @@ class Metrics:
         # the guarantee's live checks
         self.target_risk = Gauge("riskgate_target_risk", "Configured α (for plotting against realised risk).",
                                  ["alpha"], registry=r)
+        self.min_slates = Gauge("riskgate_min_slates", "Configured RISKGATE_MIN_SLATES: a group with fewer "
+                                "slates has no λ̂ of its own and rankers fall back from it.", registry=r)
         self.realised_risk = Gauge("riskgate_realised_risk", "Mean flagged fraction of mature policy-applied "
                                    "slates, by the α the ranker applied.", ["alpha"], registry=r)
         self.realised_slates = Counter("riskgate_realised_slates", "Mature policy-applied slates, by α applied.",
                                        ["alpha"], registry=r)
+        # The gauge above is a mean since this worker's partitions were last assigned: weeks of
+        # traffic dilute a breach, and a fresh assignment's few slates stand for all of it. The
+        # alert divides increases of this sum by those of the slates instead (recent traffic only).
+        self.realised_risk_sum = Counter("riskgate_realised_risk_sum", "Sum of the flagged fractions of "
+                                         "mature policy-applied slates, by α applied (÷ slates = realised "
+                                         "risk over any range).", ["alpha"], registry=r)
         self.replacements_shown = Counter("riskgate_replacements_shown", "Replacement items in mature "
                                           "policy-applied slates.", registry=r)
         self.replacements_flagged = Counter("riskgate_replacements_flagged", "Replacement items flagged again "

@@ -163,7 +163,7 @@ def test_dashboard_uses_only_exported_metrics():
 
 def test_dashboard_covers_what_operators_read():
     used = {m for q in dashboard_queries() for m in METRIC_RE.findall(q)}
-    for needed in ("riskgate_threshold_lambda", "riskgate_window_slates", "riskgate_realised_risk",
+    for needed in ("riskgate_threshold_lambda", "riskgate_window_slates", "riskgate_realised_risk_sum_total",
                    "riskgate_target_risk", "riskgate_property1_reflag_rate", "riskgate_events_total",
                    "riskgate_consumer_lag", "riskgate_recompute_seconds_bucket",
                    "riskgate_threshold_published_timestamp_seconds", "riskgate_process_cpu_seconds_total",

@@ -46,38 +46,52 @@ DL, LG, UH = "RiskgateDLQRateHigh", "RiskgateConsumerLagGrowing", "RiskgateWorke
 UR = "RiskgateUnreadableUserState"
 i1, i2, i3 = {"instance": "w1"}, {"instance": "w2"}, {"instance": "w3"}
 
-case("realised risk above alpha, weighted over two workers, sustained 30m", [
+case("realised risk above alpha over the last hour, weighted over two workers, sustained 30m", [
     s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x60"),
     s("riskgate_target_risk", {**i2, "alpha": "0.05"}, "0.05x60"),
     s("riskgate_target_risk", {**i1, "alpha": "0.1"}, "0.1x60"),
     s("riskgate_target_risk", {**i2, "alpha": "0.1"}, "0.1x60"),
-    # alpha 0.05: 300 slates at 0.08 and 300 at 0.06 -> 0.07 > 0.05
-    s("riskgate_realised_risk", {**i1, "alpha": "0.05"}, "0.08x60"),
-    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "300x60"),
-    s("riskgate_realised_risk", {**i2, "alpha": "0.05"}, "0.06x60"),
-    s("riskgate_realised_slates_total", {**i2, "alpha": "0.05"}, "300x60"),
-    # alpha 0.1: one worker above (0.12, 100 slates), weighted mean 0.096 <= 0.1
-    s("riskgate_realised_risk", {**i1, "alpha": "0.1"}, "0.12x60"),
-    s("riskgate_realised_slates_total", {**i1, "alpha": "0.1"}, "100x60"),
-    s("riskgate_realised_risk", {**i2, "alpha": "0.1"}, "0.09x60"),
-    s("riskgate_realised_slates_total", {**i2, "alpha": "0.1"}, "400x60"),
+    # alpha 0.05: 50 slates a minute at 0.08 and 50 at 0.06 -> 0.07 > 0.05
+    s("riskgate_realised_risk_sum_total", {**i1, "alpha": "0.05"}, "0+4x60"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "0+50x60"),
+    s("riskgate_realised_risk_sum_total", {**i2, "alpha": "0.05"}, "0+3x60"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.05"}, "0+50x60"),
+    # alpha 0.1: one worker above (0.12, 10 a minute), weighted mean 0.096 <= 0.1
+    s("riskgate_realised_risk_sum_total", {**i1, "alpha": "0.1"}, "0+1.2x60"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.1"}, "0+10x60"),
+    s("riskgate_realised_risk_sum_total", {**i2, "alpha": "0.1"}, "0+3.6x60"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.1"}, "0+40x60"),
 ], [
     ("20m", RR, []),  # pending, not yet 30m
-    ("35m", RR, [({"alpha": "0.05"}, "7%")]),
+    ("40m", RR, [({"alpha": "0.05"}, "7%")]),
 ])
 
 case("realised risk: too few slates, or above alpha only briefly", [
     s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x60"),
     s("riskgate_target_risk", {**i1, "alpha": "0.2"}, "0.2x60"),
-    # far above alpha but under 500 mature slates (300 at 60m): noise, not evidence
-    s("riskgate_realised_risk", {**i1, "alpha": "0.05"}, "0.3x60"),
+    # far above alpha but 300 slates an hour, under 500: noise, not evidence
+    s("riskgate_realised_risk_sum_total", {**i1, "alpha": "0.05"}, "0+1.5x60"),
     s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "0+5x60"),
-    # above alpha for 20 minutes, then back under
-    s("riskgate_realised_risk", {**i1, "alpha": "0.2"}, "0.25x20 0.15x40"),
-    s("riskgate_realised_slates_total", {**i1, "alpha": "0.2"}, "1000+10x60"),
+    # 0.25 for 10 minutes, then 0.15: the hour's mean is above alpha until ~20m only
+    s("riskgate_realised_risk_sum_total", {**i1, "alpha": "0.2"}, "0+12.5x10 132.5+7.5x49"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.2"}, "0+50x60"),
 ], [
     ("40m", RR, []),
     ("60m", RR, []),
+])
+
+# Two days at 0.03, then 0.08: the mean since the worker's partitions were assigned
+# (the riskgate_realised_risk gauge, which the alert used to read) is still ~0.031
+# two hours into the breach; the last hour's is 0.08.
+case("realised risk: a breach after two healthy days fires within the hour", [
+    s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x3000"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "0+50x3000"),
+    s("riskgate_realised_risk_sum_total", {**i1, "alpha": "0.05"}, "0+1.5x2880 4324+4x119"),
+    s("riskgate_realised_risk", {**i1, "alpha": "0.05"}, "0.03x3000"),
+], [
+    ("2870m", RR, []),
+    ("2930m", RR, []),  # above since ~2904m (24 minutes of breach in the hour): pending
+    ("2940m", RR, [({"alpha": "0.05"}, "8%")]),
 ])
 
 case("constraint violation fires at once on any increase", [
@@ -162,6 +176,20 @@ case("filter_all published for 15m on a fresh key", [
     ("20m", FA, [({"strategy": "replace", "group": "global", "alpha": "0.05"}, None)]),
 ])
 
+case("filter_all: a band short of RISKGATE_MIN_SLATES (rankers fall back) is quiet, one with enough fires", [
+    s("riskgate_min_slates", i1, "100x40"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "remove", "group": "band:high"},
+      "0+60x40"),
+    s("riskgate_threshold_filter_all", {**i1, "strategy": "remove", "group": "band:high", "alpha": "0.05"}, "1x40"),
+    s("riskgate_window_slates", {**i1, "strategy": "remove", "group": "band:high"}, "5x40"),
+    s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "remove", "group": "band:low"},
+      "0+60x40"),
+    s("riskgate_threshold_filter_all", {**i1, "strategy": "remove", "group": "band:low", "alpha": "0.05"}, "1x40"),
+    s("riskgate_window_slates", {**i1, "strategy": "remove", "group": "band:low"}, "500x40"),
+], [
+    ("20m", FA, [({"strategy": "remove", "group": "band:low", "alpha": "0.05"}, None)]),
+])
+
 case("filter_all: lingering gauge of a former owner, user groups, a short spell", [
     s("riskgate_threshold_published_timestamp_seconds", {**i1, "strategy": "remove", "group": "global"},
       "0+60x10 600x30"),
@@ -235,7 +263,7 @@ RJ = "riskgate-ranker"
 def r(name, labels, values):
     """A series of a ranker (scrape job riskgate-ranker)."""
     return s(name, labels, values, job=RJ)
-r1, r2, r3 = {"instance": "r1"}, {"instance": "r2"}, {"instance": "r3"}
+r1, r2, r3, r4 = {"instance": "r1"}, {"instance": "r2"}, {"instance": "r3"}, {"instance": "r4"}
 
 case("ranker not following: its read loop failed; another follows", [
     r("riskgate_ranker_following", r1, "1x5 0x20"),
@@ -261,7 +289,7 @@ case("ranker not ready for 10m; one that caught up in 5m, one that failed (NotFo
 # gauge lingers after w2 took the aggregator over) and a user's own threshold.
 # r1 keeps up, r2 is stuck, r3 is one version behind at every other evaluation.
 _pub = [100 + 10 * t for t in range(31)]
-case("ranker behind the published version for 5m; one that keeps up, one that lags only between scrapes", [
+case("ranker behind the published version for 5m; one that keeps up, ones that lag only between scrapes", [
     s("riskgate_threshold_version", {**i1, "strategy": "replace", "group": "global"}, "100+10x10 200x20"),
     s("riskgate_threshold_version", {**i2, "strategy": "replace", "group": "global"}, "_x10 210+10x20"),
     s("riskgate_threshold_version", {**i2, "strategy": "replace", "group": "user:u1"}, "900x30"),
@@ -269,6 +297,9 @@ case("ranker behind the published version for 5m; one that keeps up, one that la
     r("riskgate_ranker_threshold_version", {**r2, "strategy": "replace", "group": "global"}, "100+10x3 130x27"),
     r("riskgate_ranker_threshold_version", {**r3, "strategy": "replace", "group": "global"},
       " ".join(str(v if t % 2 == 0 else v - 10) for t, v in enumerate(_pub))),
+    # r4 is scraped just before the workers publish: one version behind at every evaluation
+    r("riskgate_ranker_threshold_version", {**r4, "strategy": "replace", "group": "global"},
+      " ".join(str(v - 10) for v in _pub)),
 ], [
     ("6m", RB, []),  # r2 behind since 4m: pending
     ("12m", RB, [({"job": RJ, "instance": "r2", "strategy": "replace", "group": "global"}, None)]),

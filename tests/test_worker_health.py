@@ -1,0 +1,91 @@
+"""The worker's health tick and its series across rebalances, through its own methods (no broker).
+
+Found by scaling a group up (a deploy audit): the tick read the high watermark of
+partitions the assignor had just given this worker but aiokafka had not assigned
+yet, and aiokafka's AssertionError, outside any handler, crashed the worker on
+another worker's join (a crash: no clean stop, a full restore, another rebalance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from faust.types import TP
+
+from streams.app import RiskgateApp
+from streams.settings import load_settings
+
+
+class _Consumer:
+    """aiokafka as Faust wraps it: highwater() of a partition it does not hold raises, as aiokafka's does."""
+
+    _committed_offset: dict = {}
+
+    def __init__(self, held, ends):
+        self.held, self.ends, self.asked = set(held), ends, []
+
+    def assignment(self):
+        return set(self.held)
+
+    async def highwaters(self, *tps):
+        return {tp: self.highwater(tp) for tp in tps}
+
+    def highwater(self, tp):
+        self.asked.append(tp)
+        assert tp in self.held, "Partition is not assigned"
+        return self.ends[tp]
+
+
+@pytest.fixture
+def rg(tmp_path):
+    return RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
+
+
+def _series(rg, name):
+    return {tuple(s.labels.values()): s.value for m in rg.metrics.registry.collect() for s in m.samples
+            if s.name == name}
+
+
+def test_the_health_tick_reads_only_partitions_the_consumer_holds(rg, monkeypatch):
+    imp0, imp1 = TP(rg.names.inputs[0], 0), TP(rg.names.inputs[0], 1)
+    consumer = _Consumer(held=[imp0], ends={imp0: 7})
+    rg.app._consumer = consumer
+    monkeypatch.setattr(rg.app.assignor, "assigned_actives", lambda: {imp0, imp1})  # imp1: mid-rebalance
+    asyncio.run(rg._check_health())  # raised AssertionError('Partition is not assigned')
+    assert rg.healthy and consumer.asked == [imp0] * 2  # (highwaters, then the lag)
+    assert _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 7.0}
+    consumer.asked.clear()
+    monkeypatch.setattr(type(rg.app), "rebalancing", property(lambda self: True))
+    asyncio.run(rg._check_health())  # while rebalancing nothing is asked of the consumer
+    assert consumer.asked == []
+
+
+def test_a_revoked_partition_takes_its_series_with_it(rg):
+    """A former owner's frozen lag was summed with the new owner's: phantom lag on the dashboard."""
+    for p in (0, 1):
+        rg.metrics.lag.labels("watch", str(p)).set(100 + p)
+        rg.metrics.watermark.labels(str(p)).set(1e9 + p)
+    rg._drop_partition(1)
+    assert _series(rg, "riskgate_consumer_lag") == {("watch", "0"): 100.0}
+    assert _series(rg, "riskgate_watermark_seconds") == {("0",): 1e9}
+    rg._drop_partition(1)  # twice, or never set: no error
+
+
+def test_realised_risk_is_exported_as_a_sum_that_recent_traffic_can_be_read_from(rg):
+    """The gauge is a mean since the partitions were assigned; the counter lets an alert take a range."""
+    part = rg._partition(0)
+    mon = part.engine.monitors
+    mon.realised_slates[0.1], mon.realised_risk_sum[0.1] = 4, 0.5
+    rg._export_monitors()
+    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.5}
+    assert _series(rg, "riskgate_realised_slates_total") == {("0.1",): 4.0}
+    rg._drop_partition(0)  # a rebalance: the new engine starts from zero, the counters never go down
+    part = rg._partition(0)
+    part.engine.monitors.realised_slates[0.1], part.engine.monitors.realised_risk_sum[0.1] = 1, 0.25
+    rg._export_monitors()
+    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.5}
+    part.engine.monitors.realised_slates[0.1], part.engine.monitors.realised_risk_sum[0.1] = 3, 1.25
+    rg._export_monitors()
+    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 1.5}  # + (1.25 - 0.25)
+    assert _series(rg, "riskgate_realised_slates_total") == {("0.1",): 6.0}  # 4 + (3 - 1)
