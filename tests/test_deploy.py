@@ -419,14 +419,42 @@ def test_k8s_service_and_scraping():
     assert pm["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (ep,) = pm["spec"]["podMetricsEndpoints"]
     assert ep["port"] == "web" and ep["path"] == "/metrics"
-    ann = k8s("StatefulSet", "riskgate")["spec"]["template"]["metadata"]["annotations"]
-    assert ann["prometheus.io/port"] == str(WEB_PORT) and ann["prometheus.io/path"] == "/metrics"
+    assert ep["relabelings"] == [{"targetLabel": "job", "replacement": "riskgate"}]  # what the alerts select
+    # no prometheus.io/* annotations beside the PodMonitor: a Prometheus reading both kept two
+    # copies of every series, and the alerts' sums over workers doubled
+    meta = k8s("StatefulSet", "riskgate")["spec"]["template"]["metadata"]
+    assert not any(k.startswith("prometheus.io/") for k in meta.get("annotations", {}))
+    ranker = k8s("PodMonitor", "riskgate-ranker")
+    assert ranker["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "ranker"
+    (ep,) = ranker["spec"]["podMetricsEndpoints"]
+    assert ep["relabelings"] == [{"targetLabel": "job", "replacement": "riskgate-ranker"}]
 
 
-def test_k8s_kustomization_lists_every_manifest():
+def test_k8s_workers_are_spread_and_disrupted_one_at_a_time_and_sized_for_their_cache():
+    sts = k8s("StatefulSet", "riskgate")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    pdb = k8s("PodDisruptionBudget", "riskgate")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (spread,) = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
+    res = _container()["resources"]
+    assert res["requests"]["cpu"] == "1"  # one worker process uses a core at saturation
+
+    def gib(q):
+        return float(q.removesuffix("Gi"))
+
+    # ~0.2 GB + 35 kB a cached user; the limit must hold one pod with every partition's cache
+    cm = k8s("ConfigMap", "riskgate-config")["data"]
+    users = int(cm["RISKGATE_USER_CACHE"]) * int(cm["RISKGATE_TOPIC_PARTITIONS"])
+    assert gib(res["limits"]["memory"]) * 2**30 >= 0.2e9 + 35e3 * users
+
+
+def test_k8s_kustomization_lists_every_manifest_but_the_secret_template():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kust["resources"]) == files
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
+    # applied, the placeholder Secret overwrote the real one (and its CA stopped the workers)
+    assert set(kust["resources"]) == files and "CHANGE-ME" in (K8S / "secret.yaml").read_text()
 
 
 def test_settings_accept_the_shipped_configuration(monkeypatch, tmp_path):
