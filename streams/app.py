@@ -47,8 +47,8 @@ from .metrics import Metrics
 from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
-from .topics import (DLQ_MAX_BYTES, INPUT_TOPICS, InvalidSnapshot, Topics, decode_snapshot, encode_snapshot,
-                     key_partition, safe_pool_message, threshold_basis, threshold_message)
+from .topics import (DLQ_MAX_BYTES, INPUT_TOPICS, PARTIALS_CONFIG, InvalidSnapshot, Topics, decode_snapshot,
+                     encode_snapshot, key_partition, safe_pool_message, threshold_basis, threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -168,7 +168,7 @@ class RiskgateApp:
         self.thresholds_topic = app.topic(names.thresholds, partitions=1, compacting=True, **raw)
         self.pools_topic = app.topic(names.safe_pools, partitions=s.topic_partitions, compacting=True, **raw)
         self.dlq_topic = app.topic(names.dlq, partitions=1, config={"max.message.bytes": str(DLQ_MAX_BYTES)}, **raw)
-        self.partials_topic = app.topic(names.partials, partitions=1, internal=True, **raw)
+        self.partials_topic = app.topic(names.partials, partitions=1, internal=True, config=PARTIALS_CONFIG, **raw)
         # Raw bytes (the app's serializers are "raw") and bounded RocksDB memory: at most
         # partitions × 3 tables × (2 write buffers + block cache).
         rocks = {"write_buffer_size": s.rocksdb_write_buffer_mb << 20, "max_write_buffer_number": 2,

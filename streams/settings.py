@@ -201,6 +201,19 @@ class Settings(BaseSettings):
         if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"{p}SECURITY_PROTOCOL={self.security_protocol} needs {p}SASL_USERNAME "
                              f"and {p}SASL_PASSWORD")
+        if self.security_protocol.endswith("SSL"):
+            # The files are read now: a CA that is not PEM (the k8s Secret template's placeholder)
+            # stopped the worker later with ssl.SSLError "[X509] PEM lib" and a traceback.
+            try:
+                ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile else None)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"{p}SSL_CAFILE ({self.ssl_cafile}) holds no CA certificate in PEM form ({e})") from None
+            if self.ssl_certfile:
+                try:
+                    self.ssl_context()
+                except (ssl.SSLError, OSError) as e:
+                    raise ValueError(f"{p}SSL_CERTFILE ({self.ssl_certfile}) and {p}SSL_KEYFILE "
+                                     f"({self.ssl_keyfile}) are not a PEM certificate and its key ({e})") from None
         return self
 
     @property

@@ -50,6 +50,10 @@ DLQ = "riskgate-dlq"
 PARTIALS = "riskgate-partials"
 #: Largest dead-letter record (the original value, up to 1 MB, in base64 plus its envelope).
 DLQ_MAX_BYTES = 4 * 1024 * 1024
+#: riskgate-partials carries each partition's window totals every RECOMPUTE_INTERVAL (~64 kB a
+#: partition with the default grid: ~4 GB a day at 8 partitions) and only the latest round is
+#: ever read (a restarted aggregator waits for the next): an hour of it is plenty.
+PARTIALS_CONFIG = {"retention.ms": str(3600 * 1000)}
 
 _PARTITIONER = DefaultPartitioner()
 
@@ -112,7 +116,7 @@ class Topics:
             *create_topics(bootstrap, self.inputs, partitions, replication=r, **client_kwargs),
             *create_topics(bootstrap, [self.thresholds], 1, compacted=[self.thresholds], replication=r,
                            **client_kwargs),
-            *create_topics(bootstrap, [self.partials], 1, replication=r, **client_kwargs),
+            *create_topics(bootstrap, [self.partials], 1, configs=PARTIALS_CONFIG, replication=r, **client_kwargs),
             *create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)},
                            replication=r, **client_kwargs),
             *create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], replication=r,

@@ -227,7 +227,9 @@ def test_prometheus_scrapes_the_example_ranker_where_compose_runs_it():
     assert job["metrics_path"] == "/metrics" and f"127.0.0.1:{port}/ready" in " ".join(ranker["healthcheck"]["test"])
     # the alerts on rankers read what the ranker's client exports
     ranker_alerts = [r for r in alert_rules() if r["alert"].startswith("RiskgateRanker")]
-    assert len(ranker_alerts) == 4 and all("riskgate_ranker_" in r["expr"] for r in ranker_alerts)
+    assert len(ranker_alerts) == 5
+    assert all("riskgate_ranker_" in r["expr"] or r["expr"] == f'up{{job="{job["job_name"]}"}} == 0'
+               for r in ranker_alerts)
 
 
 # -- Dockerfile -------------------------------------------------------------------
@@ -341,6 +343,10 @@ def test_compose_topic_init_creates_the_workers_topics():
              for t in (SAFE_POOLS, THRESHOLDS, DLQ)}
     assert "cleanup.policy=compact" in lines[SAFE_POOLS] and "cleanup.policy=compact" in lines[THRESHOLDS]
     assert f"max.message.bytes={DLQ_MAX_BYTES}" in lines[DLQ]
+    from streams.topics import PARTIALS_CONFIG
+
+    partials = next(line for line in script.splitlines() if f"--topic {PARTIALS}" in line)
+    assert f"retention.ms={PARTIALS_CONFIG['retention.ms']}" in partials  # only the latest round is read
 
 
 def test_compose_env_names_are_settings():
@@ -458,8 +464,16 @@ def test_k8s_kustomization_lists_every_manifest_but_the_secret_template():
 
 
 def test_settings_accept_the_shipped_configuration(monkeypatch, tmp_path):
-    """The ConfigMap + compose env load through the real settings object (TLS paths swapped for temp files)."""
+    """The ConfigMap + compose env load through the real settings object (TLS paths swapped for temp files
+    of a throwaway CA: the settings read them at start)."""
+    import trustme
+
     from streams.settings import load_settings
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("riskgate")
+    pem = {"CAFILE": ca.cert_pem.bytes(), "CERTFILE": leaf.cert_chain_pems[0].bytes(),
+           "KEYFILE": leaf.private_key_pem.bytes()}
 
     for source in (dict(compose()["services"]["worker-1"]["environment"]), dict(k8s("ConfigMap", "riskgate-config")["data"])):
         for k in list(__import__("os").environ):
@@ -468,7 +482,7 @@ def test_settings_accept_the_shipped_configuration(monkeypatch, tmp_path):
         for k, v in source.items():
             if k.startswith("RISKGATE_SSL_") and k.endswith("FILE"):
                 f = tmp_path / Path(v).name
-                f.write_text("x")
+                f.write_bytes(pem[k.removeprefix("RISKGATE_SSL_")])
                 v = str(f)
             monkeypatch.setenv(k, str(v))
         monkeypatch.setenv("RISKGATE_SASL_USERNAME", "u")

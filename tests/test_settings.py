@@ -235,3 +235,17 @@ def test_ssl_credentials(monkeypatch):
 def test_unreadable_tls_files_fail_at_start_naming_the_variable(monkeypatch, tmp_path):
     msg = error(monkeypatch, security_protocol="SSL", ssl_cafile=tmp_path / "missing-ca.pem")
     assert "RISKGATE_SSL_CAFILE" in msg
+
+
+def test_tls_files_that_are_not_pem_fail_at_start_naming_the_variable(monkeypatch, tmp_path):
+    """The k8s Secret template's placeholder CA stopped the worker later, with ssl.SSLError and a traceback."""
+    placeholder = tmp_path / "ca.crt"
+    placeholder.write_text("-----BEGIN CERTIFICATE-----\nCHANGE-ME\n-----END CERTIFICATE-----\n")
+    msg = error(monkeypatch, security_protocol="SASL_SSL", sasl_username="u", sasl_password="p",
+                ssl_cafile=placeholder)
+    assert "RISKGATE_SSL_CAFILE" in msg and "no CA certificate in PEM form" in msg
+    monkeypatch.delenv("RISKGATE_SSL_CAFILE")
+    junk = tmp_path / "client.crt"
+    junk.write_text("not a certificate")
+    msg = error(monkeypatch, security_protocol="SSL", ssl_certfile=junk, ssl_keyfile=junk)
+    assert "RISKGATE_SSL_CERTFILE" in msg and "RISKGATE_SSL_KEYFILE" in msg

@@ -259,6 +259,7 @@ case("worker unhealthy or not scraped for 5m", [
 
 
 RNF, RNR, RB = "RiskgateRankerNotFollowing", "RiskgateRankerNotReady", "RiskgateRankerBehind"
+RD = "RiskgateRankerDown"
 RJ = "riskgate-ranker"
 def r(name, labels, values):
     """A series of a ranker (scrape job riskgate-ranker)."""
@@ -271,6 +272,15 @@ case("ranker not following: its read loop failed; another follows", [
 ], [
     ("6m", RNF, []),  # pending
     ("10m", RNF, [({"job": RJ, "instance": "r1"}, None)]),
+])
+
+case("ranker down: its scrape fails for 5m; one that missed two scrapes; a worker down is not a ranker", [
+    r("up", r1, "1x5 0x20"),
+    r("up", r2, "1x5 0 0 1x18"),
+    s("up", i1, "0x25"),
+], [
+    ("8m", RD, []),  # down since 6m: pending
+    ("15m", RD, [({"job": RJ, "instance": "r1"}, None)]),
 ])
 
 case("ranker not ready for 10m; one that caught up in 5m, one that failed (NotFollowing says so)", [
