@@ -217,7 +217,8 @@ def test_prometheus_scrapes_the_example_ranker_with_the_shipped_rules(kafka_boot
 
             rules = wait_for(ranker_rules, 30, what="the riskgate-ranker rules evaluated")
             assert {r["name"] for r in rules} == {"RiskgateRankerNotFollowing", "RiskgateRankerNotReady",
-                                                  "RiskgateRankerBehind", "RiskgateRankerImpressionsFailing"}
+                                                  "RiskgateRankerBehind", "RiskgateRankerImpressionsFailing",
+                                                  "RiskgateRankerDown"}
             assert all(r["state"] == "inactive" for r in rules)  # a following, ready ranker alerts nothing
             exported = {n for n in prom.names() if n.startswith("riskgate_")}
             assert "riskgate_ranker_ready" in exported and exported - METRIC_NAMES == set()
