@@ -85,6 +85,10 @@ class PendingSlate(msgspec.Struct, frozen=True, gc=False):
     replacement: tuple[bool, ...]
     repeat_pct: tuple[float | None, ...]
     seq: int = 0  # the user's count of pending slates before this one (UserState.pending_seq): its store key
+    # Each item's tags as served: what the ranker's tag filter saw (an item's history entry keeps
+    # the tags of its first showing, which moderation may have changed since). None: a slate
+    # stored before riskgate kept them (its items' history tags stand in).
+    tags: tuple[tuple[str, ...], ...] | None = None
 
 
 class MatureSlate(msgspec.Struct, frozen=True, gc=False):
@@ -269,7 +273,7 @@ class UserState:
             pending = PendingSlate(
                 ev.slate_id, ev.ts, ev.k, 0, ev.policy_applied, ev.alpha,
                 tuple(it.item_id for it in ev.items), tuple(it.score for it in ev.items),
-                tuple(it.replacement for it in ev.items), (), self.pending_seq,
+                tuple(it.replacement for it in ev.items), (), self.pending_seq, tuple(it.tags for it in ev.items),
             )
             if len(self.pending) >= limits.pending_max:
                 outcome = "pending_overflow"
@@ -452,10 +456,12 @@ class UserState:
             # items would not bound what the policy serves (dropping an unflagged blocked
             # item raises it). Its flag stays as read, for the monitors.
             dropped = None if p.policy_applied or not blocked_then else []
-            for item in p.item_ids:
+            served_tags = p.tags
+            for j, item in enumerate(p.item_ids):
                 h = history.get(item)  # (items of pending slates are never trimmed)
                 if dropped is not None:
-                    dropped.append(h is not None and not blocked_then.isdisjoint(h.tags))
+                    tags = served_tags[j] if served_tags is not None else h.tags if h is not None else ()
+                    dropped.append(not blocked_then.isdisjoint(tags))
                 if h is None:
                     flags.append(False)
                     repeats.append(None)
@@ -629,19 +635,23 @@ class UserState:
 
 def _slate_to_list(p: PendingSlate) -> list:
     return [p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, list(p.item_ids), list(p.scores),
-            list(p.replacement), list(p.repeat_pct), p.seq]
+            list(p.replacement), list(p.repeat_pct), p.seq, None if p.tags is None else [list(t) for t in p.tags]]
 
 
 def _slate_from_list(x: list, index: int) -> PendingSlate:
     seq = x[10] if len(x) > 10 else index  # (lists written before pending slates were numbered)
-    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq)
+    tags = tuple(tuple(t) for t in x[11]) if len(x) > 11 and x[11] is not None else None
+    return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq,
+                        tags)
 
 
 def _mature_to_list(m: MatureSlate) -> list:
-    return [m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha, list(m.scores), list(m.flags),
-            list(m.replacement), list(m.repeat_pct)]
+    # (a dropped item's -inf as None: JSON has no infinity, and orjson wrote it as null)
+    return [m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha,
+            [None if x == _DROPPED else x for x in m.scores], list(m.flags), list(m.replacement), list(m.repeat_pct)]
 
 
 def _mature_from_list(x: list, user_id: str) -> MatureSlate:
-    return MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], tuple(x[7]), tuple(x[8]), tuple(x[9]),
+    scores = tuple(_DROPPED if v is None else v for v in x[7])
+    return MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], scores, tuple(x[8]), tuple(x[9]),
                        tuple(x[10]))

@@ -110,7 +110,9 @@ class RiskgateApp:
         self.partitions: dict[int, _Partition] = {}
         self.latest: dict[str, dict] = {}  # risk-thresholds published by this worker, by key
         self.healthy = False
-        self._exported: dict = {}
+        # Engine -> its monitors' values last copied to the counters (an engine dropped with its
+        # partition is forgotten with it).
+        self._exported: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._counts: dict = defaultdict(int)  # (topic, outcome) -> events since the last flush
         # Input partition -> dead-letter records of its records since its last flush, sent by that
         # flush before it acks them (as changelog records are: a few µs each, not send_soon's ~40).
@@ -649,8 +651,6 @@ class RiskgateApp:
         # (set aside on reading: when rebuilding an assigned partition, or on a user's next event)
         self.metrics.unreadable_users.set(sum(len(part.users.unreadable) for part in self.partitions.values()))
         consumer = self.app.consumer
-        if self.app.rebalancing:
-            return  # (the assignor's partitions are not the consumer's yet: see below)
         # Only partitions the consumer holds: the assignor's new ones during a rebalance are not
         # assigned in aiokafka yet, and highwater() of one raised AssertionError, outside any
         # handler: the worker crashed on a second worker's join (found by scaling a group up).
@@ -684,50 +684,42 @@ class RiskgateApp:
         self._export_monitors()
 
     def _export_monitors(self) -> None:
-        """Copy the engines' in-memory monitors to Prometheus (counters by delta since the last copy)."""
+        """Copy the engines' in-memory monitors to Prometheus: counters by what each engine added since
+        its last copy, gauges from the totals.
+
+        Per engine, not from totals: an engine rebuilt after a rebalance starts from zero, and
+        re-basing on totals lost what the partitions kept counted while the set changed, each
+        counter differently (the realised-risk alert divides two of them).
+        """
         m = self.metrics
-        engines = [x.engine for x in self.partitions.values()]
-        totals: dict[str, float] = defaultdict(float)
         risk_sum: dict = defaultdict(float)
         risk_n: dict = defaultdict(int)
         p1_seen: dict = defaultdict(int)
         p1_flag: dict = defaultdict(int)
-        for e in engines:
+        for part in self.partitions.values():
+            e = part.engine
             mon = e.monitors
-            totals["replacements_shown"] += mon.replacements_shown
-            totals["replacements_flagged"] += mon.replacements_flagged
-            totals["served_items"] += mon.served_items
-            totals["violations"] += mon.violations
-            totals["refused"] += e.calibrator.refused
-            totals["matured_holdout"] += e.matured_counts["holdout"]
-            totals["matured_applied"] += e.matured_counts["applied"]
+            now = {m.replacements_shown: mon.replacements_shown, m.replacements_flagged: mon.replacements_flagged,
+                   m.served_items: mon.served_items, m.violations: mon.violations, m.refused: e.calibrator.refused,
+                   m.matured.labels("holdout"): e.matured_counts["holdout"],
+                   m.matured.labels("applied"): e.matured_counts["applied"]}
             for a, n in mon.realised_slates.items():
+                now[m.realised_slates.labels(str(a))] = n
+                now[m.realised_risk_sum.labels(str(a))] = mon.realised_risk_sum[a]
                 risk_n[a] += n
                 risk_sum[a] += mon.realised_risk_sum[a]
+            before = self._exported.get(e, {})
+            for counter, value in now.items():
+                delta = value - before.get(counter, 0)
+                if delta > 0:  # (an engine's monitors only grow)
+                    counter.inc(delta)
+            self._exported[e] = now
             for b in mon.repeat_seen:
                 p1_seen[b] += mon.repeat_seen[b]
                 p1_flag[b] += mon.repeat_flagged[b]
-        counters = {"replacements_shown": m.replacements_shown, "replacements_flagged": m.replacements_flagged,
-                    "served_items": m.served_items, "violations": m.violations, "refused": m.refused,
-                    "matured_holdout": m.matured.labels("holdout"), "matured_applied": m.matured.labels("applied")}
-        for name, counter in counters.items():
-            delta = totals[name] - self._exported.get(name, 0.0)
-            if delta > 0:
-                counter.inc(delta)
-            # Engines rebuilt after a rebalance start from zero: re-base, never decrement.
-            self._exported[name] = totals[name]
         for a, n in risk_n.items():
             if n:
                 m.realised_risk.labels(str(a)).set(risk_sum[a] / n)
-                delta = n - self._exported.get(("slates", a), 0)
-                if delta > 0:
-                    m.realised_slates.labels(str(a)).inc(delta)
-                self._exported[("slates", a)] = n
-                # (re-based with the slates: after a rebalance both start again from the new engines' sums)
-                delta = risk_sum[a] - self._exported.get(("risk_sum", a), 0.0)
-                if delta > 0:
-                    m.realised_risk_sum.labels(str(a)).inc(delta)
-                self._exported[("risk_sum", a)] = risk_sum[a]
         for b, n in p1_seen.items():
             if n:
                 m.property1.labels(str(b)).set(p1_flag[b] / n)

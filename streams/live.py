@@ -103,7 +103,7 @@ def run_live_demo(duration: float = 60.0, seed: int = 0, rate: float = 2000.0, c
     console = console or Console()
     # SIGTERM (a `timeout`, a closed terminal's SIGHUP) ends the demo as Ctrl-C does: the broker
     # and the worker run in sessions of their own, so only the demo's cleanup stops them.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _interrupt) for sig in _SIGNALS}
     stats = {"updates": 0, "progress_at": 0.0}
     try:
         _run_live_demo(duration, seed, rate, console, stats)
@@ -115,7 +115,14 @@ def run_live_demo(duration: float = 60.0, seed: int = 0, rate: float = 2000.0, c
     return stats["updates"]
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _interrupt(signum, frame) -> None:
+    # Once: a second signal during the cleanup that follows (stopping the worker, then the
+    # broker: up to ~30 s) raised out of it and left the worker running.
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

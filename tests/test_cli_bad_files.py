@@ -1,6 +1,7 @@
 """``riskgate replay`` and ``riskgate produce`` on a bad input file: ``PATH:LINE: problem``, status 2, nothing done."""
 
 import orjson
+import pytest
 from click.testing import CliRunner
 
 from streams.cli import main
@@ -163,3 +164,22 @@ def test_dlq_replay_that_lost_its_broker_says_where_to_go_on_from(monkeypatch):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "riskgate dlq-replay: lost the broker at h:1 ([Error 7] RequestTimedOutError)" in r.output
     assert "after replaying 3 dead letters; go on with the same command and --from-offset 42." in r.output
+
+
+def test_the_demo_ignores_further_signals_once_one_has_started_its_cleanup():
+    """A second SIGTERM, SIGHUP or Ctrl-C raised out of the demo's cleanup: one landing before the worker
+    (in a session of its own) was signalled left it running."""
+    import signal
+
+    from streams import live
+
+    saved = {sig: signal.getsignal(sig) for sig in live._SIGNALS}
+    try:
+        for sig in live._SIGNALS:
+            signal.signal(sig, live._interrupt)
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            live._interrupt(signal.SIGTERM, None)
+        assert all(signal.getsignal(sig) is signal.SIG_IGN for sig in live._SIGNALS)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

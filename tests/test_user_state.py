@@ -1,5 +1,6 @@
 """Per-user state transitions and the single-partition engine."""
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -134,6 +135,36 @@ def test_a_holdout_item_of_a_tag_blocked_at_ts_calibrates_as_dropped_and_keeps_i
     got = fold(SlateBatch.from_slates([calibration_slate(holdout)]), grid, "remove")
     want = fold(SlateBatch.from_slates([Slate((0.9, 0.6, 0.5), (True, False, False), 5)]), grid, "remove")
     assert got.tolist() == want.tolist()  # the same curve as the slate the policy serves
+    import orjson  # the JSON form keeps the dropped items (JSON has no -inf: orjson wrote null)
+
+    assert UserState.from_dict(orjson.loads(orjson.dumps(s.to_dict()))).recent == s.recent == [holdout]
+
+
+def test_an_item_is_judged_by_the_tags_it_was_served_with_not_those_of_its_first_showing():
+    """A history entry keeps the tags of the item's first showing; moderation may tag it later. The
+    ranker and the violation count use the slate's own tags, and so must calibration."""
+    s = UserState("u1")
+    s.on_impression(imp("e0", "s0", 5.0, [item("x", 0.5), item("y", 0.6, tags=("guns",))], applied=True), 0.0, LIM)
+    s.on_constraints(Constraints("c1", "u1", 10.0, block_tags=("guns",)), 0.0, LIM)
+    later = imp("e1", "s1", 20.0, [item("x", 0.5, tags=("guns",)), item("y", 0.6), item("z", 0.9)])  # re-tagged
+    assert s.violations(later) == 1
+    s.on_impression(later, 0.0, LIM)
+    (_, m), _ = s.mature(1e9, 10.0, 0.0, LIM)
+    assert m.slate_id == "s1" and m.scores == (float("-inf"), 0.6, 0.9)
+
+
+def test_pending_slates_keep_their_items_tags_through_storage_and_older_ones_still_load():
+    from streams.state import _pending, encode_pending, _dec
+
+    s = UserState("u1")
+    s.on_impression(imp("e1", "s1", 20.0, [item("x", tags=("guns", "b")), item("y")]), 0.0, LIM)
+    (p,) = s.pending
+    assert p.tags == (("guns", "b"), ())
+    assert _pending(_dec.decode(encode_pending(p)), p.seq) == p
+    older = msgspec.structs.replace(p, tags=None)  # a slate stored before riskgate kept tags: ten fields
+    raw = encode_pending(older)
+    assert len(_dec.decode(raw)) == 10 and _pending(_dec.decode(raw), p.seq).tags is None
+    assert UserState.from_dict(s.to_dict()).pending == [p]
 
 
 def test_pool_size_is_as_of_the_slates_ts_whatever_order_the_topics_were_read_in():

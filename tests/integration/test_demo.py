@@ -67,11 +67,17 @@ def test_a_terminated_demo_stops_its_broker_and_worker_and_removes_its_files(tmp
         pids = [int(broker[1]), int(worker[1])]
         assert all(_alive(p) for p in pids)
         proc.send_signal(signal.SIGTERM)
+        # more while it cleans up, as an impatient user sends them (tests/test_cli_bad_files.py checks
+        # that they are ignored then: one landing before the worker was signalled left it running)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+            time.sleep(0.05)
+            proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, header + rest
-    assert "stopped" in rest
+    # "stopped" is printed once the cleanup is done; a signal that comes after it then ends the
+    # process as it would any other (SIGTERM: -15; SIGINT: click's "Aborted!", 1)
+    assert "stopped" in rest and proc.returncode in (0, 1, -signal.SIGTERM), header + rest
     assert not any(_alive(p) for p in pids), pids
     assert not os.path.exists(broker[2])
