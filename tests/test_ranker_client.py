@@ -668,11 +668,13 @@ def test_the_clients_lag_is_what_the_topics_hold_beyond_what_its_book_took():
 
 def test_a_shard_forwards_a_request_for_another_shards_user_once_and_says_when_that_shard_is_down(monkeypatch):
     """With --peers any load balancer can spread requests over the shards: a misrouted one takes one more hop."""
-    from streams.broker import free_port
     from streams.ranker import Shard
 
+    from .net import bound_sockets, serving
+
     _no_broker(monkeypatch)
-    ports = [free_port(), free_port()]
+    socks = bound_sockets(2)
+    ports = [s.getsockname()[1] for s in socks]
     peers = [f"http://127.0.0.1:{p}" for p in ports]
     owner = {"u0": 0, "u1": 1}
 
@@ -680,7 +682,8 @@ def test_a_shard_forwards_a_request_for_another_shards_user_once_and_says_when_t
         apps = [example_ranker.make_app("unused:1", holdout_share=0.0, shard=Shard(i, 2), peers=peers)
                 for i in range(2)]
         out = {}
-        servers = [TestServer(app, port=port) for app, port in zip(apps, ports)]
+        servers = [TestServer(app, port=port, socket_factory=serving(sock))
+                   for app, port, sock in zip(apps, ports, socks)]
         async with TestClient(servers[0]) as http0, TestClient(servers[1]) as http1:
             for i, client in enumerate(_FakeClient.made):
                 client.book.on_threshold("replace:global", threshold_message(GOOD, CFG, 3))

@@ -111,9 +111,10 @@ def test_sharded_ranker_clients_split_the_pools_and_each_is_ready_with_its_whole
 
 def test_sharded_example_rankers_with_peers_serve_every_user_with_its_own_pool(kafka_bootstrap, topic_prefix):
     """Two shards behind any balancer: a request sent to the wrong one is answered with the user's pool all the same."""
-    from streams.broker import free_port
     from streams.ranker import Shard
     from streams.topics import key_partition
+
+    from ..net import bound_sockets, serving
 
     names = make_topics(kafka_bootstrap, topic_prefix, 4)
     cfg = EngineConfig(alphas=(0.1,))
@@ -124,7 +125,8 @@ def test_sharded_example_rankers_with_peers_serve_every_user_with_its_own_pool(k
     produce_raw(kafka_bootstrap, [(names.thresholds, b"replace:global", threshold_message(result, cfg, 3))] + [
         (names.safe_pools, u.encode(), safe_pool_message(u, [SafeItem(f"safe-of-{u}", 9.0)], ["guns"], band="low"))
         for u in users.values()])
-    ports = [free_port(), free_port()]
+    socks = bound_sockets(2)
+    ports = [s.getsockname()[1] for s in socks]
     peers = [f"http://127.0.0.1:{p}" for p in ports]
 
     def request(user):
@@ -135,8 +137,8 @@ def test_sharded_example_rankers_with_peers_serve_every_user_with_its_own_pool(k
     async def run():
         apps = [make_app(kafka_bootstrap, prefix=topic_prefix, holdout_share=0.0, shard=Shard(i, 2), peers=peers)
                 for i in range(2)]
-        async with TestClient(TestServer(apps[0], port=ports[0])) as s0, \
-                TestClient(TestServer(apps[1], port=ports[1])) as s1:
+        async with TestClient(TestServer(apps[0], port=ports[0], socket_factory=serving(socks[0]))) as s0, \
+                TestClient(TestServer(apps[1], port=ports[1], socket_factory=serving(socks[1]))) as s1:
             for s in (s0, s1):
                 deadline = asyncio.get_running_loop().time() + 60
                 while (await s.get("/ready")).status != 200:
