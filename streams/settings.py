@@ -14,6 +14,7 @@ Numbers must be finite. A bad value fails at start with the variable's name:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import ssl
@@ -27,6 +28,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["Settings", "SettingsError", "load_settings", "ENV_PREFIX"]
 
 ENV_PREFIX = "RISKGATE_"
+
+log = logging.getLogger("riskgate.settings")
 
 
 class SettingsError(ValueError):
@@ -280,10 +283,18 @@ def _file_values(path: Path) -> dict | None:
     out = {}
     for name, value in data.items():
         field = str(name).lower().removeprefix(ENV_PREFIX.lower())
+        if field in RETIRED:  # (an upgrade must not stop a worker over a setting that did nothing)
+            log.warning("%sCONFIG: %r in %r is no longer a setting (%s); ignored", ENV_PREFIX, name, str(path),
+                        RETIRED[field])
+            continue
         if field not in Settings.model_fields:
             raise SettingsError(f"{ENV_PREFIX}CONFIG: unknown setting {name!r} in {str(path)!r}")
         out[field] = value
     return out
+
+
+#: Settings that existed and are gone, with why: a config file naming one is read with a warning.
+RETIRED = {"holdout_share": "the worker never read it; the example ranker's --holdout-share sets the share"}
 
 
 def load_settings(**overrides) -> Settings:

@@ -185,6 +185,15 @@ def test_unknown_keys_in_a_config_file_are_errors(monkeypatch, tmp_path):
     assert "alpah" in error(monkeypatch, config=f)
 
 
+def test_a_retired_setting_in_a_config_file_is_ignored_with_a_warning(monkeypatch, tmp_path, caplog):
+    """RISKGATE_HOLDOUT_SHARE did nothing and is gone; a file naming it must not stop an upgraded worker."""
+    f = tmp_path / "riskgate.toml"
+    f.write_text("holdout_share = 0.05\nwindow = 7200\n")
+    s = load(monkeypatch, config=f)
+    assert s.window == 7200 and not hasattr(s, "holdout_share")
+    assert "'holdout_share'" in caplog.text and "no longer a setting" in caplog.text
+
+
 def test_missing_config_file(monkeypatch, tmp_path):
     assert "RISKGATE_CONFIG" in error(monkeypatch, config=tmp_path / "nope.env")
 
