@@ -79,14 +79,9 @@ def _batch(slates: Sequence[MatureSlate]) -> SlateBatch:
 
 def calibration_slate(m: MatureSlate) -> Slate:
     """What a mature slate calibrates: its scores, flags, k and p; an item its user's tag
-    rules dropped (score -inf, see :meth:`UserState.mature`) is never kept, so its flag
-    never counts."""
-    if _NEG_INF in m.scores:
-        return Slate(m.scores, tuple(f and s != _NEG_INF for s, f in zip(m.scores, m.flags)), m.k, m.pool)
-    return Slate(m.scores, m.flags, m.k, m.pool)
-
-
-_NEG_INF = float("-inf")
+    rules dropped (score :data:`~calibration.slates.DROPPED`, see :meth:`UserState.mature`)
+    is never kept, so its flag never counts."""
+    return Slate.served(m.scores, m.flags, m.k, m.pool)
 
 
 class Calibrator:

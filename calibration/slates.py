@@ -13,7 +13,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["SlateBatch", "Slate"]
+__all__ = ["SlateBatch", "Slate", "DROPPED"]
+
+#: The filter score of a shown item the policy drops whatever λ (SPEC §8: a tag its user
+#: blocked): never kept at any λ, like padding, and so its flag never counts.
+DROPPED = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,17 @@ class Slate:
     flags: tuple[bool, ...]
     k: int
     pool: int = 0
+
+    @classmethod
+    def served(cls, scores: tuple[float, ...], flags: tuple[bool, ...], k: int, pool: int = 0) -> "Slate":
+        """The slate as the policy can serve it: a :data:`DROPPED` item's flag cleared (it is never kept).
+
+        >>> Slate.served((0.4, DROPPED), (True, True), 2).flags
+        (True, False)
+        """
+        if DROPPED in scores:
+            flags = tuple(f and s != DROPPED for s, f in zip(scores, flags))
+        return cls(scores, flags, k, pool)
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,13 +31,11 @@ from .events import Constraints, Flag, Impression, Watch
 from .groups import band_of
 from .safe_pool import (HistoryEntry, SafeItem, SafePool, SafeSpans, is_safe, pool_size_at, record_flag, record_view,
                         record_watch, trim_history)
+from .slates import DROPPED
 
 __all__ = ["Limits", "PendingSlate", "MatureSlate", "UserState", "CORE", "RECENT", "PENDING", "SEEN", "SPANS_MIN"]
 
 _INF = float("inf")
-#: The filter score a holdout slate's item of a tag its user had blocked at the slate's
-#: ts matures with: never kept at any λ (:meth:`UserState.mature`, SPEC §8).
-_DROPPED = float("-inf")
 
 #: Histories of at least this many entries count a maturing slate's ``p`` with
 #: :class:`calibration.safe_pool.SafeSpans` (kept change by change, ~16 bytes an
@@ -484,7 +482,7 @@ class UserState:
                                     set(p.item_ids))
             scores = p.scores
             if dropped and any(dropped):
-                scores = tuple(_DROPPED if d else sc for sc, d in zip(scores, dropped))
+                scores = tuple(DROPPED if d else sc for sc, d in zip(scores, dropped))
             m = MatureSlate(self.user_id, p.slate_id, t, p.k, pool, band, p.policy_applied, p.alpha,
                             scores, tuple(flags), p.replacement, tuple(repeats))
             matured.append(m)
@@ -648,10 +646,10 @@ def _slate_from_list(x: list, index: int) -> PendingSlate:
 def _mature_to_list(m: MatureSlate) -> list:
     # (a dropped item's -inf as None: JSON has no infinity, and orjson wrote it as null)
     return [m.slate_id, m.ts, m.k, m.pool, m.band, m.policy_applied, m.alpha,
-            [None if x == _DROPPED else x for x in m.scores], list(m.flags), list(m.replacement), list(m.repeat_pct)]
+            [None if x == DROPPED else x for x in m.scores], list(m.flags), list(m.replacement), list(m.repeat_pct)]
 
 
 def _mature_from_list(x: list, user_id: str) -> MatureSlate:
-    scores = tuple(_DROPPED if v is None else v for v in x[7])
+    scores = tuple(DROPPED if v is None else v for v in x[7])
     return MatureSlate(user_id, x[0], x[1], x[2], x[3], x[4], x[5], x[6], scores, tuple(x[8]), tuple(x[9]),
                        tuple(x[10]))

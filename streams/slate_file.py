@@ -25,7 +25,7 @@ from typing import Annotated, Iterator
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from calibration.slates import Slate, SlateBatch
+from calibration.slates import DROPPED, Slate, SlateBatch
 
 __all__ = ["SlateFileError", "SlateLine", "read_slates", "iter_slates", "item_json"]
 
@@ -60,15 +60,12 @@ class SlateItem(BaseModel):
     @property
     def filter_score(self) -> float:
         """The score the filter compares with λ: -inf (never kept) for a blocked item."""
-        return _DROPPED if self.blocked else self.score
-
-
-_DROPPED = float("-inf")
+        return DROPPED if self.blocked else self.score
 
 
 def item_json(score: float, flagged: bool) -> dict:
     """One item of a mature slate as a line holds it (score -inf: an item its user's tag rules dropped)."""
-    if score == _DROPPED:
+    if score == DROPPED:
         return {"score": None, "flagged": flagged, "blocked": True}
     return {"score": score, "flagged": flagged}
 
@@ -111,10 +108,8 @@ def iter_slates(path: str | Path) -> Iterator[Slate]:
                 s = SlateLine.model_validate(obj)
             except ValidationError as e:
                 raise SlateFileError(name, lineno, _problem(e)) from None
-            yield Slate(
-                tuple(i.filter_score for i in s.items), tuple(i.flagged and not i.blocked for i in s.items), s.k,
-                s.safe_pool_size
-            )
+            yield Slate.served(tuple(i.filter_score for i in s.items), tuple(i.flagged for i in s.items), s.k,
+                               s.safe_pool_size)
 
 
 def read_slates(path: str | Path) -> SlateBatch:
