@@ -38,6 +38,7 @@ from faust.types import TP
 
 from calibration.engine import Engine, EngineConfig, Watermark, user_result
 from calibration.grid import make_grid
+from calibration.groups import user_group
 from calibration.user_state import CORE, Limits
 
 from .aggregator import Aggregator
@@ -48,7 +49,8 @@ from .schemas import InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
 from .topics import (DLQ_MAX_BYTES, INPUT_TOPICS, PARTIALS_CONFIG, InvalidSnapshot, Topics, decode_snapshot,
-                     encode_snapshot, key_partition, safe_pool_message, threshold_basis, threshold_message)
+                     encode_snapshot, key_partition, safe_pool_message, threshold_basis, threshold_key,
+                     threshold_message)
 
 __all__ = ["RiskgateApp", "engine_config", "GC_THRESHOLDS"]
 
@@ -429,7 +431,7 @@ class RiskgateApp:
             part.own.pop(uid, None)
             outgoing.append((self.pools_topic, uid.encode(), None))
             for st in self.config.strategies:
-                outgoing.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
+                outgoing.append((self.thresholds_topic, threshold_key(st, user_group(uid)).encode(), None))
         changelog = self.users_table.changelog_topic.get_topic_name()
         records, size = await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent,
                                            fence=self._fence)
@@ -500,14 +502,14 @@ class RiskgateApp:
                     state.bump_version()
                     part.users[uid] = state
                     for r in own:
-                        out.append((self.thresholds_topic, f"{r.strategy}:{r.group}".encode(),
+                        out.append((self.thresholds_topic, threshold_key(r.strategy, r.group).encode(),
                                     threshold_message(r, self.config, state.version)))
                 elif not own and state.version and (known is None or known[0]):
                     # The user's own λ̂ ended (fewer than min_slates live slates): delete its
                     # keys, or the last one would stand on risk-thresholds for good. (Not
                     # known, as after a restart: sent again, harmless on a compacted topic.)
                     for st in self.config.strategies:
-                        out.append((self.thresholds_topic, f"{st}:user:{uid}".encode(), None))
+                        out.append((self.thresholds_topic, threshold_key(st, user_group(uid)).encode(), None))
                 part.own[uid] = (fingerprint, own)
             elif not pool_changed:
                 continue
@@ -644,7 +646,7 @@ class RiskgateApp:
             m.filter_all.labels(*labels).set(1 if t.filter_all else 0)
             m.risk_at_lambda.labels(*labels).set(float("nan") if t.risk_at_lambda is None else t.risk_at_lambda)
         self.latest[pub.key] = {"version": pub.version, "n": r.n, "group": r.group, "strategy": r.strategy,
-                                **threshold_basis(self.config), "thresholds": [t.to_dict() for t in r.thresholds]}
+                                **self._basis, "thresholds": [t.to_dict() for t in r.thresholds]}
 
     # -- health and lag -------------------------------------------------------
     async def _check_health(self) -> None:

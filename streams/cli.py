@@ -133,8 +133,7 @@ def worker(loglevel) -> None:
     try:
         settings = load_settings()
     except SettingsError as e:
-        click.echo(f"riskgate worker: bad configuration: {e}", err=True)
-        sys.exit(2)
+        _fail(2, f"bad configuration: {e}")
     _check_local(settings)
     _check_topic_layout(settings)
     import faust
@@ -199,6 +198,7 @@ def _check_local(settings) -> None:
 
 
 def _fail(status: int, message: str) -> None:
+    """Stop ``riskgate worker`` at start with ``status`` and one line (no traceback)."""
     click.echo(f"riskgate worker: {message}", err=True)
     sys.exit(status)
 
@@ -227,13 +227,10 @@ def _check_topic_layout(settings) -> None:
         actual = asyncio.run(partition_counts(settings.bootstrap, (*shared, *single), timeout=settings.broker_wait,
                                               **settings.kafka_kwargs()))
     except (TimeoutError, BrokerRefused) as e:
-        click.echo(f"riskgate worker: {e}; check RISKGATE_BROKER and the RISKGATE_SECURITY_* and RISKGATE_SASL_* "
-                   "settings", err=True)
-        sys.exit(1)
+        _fail(1, f"{e}; check RISKGATE_BROKER and the RISKGATE_SECURITY_* and RISKGATE_SASL_* settings")
     problems = layout_problems(actual, names, settings.app_id, settings.topic_partitions)
     if problems:
-        click.echo("riskgate worker: the topics do not fit the settings:\n  " + "\n  ".join(problems), err=True)
-        sys.exit(2)
+        _fail(2, "the topics do not fit the settings:\n  " + "\n  ".join(problems))
     # Missing topics are made now, with the settings' counts: Faust makes its changelogs but
     # not its source topics, and a broker that creates topics on first use (tansu, Kafka
     # with auto-creation) made the inputs with its own default count, which stopped the
@@ -242,9 +239,8 @@ def _check_topic_layout(settings) -> None:
         created = names.create(settings.bootstrap, settings.topic_partitions,
                                replication=settings.topic_replication_factor, **settings.kafka_kwargs())
     except (RuntimeError, KafkaError) as e:
-        click.echo(f"riskgate worker: {describe_error(e)}; create riskgate's topics beforehand "
-                   "(docs/operations.md, \"Topics and state\") or let the worker's user create them", err=True)
-        sys.exit(1)
+        _fail(1, f"{describe_error(e)}; create riskgate's topics beforehand (docs/operations.md, \"Topics and "
+                 "state\") or let the worker's user create them")
     if created:
         click.echo(f"riskgate worker: created topics {', '.join(created)} "
                    f"({settings.topic_partitions} partitions for inputs and safe-pools)", err=True)

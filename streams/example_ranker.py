@@ -47,7 +47,7 @@ from calibration.policy import Candidate, in_holdout
 
 from .broker import describe_error
 from .metrics import RankerMetrics
-from .ranker import RankerClient, Shard, ThresholdBook
+from .ranker import RankerClient, Shard, ThresholdBook, same_alpha
 from .schemas import InvalidEvent, decode
 
 __all__ = ["make_app", "peer_urls", "serve", "FORWARDED"]
@@ -117,7 +117,7 @@ def _published_alphas(book: ThresholdBook, alpha: float, strategy: str) -> list[
     msg = book.thresholds.get(f"{strategy}:{GLOBAL}")
     published = sorted(t["alpha"] for t in msg["thresholds"]) if msg else []
     # (the same equality as ThresholdBook.resolve: an α it would match is never refused here)
-    if not published or any(abs(a - alpha) < 1e-12 for a in published):
+    if not published or any(same_alpha(a, alpha) for a in published):
         return None
     return published
 

@@ -122,6 +122,11 @@ class Decision:
     version: int | None
 
 
+def same_alpha(a: float, b: float) -> bool:
+    """Whether a requested α is a published one (JSON round trips may leave a last-bit difference)."""
+    return abs(a - b) < 1e-12
+
+
 def _own_lambda(msg: dict) -> bool:
     """Whether a group's value is its own λ̂: ``n >= min_slates`` (SPEC §5), or a value that does not say."""
     n, least = msg.get("n"), msg.get("min_slates")
@@ -222,7 +227,7 @@ class ThresholdBook:
             if not msg or (group != GLOBAL and not _own_lambda(msg)):
                 continue
             for t in msg["thresholds"]:
-                if abs(t["alpha"] - alpha) < 1e-12:
+                if same_alpha(t["alpha"], alpha):
                     return group, t["lambda"], msg.get("version")
         return None, None, None
 
