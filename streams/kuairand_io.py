@@ -16,14 +16,14 @@ to stream in constant memory.
 from __future__ import annotations
 
 import csv
-import gzip
-import zlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from calibration.kuairand import KuaiRandConfig, Row, convert_rows, parse_row
+
+from .synthetic_io import GZIP_ERRORS, open_maybe_gzip
 
 __all__ = ["KuaiRandFileError", "iter_rows", "parsed_rows", "sorted_rows", "read_kuairand"]
 
@@ -34,16 +34,15 @@ class KuaiRandFileError(ValueError):
 
 def _lines(path: str | Path) -> Iterator[str]:
     """The file's lines as text (``.gz`` read through gzip); :class:`KuaiRandFileError` names one that is not UTF-8."""
-    p = Path(path)
     n = 0
     try:
-        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as fh:
+        with open_maybe_gzip(path, "rb") as fh:
             for n, raw in enumerate(fh, 1):  # (decoded line by line: an error can name its line)
                 try:
                     yield raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise KuaiRandFileError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz that is not gzip, or cut short
+    except GZIP_ERRORS as e:
         raise KuaiRandFileError(f"{path}:{n + 1}: not a readable gzip file ({e})") from None
 
 

@@ -30,9 +30,14 @@ class EventFileError(ValueError):
     """A line that is not ``{"topic": str, "value": object}``: ``PATH:LINE: problem``."""
 
 
-def _open(path: str | Path, mode: str) -> IO[bytes]:
+def open_maybe_gzip(path: str | Path, mode: str) -> IO[bytes]:
+    """``path`` opened in binary ``mode``, through gzip when its name ends in ``.gz``."""
     p = Path(path)
     return gzip.open(p, mode) if p.suffix == ".gz" else open(p, mode)
+
+
+#: What reading a ``.gz`` file raises when it is not gzip, or is cut short (as its lines are read).
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def write_jsonl(
@@ -48,7 +53,7 @@ def write_jsonl(
     """
     n = 0
     dumps = orjson.dumps
-    with _open(path, "wb") as fh:
+    with open_maybe_gzip(path, "wb") as fh:
         if progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -86,7 +91,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """
     lineno = 0
     try:
-        with _open(path, "rb") as fh:
+        with open_maybe_gzip(path, "rb") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -101,7 +106,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
                     raise EventFileError(f"{path}:{lineno}: unknown topic {obj['topic']!r} "
                                          f"(one of {', '.join(INPUT_TOPICS)})")
                 yield obj["topic"], obj["value"]
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz that is not gzip, or cut short
+    except GZIP_ERRORS as e:
         raise EventFileError(f"{path}:{lineno + 1}: not a readable gzip file ({e})") from None
 
 
