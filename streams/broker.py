@@ -228,7 +228,17 @@ _TOPIC_ALREADY_EXISTS = 36
 async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: int,
                               compacted: Iterable[str] = (), configs: dict | None = None, replication: int = 1,
                               **client_kwargs) -> list[str]:
-    """Create missing topics, returning their names; raise RuntimeError naming each topic the broker refused.
+    """Create missing topics, returning their names (see :func:`create_topic_specs`)."""
+    compact = set(compacted)
+    specs = [(n, partitions, {**({"cleanup.policy": "compact"} if n in compact else {}), **(configs or {})})
+             for n in names]
+    return await create_topic_specs(bootstrap, specs, replication, **client_kwargs)
+
+
+async def create_topic_specs(bootstrap: str, specs: Iterable[tuple[str, int, dict]], replication: int = 1,
+                             **client_kwargs) -> list[str]:
+    """Create the missing ones of ``(name, partitions, configs)`` in one admin session, returning their names;
+    raise RuntimeError naming each topic the broker refused.
 
     aiokafka's admin client returns per-topic error codes instead of raising,
     so they are checked here; "already exists" (36, a race with another
@@ -240,19 +250,16 @@ async def create_topics_async(bootstrap: str, names: Iterable[str], partitions: 
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    if partitions < 1:  # checked here: tansu accepts 0 or negative partition counts and makes an unusable topic
-        raise ValueError(f"a topic needs at least 1 partition, got {partitions}")
-
-    compact = set(compacted)
+    specs = list(specs)
+    for name, partitions, _ in specs:  # checked here: tansu accepts 0 or negative counts and makes an unusable topic
+        if partitions < 1:
+            raise ValueError(f"a topic needs at least 1 partition, got {partitions} for {name}")
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_kwargs)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        new = [
-            NewTopic(n, partitions, replication,
-                     topic_configs={**({"cleanup.policy": "compact"} if n in compact else {}), **(configs or {})})
-            for n in names if n not in existing
-        ]
+        new = [NewTopic(n, partitions, replication, topic_configs=dict(configs))
+               for n, partitions, configs in specs if n not in existing]
         if new:
             try:
                 response = await admin.create_topics(new)

@@ -108,20 +108,18 @@ class Topics:
 
     def create(self, bootstrap: str, partitions: int, replication: int = 1, **client_kwargs) -> list[str]:
         """Create every topic riskgate uses that does not exist yet (inputs and safe-pools with
-        ``partitions``, the rest with one); returns the names created."""
-        from .broker import create_topics
+        ``partitions``, the rest with one), in one admin session; returns the names created."""
+        import asyncio
 
-        r = replication
-        return [
-            *create_topics(bootstrap, self.inputs, partitions, replication=r, **client_kwargs),
-            *create_topics(bootstrap, [self.thresholds], 1, compacted=[self.thresholds], replication=r,
-                           **client_kwargs),
-            *create_topics(bootstrap, [self.partials], 1, configs=PARTIALS_CONFIG, replication=r, **client_kwargs),
-            *create_topics(bootstrap, [self.dlq], 1, configs={"max.message.bytes": str(DLQ_MAX_BYTES)},
-                           replication=r, **client_kwargs),
-            *create_topics(bootstrap, [self.safe_pools], partitions, compacted=[self.safe_pools], replication=r,
-                           **client_kwargs),
-        ]
+        from .broker import create_topic_specs
+
+        compact = {"cleanup.policy": "compact"}
+        specs = [*((t, partitions, {}) for t in self.inputs),
+                 (self.thresholds, 1, compact),
+                 (self.partials, 1, PARTIALS_CONFIG),
+                 (self.dlq, 1, {"max.message.bytes": str(DLQ_MAX_BYTES)}),
+                 (self.safe_pools, partitions, compact)]
+        return asyncio.run(create_topic_specs(bootstrap, specs, replication, **client_kwargs))
 
 
 def threshold_key(strategy: str, group: str) -> str:
