@@ -456,6 +456,21 @@ def test_k8s_workers_are_spread_and_disrupted_one_at_a_time_and_sized_for_their_
     assert gib(res["limits"]["memory"]) * 2**30 >= 0.2e9 + 35e3 * users
 
 
+def test_k8s_network_policy_admits_only_the_web_port_and_leaves_kafka_reachable():
+    pol = k8s("NetworkPolicy", "riskgate-web")
+    labels = k8s("StatefulSet", "riskgate")["spec"]["template"]["metadata"]["labels"]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    # Ingress only: an Egress policy type with no rule would cut the workers off their brokers.
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    web = {p["name"]: p for p in _container()["ports"]}["web"]
+    assert rule["ports"] == [{"port": "web", "protocol": web["protocol"]}]
+    sources = rule["from"]
+    assert {"podSelector": {}} in sources  # this namespace: operators' tools
+    # Prometheus's namespace: without it every scrape stops and RiskgateDown fires
+    assert any("monitoring" in s.get("namespaceSelector", {}).get("matchLabels", {}).values() for s in sources)
+
+
 def test_k8s_kustomization_lists_every_manifest_but_the_secret_template():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.yaml"}
