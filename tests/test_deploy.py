@@ -467,7 +467,7 @@ def test_k8s_network_policy_admits_only_the_web_port_and_leaves_kafka_reachable(
     assert rule["ports"] == [{"port": "web", "protocol": web["protocol"]}]
     sources = rule["from"]
     assert {"podSelector": {}} in sources  # this namespace: operators' tools
-    # Prometheus's namespace: without it every scrape stops and RiskgateDown fires
+    # Prometheus's namespace: without it every scrape stops and RiskgateWorkerUnhealthy fires
     assert any("monitoring" in s.get("namespaceSelector", {}).get("matchLabels", {}).values() for s in sources)
 
 
