@@ -264,6 +264,7 @@ class Monitors:
                     self.repeat_flagged[beta] += int(h)
         if not m.policy_applied:
             return
+        self.violations += m.late_violations
         key = "unknown" if m.alpha is None else m.alpha
         f = sum(m.flags)
         self.realised_flagged[key] += f
@@ -460,7 +461,7 @@ class Engine:
                 outcome = state.on_watch(ev, wm, lim)
             elif kind == "impression":
                 violations = state.violations(ev)
-                outcome = state.on_impression(ev, wm, lim)
+                outcome = state.on_impression(ev, wm, lim, violations)
                 if outcome != "duplicate":
                     self.monitors.on_served(ev, violations)
                 due = state.next_maturity(self.config.label_window)

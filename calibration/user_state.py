@@ -87,6 +87,9 @@ class PendingSlate(msgspec.Struct, frozen=True, gc=False):
     # the tags of its first showing, which moderation may have changed since). None: a slate
     # stored before riskgate kept them (its items' history tags stand in).
     tags: tuple[tuple[str, ...], ...] | None = None
+    # Constraint violations counted when the impression was applied (UserState.violations); its
+    # maturity adds those of rules stamped by ts but read after. None: a slate stored before.
+    violations: int | None = None
 
 
 class MatureSlate(msgspec.Struct, frozen=True, gc=False):
@@ -104,6 +107,9 @@ class MatureSlate(msgspec.Struct, frozen=True, gc=False):
     flags: tuple[bool, ...]  # as read, dropped items' too (calibration ignores those: never kept)
     replacement: tuple[bool, ...]
     repeat_pct: tuple[float | None, ...]  # first-view W% of items viewed before ts and not flagged before it
+    # violations of a policy-applied slate found at maturity beyond those counted at its impression
+    # (rules stamped by ts, read after it); never stored: holdout slates have none
+    late_violations: int = 0
 
 
 @dataclass(slots=True)
@@ -233,12 +239,12 @@ class UserState:
 
         Counted when the impression is applied, for an alert that fires at once:
         a rule from after the slate, read first because the constraints topic ran
-        ahead, is no violation; one from before it that is not read yet is missed.
+        ahead, is no violation. One from before it that is not read yet is added
+        at the slate's maturity (:meth:`mature`, ``MatureSlate.late_violations``).
         """
         if not self.tag_rules:
             return 0
-        blocked = self.blocked_at(ev.ts)
-        return sum(1 for it in ev.items if blocked and not blocked.isdisjoint(it.tags)) if blocked else 0
+        return _blocked_count(self.blocked_at(ev.ts), (it.tags for it in ev.items))
 
     # -- de-duplication ----------------------------------------------------
     def is_duplicate(self, event_id: str) -> bool:
@@ -257,8 +263,12 @@ class UserState:
             self.seen_seq += 1
 
     # -- events ------------------------------------------------------------
-    def on_impression(self, ev: Impression, watermark: float, limits: Limits) -> str:
-        """Record a served slate. Returns the outcome: ``ok``, ``late``, ``duplicate``, ``pending_overflow``."""
+    def on_impression(self, ev: Impression, watermark: float, limits: Limits, violations: int | None = None) -> str:
+        """Record a served slate. Returns the outcome: ``ok``, ``late``, ``duplicate``, ``pending_overflow``.
+
+        ``violations``: what :meth:`violations` counted for it, kept with the pending slate
+        so that its maturity counts only those of rules read since.
+        """
         if self.is_duplicate(ev.event_id):
             return "duplicate"
         self._remember(ev.event_id, ev.ts, limits)
@@ -272,6 +282,7 @@ class UserState:
                 ev.slate_id, ev.ts, ev.k, 0, ev.policy_applied, ev.alpha,
                 tuple(it.item_id for it in ev.items), tuple(it.score for it in ev.items),
                 tuple(it.replacement for it in ev.items), (), self.pending_seq, tuple(it.tags for it in ev.items),
+                violations,
             )
             if len(self.pending) >= limits.pending_max:
                 outcome = "pending_overflow"
@@ -483,8 +494,13 @@ class UserState:
             scores = p.scores
             if dropped and any(dropped):
                 scores = tuple(DROPPED if d else sc for sc, d in zip(scores, dropped))
+            late = 0
+            if p.policy_applied and blocked_then and p.violations is not None and served_tags is not None:
+                # Rules stamped by ts but read after the impression: violations its count missed.
+                # (Never less than counted: a counter cannot take back a rule since overridden.)
+                late = max(0, _blocked_count(blocked_then, served_tags) - p.violations)
             m = MatureSlate(self.user_id, p.slate_id, t, p.k, pool, band, p.policy_applied, p.alpha,
-                            scores, tuple(flags), p.replacement, tuple(repeats))
+                            scores, tuple(flags), p.replacement, tuple(repeats), late)
             matured.append(m)
             if not p.policy_applied and p.ts >= horizon:
                 if self.touched is not None:
@@ -631,16 +647,22 @@ class UserState:
         )
 
 
+def _blocked_count(blocked: frozenset[str], tags: Iterable[Iterable[str]]) -> int:
+    """How many of the items (given by their tags) carry a blocked tag."""
+    return sum(1 for t in tags if not blocked.isdisjoint(t)) if blocked else 0
+
+
 def _slate_to_list(p: PendingSlate) -> list:
     return [p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, list(p.item_ids), list(p.scores),
-            list(p.replacement), list(p.repeat_pct), p.seq, None if p.tags is None else [list(t) for t in p.tags]]
+            list(p.replacement), list(p.repeat_pct), p.seq, None if p.tags is None else [list(t) for t in p.tags],
+            p.violations]
 
 
 def _slate_from_list(x: list, index: int) -> PendingSlate:
     seq = x[10] if len(x) > 10 else index  # (lists written before pending slates were numbered)
     tags = tuple(tuple(t) for t in x[11]) if len(x) > 11 and x[11] is not None else None
     return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq,
-                        tags)
+                        tags, x[12] if len(x) > 12 else None)
 
 
 def _mature_to_list(m: MatureSlate) -> list:

@@ -132,17 +132,20 @@ def _slate(user_id: str, x) -> MatureSlate:
 
 
 def encode_pending(p: PendingSlate) -> bytes:
-    # The items' tags go last, and only when known: a riskgate before them reads the first ten
-    # fields and ignores the rest, so a roll back still reads these slates.
+    # The items' tags, then the violations counted at the impression, go last and only when
+    # known: a riskgate before them reads the fields it knows and ignores the rest, so a roll
+    # back still reads these slates.
     fields = (p.slate_id, p.ts, p.k, p.pool, p.policy_applied, p.alpha, p.item_ids, p.scores, p.replacement,
               p.repeat_pct)
-    return _enc.encode(fields if p.tags is None else (*fields, p.tags))
+    if p.tags is None:
+        return _enc.encode(fields)
+    return _enc.encode((*fields, p.tags) if p.violations is None else (*fields, p.tags, p.violations))
 
 
 def _pending(x, seq: int) -> PendingSlate:
     tags = tuple(tuple(t) for t in x[10]) if len(x) > 10 else None  # (slates stored before tags were kept)
     return PendingSlate(x[0], x[1], x[2], x[3], x[4], x[5], tuple(x[6]), tuple(x[7]), tuple(x[8]), tuple(x[9]), seq,
-                        tags)
+                        tags, x[11] if len(x) > 11 else None)
 
 
 def slate_suffix(seq: int, kind: bytes = SLATE_SUFFIX) -> bytes:

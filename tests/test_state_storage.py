@@ -384,8 +384,8 @@ def test_a_user_of_an_older_format_loads_and_is_rewritten_whole(tmp_path, fmt):
     loaded = users.get(state.user_id)
     assert loaded.touched is None  # read as it was; not followed: written whole
     assert [p.seq for p in loaded.pending] == list(range(len(state.pending))) == list(range(loaded.pending_seq))
-    # (formats 2 to 4 kept no items' tags in pending slates: their history tags stand in at maturity)
-    state.pending = [msgspec.structs.replace(p, seq=i, tags=None) for i, p in enumerate(state.pending)]
+    # (formats 2 to 4 kept no items' tags or violation counts in pending slates: their history tags stand in at maturity)
+    state.pending = [msgspec.structs.replace(p, seq=i, tags=None, violations=None) for i, p in enumerate(state.pending)]
     state.pending_seq = len(state.pending)
     assert loaded == state
     users[state.user_id] = loaded

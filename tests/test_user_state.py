@@ -167,6 +167,21 @@ def test_pending_slates_keep_their_items_tags_through_storage_and_older_ones_sti
     assert UserState.from_dict(s.to_dict()).pending == [p]
 
 
+def test_pending_slates_keep_the_violations_counted_at_their_impression_through_storage():
+    from streams.state import _dec, _pending, encode_pending
+
+    s = UserState("u1")
+    s.on_impression(imp("e1", "s1", 20.0, [item("x", tags=("guns",))], applied=True), 0.0, LIM, violations=1)
+    (p,) = s.pending
+    assert p.violations == 1
+    assert _pending(_dec.decode(encode_pending(p)), p.seq) == p
+    assert UserState.from_dict(s.to_dict()).pending == [p]
+    # stored before the count was kept: eleven fields, and maturity adds nothing (it cannot know)
+    older = msgspec.structs.replace(p, violations=None)
+    assert len(_dec.decode(encode_pending(older))) == 11
+    assert _pending(_dec.decode(encode_pending(older)), p.seq).violations is None
+
+
 def test_pool_size_is_as_of_the_slates_ts_whatever_order_the_topics_were_read_in():
     def run(order):
         s = UserState("u1")
