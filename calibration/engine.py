@@ -189,7 +189,7 @@ class Calibrator:
     def next_edge(self) -> float:
         """The earliest watermark that starts a new bucket (advancing to less changes nothing)."""
         clock = self._clock
-        return float("-inf") if clock.newest is None else (clock.newest + 1) * clock.width
+        return float("-inf") if clock.newest is None else clock.bucket_start(clock.newest + 1)
 
     def result(self, strategy: str, group: str) -> GroupResult:
         self.settle()
@@ -503,13 +503,13 @@ class Engine:
         if wm >= self._next_edge:  # a new bucket (the watermark moves with most events; buckets rarely)
             self.calibrator.advance(wm)
             self._next_edge = self.calibrator.next_edge()
-        if not (self._due and self._due[0][0] <= wm):
+        if not (self._due and self._due[0][0] < wm):
             return []  # nothing due: most events
         cfg = self.config
         horizon = self.calibrator.horizon()
         matured: list[MatureSlate] = []
         evicted: list[MatureSlate] = []
-        while self._due and self._due[0][0] <= wm:
+        while self._due and self._due[0][0] < wm:
             _, uid = heapq.heappop(self._due)
             try:
                 state = self.users.get(uid)

@@ -15,7 +15,7 @@ Event time: the caller passes the watermark of the user's partition (largest
 event ``ts`` seen minus the allowed lateness). An event older than the
 watermark is *late*: a late impression is remembered in the history but never
 calibrates; a late flag still updates the safe pool (SPEC §2). A slate served
-at ``ts`` matures once the watermark reaches ``ts + label_window``; its label
+at ``ts`` matures once the watermark passes ``ts + label_window``; its label
 for item i is "the user flagged i at or before ``ts + label_window``".
 """
 
@@ -427,7 +427,7 @@ class UserState:
     def mature(
         self, watermark: float, label_window: float, horizon: float, limits: Limits
     ) -> tuple[list[MatureSlate], list[MatureSlate]]:
-        """Pop every pending slate with ``ts + label_window ≤ watermark`` and label it.
+        """Pop every pending slate with ``ts + label_window < watermark`` (event time has passed it, SPEC §1) and label it.
 
         Holdout slates served at or after ``horizon`` (the start of the oldest live
         window bucket) join :attr:`recent`, the user's share of every calibration
@@ -443,7 +443,7 @@ class UserState:
         if spans is None or spans.beta != limits.beta or (spans.blocked is not blocked and spans.blocked != blocked):
             spans = self._spans = (SafeSpans(self.history.values(), limits.beta, blocked)
                                    if len(self.history) >= SPANS_MIN else None)
-        while self.pending and self.pending[0].ts + label_window <= watermark:
+        while self.pending and self.pending[0].ts + label_window < watermark:
             p = self.pending.pop(0)
             if self.touched is not None:
                 self.touched.add(CORE)

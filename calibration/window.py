@@ -160,6 +160,27 @@ class BucketedWindow:
         """Bucket id: floor(ts / width)."""
         return int(math.floor(ts / self.width))
 
+    def bucket_start(self, b: int) -> float:
+        """The least ``ts`` with ``bucket_of(ts) >= b``: bucket ``b``'s start as :meth:`bucket_of` draws it.
+
+        ``b * width`` is rounded, and ``floor(ts / width)`` rounds again: near the
+        product the two can disagree by an ulp when ``width`` is not a whole binary
+        number (3600 s in 7 buckets), so the edge is stepped to where they agree.
+        A slate compared with this start and one placed by :meth:`bucket_of` then
+        fall on the same side of it.
+
+        >>> w = BucketedWindow(1, 3600.0, 7)
+        >>> t = w.bucket_start(6)
+        >>> w.bucket_of(t), w.bucket_of(math.nextafter(t, -math.inf))
+        (6, 5)
+        """
+        t = b * self.width
+        while self.bucket_of(t) < b:
+            t = math.nextafter(t, math.inf)
+        while self.bucket_of(below := math.nextafter(t, -math.inf)) >= b:
+            t = below
+        return t
+
     def oldest_live(self) -> int | None:
         return None if self.newest is None else self.newest - self.buckets + 1
 
@@ -215,7 +236,7 @@ class BucketedWindow:
         """Event-time [start, end) the window covers, once it has a watermark."""
         if self.newest is None:
             return None
-        return ((self.newest - self.buckets + 1) * self.width, (self.newest + 1) * self.width)
+        return self.bucket_start(self.newest - self.buckets + 1), self.bucket_start(self.newest + 1)
 
     def items(self) -> Iterable[tuple[int, CurveAccumulator]]:
         return sorted(self._acc.items())

@@ -152,6 +152,25 @@ def test_a_rule_from_before_a_slate_read_after_it_is_counted_once_at_maturity():
         assert engine.monitors.served_items == 1
 
 
+def test_a_flag_stamped_at_the_end_of_the_label_window_labels_the_slate_whatever_the_order():
+    # Whole-second stamps make ts + label_window a common time. A slate matured when the
+    # watermark reached it, though an event stamped then is not late: with no allowed lateness
+    # another user's flag at that time matured the slate before this user's flag was read.
+    cfg = EngineConfig(label_window=20.0, allowed_lateness=0.0, min_slates=1, limits=Limits(beta=50.0))
+    served = Impression("e1", "u1", "s1", 1.0, 2, False, (ShownItem("i1", 0.7, None, ()),))
+    other, own = Flag("e2", "u2", "i9", "report", 21.0), Flag("e3", "u1", "i1", "report", 21.0)
+    for order in ((served, other, own), (served, own, other)):
+        engine = Engine(cfg)
+        engine.keep_matured = True
+        got = []
+        engine.monitors.on_mature = got.append
+        for ev in order:
+            assert engine.process(ev, "impressions" if ev is served else "flags") == "ok"
+            engine.advance_clock()
+        engine.push_watermark(1_000.0)
+        assert [m.flags for m in got] == [(True,)], order
+
+
 def test_a_rule_from_after_a_slate_is_no_violation_of_it_even_when_read_first():
     served = Impression("e-imp", "u1", "s1", 10.0, 3, True, (ShownItem("i0", 0.5, None, ("a",)),))
     for block_ts, expected in ((11.0, 0), (10.0, 1), (9.0, 1)):

@@ -159,7 +159,7 @@ def test_p_at_maturity_from_the_spans_equals_the_walk(ops, beta, cap, history_ma
             _apply(state, op, n, limits)
             if maturities[n] is None:
                 continue
-            due = [p for p in state.pending if p.ts + 1.0 <= maturities[n]]
+            due = [p for p in state.pending if p.ts + 1.0 < maturities[n]]
             # (under the tag rules in force at each slate's ts: the spans follow the current ones,
             # and a slate served under others is counted by the walk)
             expected = [pool_size_at(state.history.values(), p.ts, beta, state.blocked_at(p.ts), cap,

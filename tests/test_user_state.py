@@ -29,8 +29,12 @@ def test_labels_use_flags_up_to_maturity_only():
     s.on_flag(Flag("f1", "u1", "a", "report", 150.0), 0.0, LIM)
     s.on_flag(Flag("f2", "u1", "b", "not_interested", 250.0), 0.0, LIM)  # after ts + label_window
     assert s.mature(199.0, 100.0, 0.0, LIM) == ([], [])  # not yet: 100 + 100 > 199
-    (m,), _ = s.mature(200.0, 100.0, 0.0, LIM)
-    assert m.flags == (True, False, False)
+    # nor at 200: a flag stamped 200 is still on time (not late) and must count (SPEC §1: matures
+    # once event time *passes* ts + label_window)
+    assert s.mature(200.0, 100.0, 0.0, LIM) == ([], [])
+    s.on_flag(Flag("f3", "u1", "c", "report", 200.0), 200.0, LIM)
+    (m,), _ = s.mature(200.5, 100.0, 0.0, LIM)
+    assert m.flags == (True, False, True)
     assert s.pending == []
 
 
@@ -327,6 +331,26 @@ def test_windows_always_equal_the_fold_of_the_users_recent_slates(seed):
             assert again.calibrator.snapshot() == eng.calibrator.snapshot()
     assert eng.calibrator.result("replace", "global").n > 0
     assert eng.counts[("forget", "ok")] > 0
+
+
+def test_a_slate_an_ulp_below_a_bucket_edge_is_live_for_its_user_as_for_the_window():
+    # 3600 s in 7 buckets: 6 * width is an ulp past where bucket_of starts bucket 6. A slate
+    # there was in the live window but not among its user's live slates, so a restart's rebuild
+    # dropped it and a forget left it in the window.
+    import math
+
+    cfg = EngineConfig(alphas=(0.1,), grid=make_grid(0, 1, 11), label_window=100.0, allowed_lateness=0.0,
+                       window=3600.0, buckets=7, min_slates=1)
+    ts = math.nextafter(6 * (3600.0 / 7), 0)
+    eng = Engine(cfg)
+    eng.process(imp("e1", "s1", ts, [item("i1")]))
+    eng.process(Watch("e2", "u2", "i9", 1.0, 10.0, 6200.0))  # the slate matures in the oldest live bucket
+    assert eng.calibrator.result("remove", "global").n == 1
+    again = Engine(cfg, users=dict(eng.users), clock=eng.clock)
+    again.rebuild()
+    assert again.calibrator.snapshot() == eng.calibrator.snapshot()
+    eng.process(Forget("f1", "u1", 6201.0))
+    assert eng.calibrator.result("remove", "global").n == 0
 
 
 def test_forget_takes_the_users_slates_out_of_the_windows():
