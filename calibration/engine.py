@@ -290,6 +290,18 @@ class Monitors:
         return self.violations / self.served_items if self.served_items else None
 
 
+class Erasures(dict):
+    """Forget markers in memory: a hash of the user id -> the forget's ts.
+
+    ``positions``: the same hash -> the forgotten user's log positions then
+    (``streams.state.TableErased`` keeps both in the users table).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.positions: dict[str, dict[str, int]] = {}
+
+
 def erasure_key(user_id: str) -> str:
     """What is kept of a forgotten user: a hash of the id, never the id itself."""
     return hashlib.sha256(user_id.encode()).hexdigest()
@@ -390,7 +402,12 @@ class Engine:
         # Forgotten users, by a hash of the id: event time of the forget. Events of
         # theirs up to then that arrive later (another topic read behind) belong
         # to the erased past and are dropped, so a forget is not undone by them.
-        self.erased = {} if erased is None else erased
+        self.erased = Erasures() if erased is None else erased
+        # ...and the forgotten user's log positions then (a store of markers may keep them as
+        # ``positions``): a record re-read after a crash that was applied before the forget must
+        # be known as a replay by the user made afresh for it, or the forget is undone.
+        positions = getattr(self.erased, "positions", None)
+        self.erased_positions: dict[str, dict[str, int]] = {} if positions is None else positions
         self.changed: set[str] = set()  # users touched since the caller last cleared this
         self._next_edge = float("-inf")  # the windows move when the watermark reaches it
 
@@ -441,9 +458,12 @@ class Engine:
             # Delete even when nothing is held here: a store may still need its
             # tombstones (a changelog written before a rebalance, an output topic).
             state = self.users.pop(uid, None)
+            key = erasure_key(uid)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
-            erased[erasure_key(uid)] = ev.ts  # (later than any earlier forget's: see above)
+                if state.positions:
+                    self.erased_positions[key] = dict(state.positions)
+            erased[key] = ev.ts  # (later than any earlier forget's: see above)
             self.changed.discard(uid)
             outcome = "ok"
         # Hash only when someone was forgotten here: the common case costs nothing.
@@ -454,6 +474,10 @@ class Engine:
             state = self.users.get(uid)
             if state is None:
                 state = UserState(uid)
+                if erased and (kept := self.erased_positions.get(erasure_key(uid))) is not None:
+                    # a user who came back after a forget: records up to its positions were
+                    # applied (and erased) before, and are replays if read again
+                    state.positions = dict(kept)
             lim = self.config.limits
             if position is not None and state.applied(source, position):
                 outcome = "replayed"

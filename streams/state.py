@@ -608,6 +608,10 @@ class TableUsers:
 class TableErased:
     """Forget markers (hash of the user id -> forget ts) of one partition, in the users table.
 
+    A marker's value is the forget's ts as text, followed, when the user had
+    applied records from a log, by a space and those log positions as JSON
+    (:attr:`positions`, ``Engine.erased_positions``).
+
     Every marker of the partition is loaded once (they sort first: their keys
     start with NUL), so the check made for every event is a dict lookup, never
     a database read. Markers are few: one per forgotten user. New ones are
@@ -617,16 +621,26 @@ class TableErased:
     def __init__(self, table, partition: int | None = None):
         self.table = table
         self._cache: dict[str, float] = {}
+        self.positions: dict[str, dict[str, int]] = {}
         self._dirty: set[str] = set()
         if partition is not None:
             for key, raw in partition_db(table, partition).items():
                 if not key.startswith(ERASED_PREFIX):
                     break
                 name = key[len(ERASED_PREFIX):].decode("utf-8", "replace")
+                ts_text, _, positions = bytes(raw).partition(b" ")
                 try:
-                    ts = float(raw)
+                    ts = float(ts_text)
                 except ValueError:
                     ts = float("nan")
+                if positions:
+                    try:
+                        self.positions[name] = msgspec.json.decode(positions, type=dict[str, int])
+                    except msgspec.DecodeError:
+                        # Without them a record applied before the forget and re-read after a crash
+                        # comes back (if stamped after the forget); nothing else depends on them.
+                        log.error("users table partition %d: forget marker %s has unreadable log positions "
+                                  "(%r); kept without them", partition, name, positions[:40])
                 if ts != ts:  # unreadable (NaN would let every event through)
                     # Whose forget it was is the key; when is lost, but no later than now (a forget
                     # from the future is refused): that user's events up to now stay dropped, and the
@@ -649,5 +663,8 @@ class TableErased:
 
     def flush(self) -> None:
         for key in self._dirty:
-            self.table[ERASED_PREFIX + key.encode()] = repr(self._cache[key]).encode()
+            value = repr(self._cache[key]).encode()
+            if (positions := self.positions.get(key)) is not None:
+                value += b" " + msgspec.json.encode(positions)
+            self.table[ERASED_PREFIX + key.encode()] = value
         self._dirty = set()

@@ -529,6 +529,37 @@ def test_an_unreadable_forget_marker_is_read_as_a_forget_now_and_written_back(tm
                                                                  ERASED_PREFIX + b"cc": erased.get("cc")}
 
 
+def test_forget_markers_keep_the_forgotten_users_log_positions(tmp_path):
+    """A marker keeps the user's log positions beside the forget's ts (a record applied before the
+    forget and re-read after a crash is then a replay); a marker without them, or with positions that
+    cannot be read, keeps its ts."""
+    from rocksdict import Options, Rdict
+
+    from streams.state import ERASED_PREFIX, TableErased
+
+    db = Rdict(str(tmp_path / "erased"), options=Options(raw_mode=True))
+    db[ERASED_PREFIX + b"old"] = repr(100.5).encode()  # written before positions were kept
+    db[ERASED_PREFIX + b"bad"] = b"200.0 {not json"
+
+    class Table(_Table):
+        written: dict = {}
+
+        def __setitem__(self, key, value):
+            self.written[key] = value
+
+    table = Table(db)
+    erased = TableErased(table, 0)
+    assert (erased.get("old"), erased.get("bad")) == (100.5, 200.0) and erased.positions == {}
+    erased.positions["new"] = {"impressions": 7, "flags": 2}
+    erased["new"] = 300.25
+    erased.flush()
+    for key, value in table.written.items():
+        db[key] = value
+    again = TableErased(Table(db), 0)
+    assert again.get("new") == 300.25 and again.positions == {"new": {"impressions": 7, "flags": 2}}
+    assert again.get("old") == 100.5
+
+
 def test_an_unreadable_threshold_version_goes_on_above_any_counter():
     """Rankers drop a version older than the one they hold: an unreadable one must not restart at 1."""
     import time

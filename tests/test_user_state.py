@@ -366,6 +366,28 @@ def test_forget_takes_the_users_slates_out_of_the_windows():
     assert "a" not in eng.users and erasure_key("a") in eng.erased
 
 
+def test_a_record_applied_before_a_forget_and_read_again_after_a_crash_stays_erased():
+    # Read in this order: an impression stamped after the forget (the forget topic was behind),
+    # then the forget, which erases what is held (README, "Forget"). A crash before the input
+    # offsets were committed reads the impression again: it must be a replay, not a new user.
+    import copy
+
+    cfg = EngineConfig(label_window=20.0, allowed_lateness=5.0, min_slates=1)
+    served = imp("e1", "s1", 200.0, [item("i1")])
+    eng = Engine(cfg)
+    assert eng.process(served, "impressions", position=7) == "ok"
+    assert eng.process(Forget("f1", "u1", 100.0), "forget", position=3) == "ok"
+    assert "u1" not in eng.users
+    # the state a restart restores: no users, the markers (deep-copied, as a store's would be)
+    again = Engine(cfg, users={}, clock=eng.clock, erased=copy.deepcopy(eng.erased))
+    assert again.process(served, "impressions", position=7) == "replayed"
+    assert again.process(Forget("f1", "u1", 100.0), "forget", position=3) == "duplicate"
+    assert "u1" not in again.users
+    # and the user's next record (past those positions) is a user who came back, as without the crash
+    assert again.process(imp("e2", "s2", 210.0, [item("i2")]), "impressions", position=8) == "ok"
+    assert list(again.users["u1"].history) == ["i2"]
+
+
 def test_pending_items_beyond_the_cap_do_not_make_every_event_trim():
     import calibration.user_state as us
 
