@@ -156,8 +156,9 @@ def test_flags_and_watches_before_their_impression_count_normally(kafka_bootstra
         user_a = _user(worker, a)
         assert (user_a["shown"], user_a["flagged"], user_a["pending_slates"], user_a["band"]) == (3, 1, 1, "high")
         assert _n(worker) in (None, 0)  # nothing matured yet
-        # 3. A policy-applied tick moves the watermark past both slates' label windows.
-        tick_ts = T0 + 10 + LABEL_WINDOW + LATENESS
+        # 3. A policy-applied tick moves the watermark past both slates' label windows (past:
+        # reaching T0 + 10 + LABEL_WINDOW matures nothing, SPEC §1).
+        tick_ts = T0 + 10 + LABEL_WINDOW + LATENESS + 1
         send_events(kafka_bootstrap, topic_prefix, [
             ("impressions", impression_event(tick, "tick-imp", "tick-slate", tick_ts, [("t", 0.5, 0.0, ())],
                                              policy_applied=True))])
