@@ -119,6 +119,7 @@ class RiskgateApp:
         # Input partition -> dead-letter records of its records since its last flush, sent by that
         # flush before it acks them (as changelog records are: a few µs each, not send_soon's ~40).
         self._dead: dict[int, list] = defaultdict(list)
+        self._lag_series: set[tuple[str, str]] = set()  # (topic, partition) of the lag this worker exports
         self._flush_lock = asyncio.Lock()
         self._pool_parts = list(range(s.topic_partitions))
         # One-record producer batches are the tansu settings (docs/operations.md): there the
@@ -668,19 +669,35 @@ class RiskgateApp:
             self.healthy = False
             self.metrics.healthy.set(0)
             return
+        # A rebalance may have taken partitions during the await: a series set for one after its
+        # revoke (which removed it) stayed, frozen, for good (seen: 12,451 records of phantom lag
+        # beside the new owner's 0, holding RiskgateConsumerLagGrowing's threshold up).
+        held = consumer.assignment()
+        actives = set(self.app.assignor.assigned_actives())
+        exported: set[tuple[str, str]] = set()
         for tp in tps:
+            if tp not in held or tp not in actives:
+                continue
             # Lag from the high watermark of the last fetch response: some brokers
             # (tansu) answer ListOffsets with stale numbers, fetches are exact.
             try:
                 hw = consumer.highwater(tp)
             except AssertionError:  # (revoked during the await above)
                 continue
-            if hw is None:
-                continue
             part = self.partitions.get(tp.partition)
             last = part.last_offsets.get(tp.topic) if part else None
-            position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-            self.metrics.lag.labels(self.names.base(tp.topic), str(tp.partition)).set(max(0, hw - position))
+            # (no record applied here yet: the group's committed offset, once the consumer has it)
+            position = last + 1 if last is not None else consumer._committed_offset.get(tp)
+            if position is None and hw == 0:
+                position = 0  # an empty partition: no lag wherever this worker starts
+            if hw is None or position is None:
+                continue
+            series = (self.names.base(tp.topic), str(tp.partition))
+            self.metrics.lag.labels(*series).set(max(0, hw - position))
+            exported.add(series)
+        for series in self._lag_series - exported:
+            _remove(self.metrics.lag, *series)
+        self._lag_series = exported
         self.healthy = True
         self.metrics.healthy.set(1)
         self._export_monitors()

@@ -22,10 +22,10 @@ class _Consumer:
     highwater() reads the consumer's own fetch state and raises for one it does not hold, as aiokafka's
     does. ``revoke`` is taken away while highwaters() awaits the broker."""
 
-    _committed_offset: dict = {}
-
-    def __init__(self, held, ends, revoke=()):
+    def __init__(self, held, ends, revoke=(), committed=None):
         self.held, self.ends, self.revoke, self.asked = set(held), ends, set(revoke), []
+        # the offsets Faust committed for this worker (none yet for a partition it was just given)
+        self._committed_offset = {tp: 0 for tp in held} if committed is None else committed
 
     def assignment(self):
         return set(self.held)
@@ -67,6 +67,42 @@ def test_a_partition_revoked_while_the_tick_awaits_the_broker_is_skipped(rg, mon
     monkeypatch.setattr(rg.app.assignor, "assigned_actives", lambda: {imp0, imp1})
     asyncio.run(rg._check_health())
     assert rg.healthy and _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 7.0}
+
+
+def test_a_series_set_for_a_partition_revoked_mid_tick_does_not_outlive_it(rg, monkeypatch):
+    """The tick awaited the broker, the partition was revoked (its series removed), and the tick then
+    set it again: 12,451 records of phantom lag, frozen for good beside the new owner's 0."""
+    imp0, imp1 = TP(rg.names.inputs[0], 0), TP(rg.names.inputs[0], 1)
+    actives = {imp0, imp1}
+    monkeypatch.setattr(rg.app.assignor, "assigned_actives", lambda: set(actives))
+    rg.app._consumer = _Consumer(held=[imp0, imp1], ends={imp0: 7, imp1: 9})
+    asyncio.run(rg._check_health())
+    assert _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 7.0, ("impressions", "1"): 9.0}
+
+    class Revoking(_Consumer):
+        async def highwaters(self, *tps):  # the rebalance lands while the broker answers
+            actives.discard(imp1)
+            rg._drop_partition(1)
+            return {tp: self.ends[tp] for tp in tps}
+
+    rg.app._consumer = Revoking(held=[imp0, imp1], ends={imp0: 8, imp1: 9})  # (aiokafka still holds it)
+    asyncio.run(rg._check_health())
+    assert _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 8.0}
+    # and a series left from an earlier tick goes once its partition is no longer this worker's
+    rg.metrics.lag.labels("impressions", "1").set(9)
+    rg._lag_series.add(("impressions", "1"))
+    rg.app._consumer = _Consumer(held=[imp0], ends={imp0: 8})
+    asyncio.run(rg._check_health())
+    assert _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 8.0}
+
+
+def test_no_lag_is_exported_for_a_partition_whose_position_is_not_known_yet(rg, monkeypatch):
+    """Just assigned, nothing applied or committed here: end offset minus 0 was phantom lag."""
+    imp0, imp1 = TP(rg.names.inputs[0], 0), TP(rg.names.inputs[0], 1)
+    monkeypatch.setattr(rg.app.assignor, "assigned_actives", lambda: {imp0, imp1})
+    rg.app._consumer = _Consumer(held=[imp0, imp1], ends={imp0: 7, imp1: 12451}, committed={imp0: 5, imp1: None})
+    asyncio.run(rg._check_health())
+    assert rg.healthy and _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 2.0}
 
 
 def test_a_revoked_partition_takes_its_series_with_it(rg):
