@@ -247,6 +247,22 @@ class Monitors:
     repeat_flagged: dict = field(default_factory=lambda: defaultdict(int))
     served_items: int = 0
     violations: int = 0
+    alphas: tuple[float, ...] = ()  # the configured α: what a slate's α is reported as (see alpha_key)
+
+    def alpha_key(self, alpha: float | None) -> float | str:
+        """The α a policy-applied slate's realised risk is counted under (compared with that target).
+
+        An α within 1e-12 of a configured one is that one (a ranker echoing a requested
+        α that went through JSON and arithmetic); none, with a single α configured, is
+        that α, the only one a ranker following riskgate can have applied. Otherwise
+        ``"unknown"``: no target to compare with (RiskgateRealisedRiskUnchecked).
+        """
+        if alpha is None:
+            return self.alphas[0] if len(self.alphas) == 1 else "unknown"
+        for a in self.alphas:
+            if abs(a - alpha) < 1e-12:
+                return a
+        return alpha
 
     def on_served(self, ev: Impression, violations: int) -> None:
         if ev.policy_applied:
@@ -265,7 +281,7 @@ class Monitors:
         if not m.policy_applied:
             return
         self.violations += m.late_violations
-        key = "unknown" if m.alpha is None else m.alpha
+        key = self.alpha_key(m.alpha)
         f = sum(m.flags)
         self.realised_flagged[key] += f
         self.realised_served[key] += len(m.flags)
@@ -392,7 +408,7 @@ class Engine:
         self.config = config
         self.users = {} if users is None else users
         self.calibrator = Calibrator(config)
-        self.monitors = Monitors()
+        self.monitors = Monitors(alphas=tuple(config.alphas))
         self.clock = clock or Watermark(config.allowed_lateness)
         self.counts: dict[tuple[str, str], int] = defaultdict(int)  # (event type, outcome) -> count
         self._due: list[tuple[float, str]] = []  # heap of (maturity time, user_id); stale entries are skipped

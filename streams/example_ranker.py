@@ -122,6 +122,17 @@ def _published_alphas(book: ThresholdBook, alpha: float, strategy: str) -> list[
     return published
 
 
+def _as_published(book: ThresholdBook, alpha: float, strategy: str) -> float:
+    """The published α that ``alpha`` matches (``same_alpha``), else ``alpha`` itself.
+
+    The impression carries it, so that riskgate counts the slate's realised risk
+    under the α it publishes (0.050000000000001 was a series of its own, compared
+    with no target).
+    """
+    msg = book.thresholds.get(f"{strategy}:{GLOBAL}")
+    return next((t["alpha"] for t in msg["thresholds"] if same_alpha(t["alpha"], alpha)), alpha) if msg else alpha
+
+
 def peer_urls(peers: Sequence[str], shard: Shard | None) -> list[str]:
     """``peers`` as base URLs, once they name every shard of ``shard`` in order; ``ValueError`` saying why not."""
     if peers and (shard is None or len(peers) != shard.count):
@@ -198,6 +209,7 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
                 return await forward(request_body, owner)
             return web.json_response({"error": f"user {user_id!r} belongs to shard {owner}, "
                                                f"this is shard {client.shard}", "shard": owner}, status=421)
+        alpha = _as_published(client.book, alpha, strategy)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
         holdout = in_holdout(slate_id, holdout_share)
         if holdout:

@@ -417,3 +417,19 @@ def test_an_item_no_impression_has_shown_is_not_safe_until_one_does():
     assert s.safe_pool(LIM) == []
     s.on_impression(imp("e1", "s1", 3.0, [item("g", tags=("guns",)), item("h", tags=("news",))]), 0.0, LIM)
     assert [p.item_id for p in s.safe_pool(LIM)] == ["h"]  # g's tag is known now: blocked
+
+
+@pytest.mark.parametrize("alphas, served_alpha, key", [
+    ((0.1,), None, 0.1),  # one α configured: the only one a ranker following riskgate applies
+    ((0.05, 0.1), None, "unknown"),  # several: nothing to compare with (RiskgateRealisedRiskUnchecked)
+    ((0.05, 0.1), 0.1 + 5e-13, 0.1),  # a requested α echoed through JSON: the published one
+    ((0.05, 0.1), 0.3, 0.3),  # an α riskgate does not publish stays itself
+])
+def test_realised_risk_is_counted_under_the_alpha_its_target_is_published_for(alphas, served_alpha, key):
+    # SPEC §2's impressions carry no α: with the key "unknown" the realised-risk alert, which
+    # compares per α with the targets, could never fire for a ranker written to the spec.
+    eng = Engine(EngineConfig(alphas=alphas, label_window=10.0, allowed_lateness=0.0))
+    eng.process(imp("e1", "s1", 100.0, [item("x"), item("y")], applied=True, alpha=served_alpha))
+    eng.process(Flag("f1", "u1", "x", "report", 101.0))
+    eng.push_watermark(200.0)
+    assert eng.monitors.realised_risk() == {key: 0.5}

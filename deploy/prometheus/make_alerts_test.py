@@ -94,6 +94,19 @@ case("realised risk: a breach after two healthy days fires within the hour", [
     ("2940m", RR, [({"alpha": "0.05"}, "8%")]),
 ])
 
+RU = "RiskgateRealisedRiskUnchecked"
+case("realised risk unchecked: slates with no alpha, or one not published, for 30m; published ones are quiet", [
+    s("riskgate_target_risk", {**i1, "alpha": "0.05"}, "0.05x90"),
+    s("riskgate_target_risk", {**i1, "alpha": "0.1"}, "0.1x90"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "0.05"}, "0+50x90"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.1"}, "0+50x90"),
+    s("riskgate_realised_slates_total", {**i1, "alpha": "unknown"}, "0+1x90"),
+    s("riskgate_realised_slates_total", {**i2, "alpha": "0.3"}, "0+2x90"),
+], [
+    ("20m", RU, []),  # since 1m: pending
+    ("45m", RU, [({"alpha": "0.3"}, "90"), ({"alpha": "unknown"}, "45")]),  # (45m of data in the hour)
+])
+
 case("constraint violation fires at once on any increase", [
     s("riskgate_constraint_violations_total", i1, "0 0 0 1 1 1 1"),
     s("riskgate_constraint_violations_total", i2, "0x6"),

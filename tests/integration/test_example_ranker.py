@@ -221,10 +221,14 @@ def test_ranker_refuses_an_alpha_riskgate_does_not_publish_once_it_knows_the_pub
     assert status == 200 and (body["group"], body["lambda"], body["items"]) == (None, None, []), body
 
     def slates():
-        seen = {orjson.loads(v)["slate_id"] for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])}
-        return seen if seen >= {"before", "published", "near", "other-strategy"} else None
+        seen = {(m := orjson.loads(v))["slate_id"]: m for _, v, _ in read_topic(kafka_bootstrap, names.inputs[0])}
+        return seen if set(seen) >= {"before", "published", "near", "other-strategy"} else None
 
-    assert "unpublished" not in wait_for(slates, 30, what="the impressions")  # a refused request produces nothing
+    impressions = wait_for(slates, 30, what="the impressions")
+    assert "unpublished" not in impressions  # a refused request produces nothing
+    # The near α is written as the published one: riskgate counts its realised risk under 0.1
+    # (0.1 + 5e-13 was a series of its own, compared with no target).
+    assert impressions["near"]["alpha"] == impressions["published"]["alpha"] == 0.1
 
 
 BAD_SCORES = [  # (the second candidate, the reason the 400 gives)
