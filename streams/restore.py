@@ -87,5 +87,11 @@ def restore_fetch(app, tp, records: Sequence) -> int | None:
         # would otherwise notice only after waiting 5 s for a record that never comes.
         recovery.flush_buffers()
         recovery._set_recovery_ended()
+        # Wake the recovery waiting for this, and clear at once, as Faust's loop does (it clears
+        # at the top of its next pass). Left set, the loop cleared it only after its 5 s wait
+        # for a changelog record timed out, and a rebalance in between found it set: the next
+        # recovery "ended" with nothing read, the worker ran on stale local state and wrote
+        # users back with counts gone (a group crashed on one, found by churning workers).
         recovery.signal_recovery_end.set()
+        recovery.signal_recovery_end.clear()
     return len(records)

@@ -11,6 +11,7 @@ The real-broker version is ``tests/integration/test_restart.py``.
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -83,12 +84,23 @@ def test_records_faust_buffered_go_first(restoring):
 
 def test_the_last_record_needed_ends_the_recovery(restoring):
     rg, table, recovery, tp = restoring
-    restore_fetch(rg.app, tp, [_Record(i, b"k%d" % i, b"v") for i in range(9)])
-    assert recovery.in_recovery  # highwater 9 not reached
-    # the highwater's record, and one after it in the same batch (tansu under-reports the end)
-    restore_fetch(rg.app, tp, [_Record(9, b"k9", b"v"), _Record(10, b"k10", b"v")])
+
+    async def restore():
+        # Faust's recovery waits on the signal (Recovery._restart_recovery)
+        waiting = asyncio.ensure_future(recovery.signal_recovery_end.wait())
+        await asyncio.sleep(0)
+        restore_fetch(rg.app, tp, [_Record(i, b"k%d" % i, b"v") for i in range(9)])
+        await asyncio.sleep(0)
+        assert recovery.in_recovery and not waiting.done()  # highwater 9 not reached
+        # the highwater's record, and one after it in the same batch (tansu under-reports the end)
+        restore_fetch(rg.app, tp, [_Record(9, b"k9", b"v"), _Record(10, b"k10", b"v")])
+        assert await asyncio.wait_for(waiting, 1.0)  # woken
+        # ...and not left set: the next rebalance's recovery, waiting on it, found it set and
+        # "ended" with nothing read (Faust's loop clears it only after a 5 s wait)
+        assert not recovery.signal_recovery_end.is_set()
+
+    asyncio.run(restore())
     assert not recovery.in_recovery and not rg.app.in_recovery
-    assert recovery.signal_recovery_end.is_set()
     assert len(_db(table)) == 11 and table.data.persisted_offset(tp) == 10
 
 
