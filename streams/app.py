@@ -353,6 +353,9 @@ class RiskgateApp:
         counts = self._counts
         process = eng.process
         part.unacked.extend(msg for msg, _, _ in items)
+        # (before applying: a flush at stop after an event raised needs a message of the partition,
+        # and MessageContext(None) failed every partition's flush)
+        part.last_message = items[-1][0]
         for i, (msg, topic, rec) in enumerate(items):
             if rec is not None:
                 try:
@@ -365,7 +368,6 @@ class RiskgateApp:
             if final[topic] == i and topic not in behind:
                 clock.set_lagging(topic, False)
                 eng.advance_clock()  # the watermark may move now that this topic is read up to its end
-        part.last_message = items[-1][0]
         newest = max(msg.timestamp or 0 for msg, _, _ in items) / 1000.0  # aiokafka records: ms
         if part.through is None or newest > part.through:
             part.through = newest
@@ -672,8 +674,9 @@ class RiskgateApp:
         # A rebalance may have taken partitions during the await: a series set for one after its
         # revoke (which removed it) stayed, frozen, for good (seen: 12,451 records of phantom lag
         # beside the new owner's 0, holding RiskgateConsumerLagGrowing's threshold up).
-        held = consumer.assignment()
-        actives = set(self.app.assignor.assigned_actives())
+        if tps:
+            held = consumer.assignment()
+            actives = set(self.app.assignor.assigned_actives())
         exported: set[tuple[str, str]] = set()
         for tp in tps:
             if tp not in held or tp not in actives:

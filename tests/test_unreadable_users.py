@@ -128,3 +128,25 @@ def test_an_unreadable_partition_meta_record_starts_the_watermark_afresh():
                 orjson.dumps({"watermark": 1.0, "max_ts_by_topic": {"watch": "x"}}),
                 orjson.dumps({"watermark": 1.0, "max_ts_by_topic": [1]})):
         assert _read_meta(0, bad) == (None, {}), bad
+
+
+def test_a_batch_that_raised_still_leaves_its_partition_a_message_to_flush_under(tmp_path):
+    """An event that raised (a user broken in a way the decoder did not catch) ends the worker; its stop-time
+    flush then needs a record of the partition for the table writes' context: MessageContext(None) raised
+    AttributeError and aborted the flush of every partition."""
+    import pytest
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    part = rg._partition(0)
+    rg.app._consumer = _Consumer()
+    raw = orjson.dumps({"event_id": "e1", "user_id": "u", "item_id": "i", "watch_ms": 1, "duration_ms": 2,
+                        "ts": 1_700_000_000.0})
+    msg = _Record(rg.names.inputs[1], 0, b"u", raw)
+
+    def broken(*args):
+        raise ValueError("counts must be non-negative")
+
+    part.engine.process = broken
+    with pytest.raises(ValueError):
+        rg._run_partition(0, [(msg, "watch", decode_event("watch", raw, b"u"))])
+    assert part.last_message is msg and part.unacked == [msg]
