@@ -108,6 +108,10 @@ class RiskgateApp:
         self.metrics = Metrics()
         for a in self.config.alphas:
             self.metrics.target_risk.labels(str(a)).set(a)
+            # Counters at 0 from the start: rate() and increase() cannot see a series' first sample
+            # (a restore of 43,018 records showed as 26,769; a table's whole restore as none).
+            self.metrics.realised_slates.labels(str(a))
+            self.metrics.realised_risk_sum.labels(str(a))
         self.metrics.min_slates.set(self.config.min_slates)
         self.partitions: dict[int, _Partition] = {}
         self.latest: dict[str, dict] = {}  # risk-thresholds published by this worker, by key
@@ -182,6 +186,8 @@ class RiskgateApp:
         self.users_table = app.Table("users", partitions=s.topic_partitions, **table_args)
         self.meta_table = app.Table("partition-meta", partitions=s.topic_partitions, **table_args)
         self.versions_table = app.Table("threshold-versions", partitions=1, **table_args)
+        for table in (self.users_table, self.meta_table, self.versions_table):
+            self.metrics.restored.labels(table.name)  # (at 0: see realised_slates above)
         self.aggregator = Aggregator(self.config, s.recompute_interval, s.heartbeat,
                                      versions=_IntTable(self.versions_table), partitions=s.topic_partitions)
 

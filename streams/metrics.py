@@ -13,6 +13,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .topics import SAFE_POOLS, THRESHOLDS
+
 __all__ = ["Metrics", "RankerMetrics", "METRIC_NAMES"]
 
 
@@ -135,6 +137,10 @@ class RankerMetrics:
         self.impressions = Counter("riskgate_ranker_impressions", "Served slates produced to the impressions "
                                    "topic, by outcome (sent: acknowledged; failed: the broker refused or timed out).",
                                    ["outcome"], registry=r)
+        # (at 0 from the start: rate() and increase() cannot see a series' first sample, so the
+        # first failures were invisible to RiskgateRankerImpressionsFailing and the dashboard)
+        for outcome in ("sent", "failed"):
+            self.impressions.labels(outcome)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -163,8 +169,8 @@ class _RankerCollector:
         rejected = CounterMetricFamily("riskgate_ranker_rejected", "Output values the client refused (not JSON, or "
                                        "missing what it reads), by topic; each key kept its last good value.",
                                        labels=["topic"])
-        for topic, n in sorted(book.rejected.items()):
-            rejected.add_metric([topic], float(n))
+        for topic in sorted({THRESHOLDS, SAFE_POOLS} | set(book.rejected)):  # (both at 0 from the start)
+            rejected.add_metric([topic], float(book.rejected.get(topic, 0)))
         yield rejected
         version = GaugeMetricFamily("riskgate_ranker_threshold_version", "Version of each shared group's threshold "
                                     "the ranker holds, by strategy and group.", labels=["strategy", "group"])

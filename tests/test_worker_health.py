@@ -50,6 +50,11 @@ def _series(rg, name):
             if s.name == name}
 
 
+def _nonzero(rg, name):
+    """The series of ``name`` with a value (counters of every configured α are exported at 0)."""
+    return {k: v for k, v in _series(rg, name).items() if v}
+
+
 def test_the_health_tick_reads_only_partitions_the_consumer_holds(rg, monkeypatch):
     imp0, imp1 = TP(rg.names.inputs[0], 0), TP(rg.names.inputs[0], 1)
     consumer = _Consumer(held=[imp0], ends={imp0: 7, imp1: 9})
@@ -122,8 +127,8 @@ def test_realised_risk_is_exported_as_a_sum_that_recent_traffic_can_be_read_from
     mon = part.engine.monitors
     mon.realised_slates[0.1], mon.realised_risk_sum[0.1] = 4, 0.5
     rg._export_monitors()
-    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.5}
-    assert _series(rg, "riskgate_realised_slates_total") == {("0.1",): 4.0}
+    assert _nonzero(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.5}
+    assert _nonzero(rg, "riskgate_realised_slates_total") == {("0.1",): 4.0}
     # A rebalance: partition 0 goes, 1 comes with a fresh engine. Every slate an engine counted is
     # new to the counters, which never go down. (Re-based on totals, the 1 slate and 0.25 of the new
     # engine were lost below the 4 and 0.5 of the old, and slates and sums by different amounts.)
@@ -131,10 +136,35 @@ def test_realised_risk_is_exported_as_a_sum_that_recent_traffic_can_be_read_from
     part = rg._partition(1)
     part.engine.monitors.realised_slates[0.1], part.engine.monitors.realised_risk_sum[0.1] = 1, 0.25
     rg._export_monitors()
-    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.75}
-    assert _series(rg, "riskgate_realised_slates_total") == {("0.1",): 5.0}
+    assert _nonzero(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 0.75}
+    assert _nonzero(rg, "riskgate_realised_slates_total") == {("0.1",): 5.0}
     part.engine.monitors.realised_slates[0.1], part.engine.monitors.realised_risk_sum[0.1] = 3, 1.25
     rg._export_monitors()
-    assert _series(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 1.75}  # + (1.25 - 0.25)
-    assert _series(rg, "riskgate_realised_slates_total") == {("0.1",): 7.0}  # + (3 - 1)
+    assert _nonzero(rg, "riskgate_realised_risk_sum_total") == {("0.1",): 1.75}  # + (1.25 - 0.25)
+    assert _nonzero(rg, "riskgate_realised_slates_total") == {("0.1",): 7.0}  # + (3 - 1)
     assert _series(rg, "riskgate_realised_risk") == {("0.1",): 1.25 / 3}  # the gauge: the engines' mean
+
+
+def test_counters_whose_first_increment_matters_are_exported_at_zero_from_the_start(rg):
+    """rate() and increase() cannot see a series' first sample: a restore made its series with its whole
+    count (a table's restore showed as nothing), and the first realised slates and ranker failures were
+    invisible to the alerts."""
+    from types import SimpleNamespace
+
+    from streams.metrics import RankerMetrics
+    from streams.ranker import ThresholdBook
+
+    assert {lab for lab, v in _series(rg, "riskgate_changelog_restored_records_total").items() if v == 0} == {
+        ("users",), ("partition-meta",), ("threshold-versions",)}
+    alphas = {(str(a),) for a in rg.config.alphas}
+    assert {k: v for k, v in _series(rg, "riskgate_realised_slates_total").items()} == dict.fromkeys(alphas, 0.0)
+    assert {k: v for k, v in _series(rg, "riskgate_realised_risk_sum_total").items()} == dict.fromkeys(alphas, 0.0)
+    client = SimpleNamespace(book=ThresholdBook(), healthy=True, ready=True, lag=dict)
+    ranker = RankerMetrics(client)
+
+    def ranker_series(name):
+        return {tuple(s.labels.values()): s.value for m in ranker.registry.collect() for s in m.samples
+                if s.name == name}
+
+    assert ranker_series("riskgate_ranker_impressions_total") == {("sent",): 0.0, ("failed",): 0.0}
+    assert ranker_series("riskgate_ranker_rejected_total") == {("risk-thresholds",): 0.0, ("safe-pools",): 0.0}
