@@ -527,14 +527,19 @@ class _Engine:
                       "source": "declared" if dec else "inferred", "ts": float(ts[cons_rows[j]] - 1e-3)}
                 events.append(("constraints", ev))
             keys.append(ts[cons_rows] - 1e-3)
-            # apply in slate order so a same-batch block then unblock ends unblocked
-            for r in np.sort(cons_rows).tolist():
+        # Each slate is filtered by the user's rules in force at its own ts: walk the slates of users
+        # whose rules change in this batch in order. (The state after the whole batch served a user's
+        # earlier slates of the batch unfiltered once an unblock came later in it: constraint
+        # violations on policy-applied slates, which must be 0.)
+        blocked = self.blocked[users]
+        if len(cons_rows):
+            for r in np.flatnonzero(np.isin(users, users[cons_rows])).tolist():
                 u = users[r]
                 if occ[r] == w.constraint_at[u]:
                     self.blocked[u] = w.user_averse[u]
                 if occ[r] == w.unblock_at[u]:
                     self.blocked[u] = 0
-        blocked = self.blocked[users]
+                blocked[r] = self.blocked[u]
 
         # ---- which slots repeat a previously seen item
         ulen = self.hist_len[users]

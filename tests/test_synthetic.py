@@ -237,8 +237,12 @@ def test_every_event_matches_spec_fields_and_types():
     assert len(ids) == sum(counts.values()), "event ids must be unique"
 
 
-def test_policy_slates_never_show_blocked_tags_and_holdouts_may():
-    cfg = WorldConfig(seed=5, n_users=100, n_items=5_000, n_slates=4_000, constraint_user_share=0.5, unblock_share=0.0)
+@pytest.mark.parametrize("unblock_share", [0.0, 0.5])
+def test_policy_slates_never_show_blocked_tags_and_holdouts_may(unblock_share):
+    # (with unblocks: a user's slates before a later unblock in the same generated batch were served
+    # under the state after it, unfiltered: violations that fired RiskgateConstraintViolation on the demo)
+    cfg = WorldConfig(seed=5, n_users=100, n_items=5_000, n_slates=4_000, constraint_user_share=0.5,
+                      unblock_share=unblock_share)
     blocked: dict[str, set] = {}
     violations_holdout = 0
     for topic, ev in generate_events(cfg):
