@@ -513,10 +513,13 @@ class RiskgateApp:
                     for r in own:
                         out.append((self.thresholds_topic, threshold_key(r.strategy, r.group).encode(),
                                     threshold_message(r, self.config, state.version)))
-                elif not own and state.version and (known is None or known[0]):
+                elif not own and (known[0] if known is not None else state.version):
                     # The user's own λ̂ ended (fewer than min_slates live slates): delete its
                     # keys, or the last one would stand on risk-thresholds for good. (Not
                     # known, as after a restart: sent again, harmless on a compacted topic.)
+                    # Known by its fingerprint, not the version: a user forgotten and back
+                    # before the flush starts again at version 0 and is in no flush's deleted
+                    # users, and its former λ̂ stood, against the erasure.
                     for st in self.config.strategies:
                         out.append((self.thresholds_topic, threshold_key(st, user_group(uid)).encode(), None))
                 part.own[uid] = (fingerprint, own)

@@ -158,3 +158,31 @@ def test_what_rankers_hold_is_every_user_s_current_value_after_each_flush(tmp_pa
     assert max(versions) >= 2  # own thresholds were republished
     assert lapsed  # and some lapsed (no version bump: only the thresholds left the value)
     assert {s.band for _, s in part.users.items()} == {"low", "high"}
+
+
+def test_a_user_forgotten_and_back_before_the_flush_has_its_former_own_threshold_deleted(tmp_path):
+    """Forgotten, then seen again before the flush: the flush's deleted users leave it out (it exists), and it
+    starts again at version 0, so its former ``strategy:user:<id>`` λ̂ was never deleted, against the erasure."""
+    from calibration.events import Forget
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                                   min_slates=2, label_window=10.0, allowed_lateness=0.0))
+    part = rg._partition(0)
+    eng = part.engine
+    for j in range(3):
+        eng.process(Impression(f"e{j}", "u", f"s{j}", 10.0 * j, 1, False, (ShownItem(f"i{j}", 0.5),)), "impressions")
+    eng.process(Impression("tick", "t", "st", 100.0, 1, False, (ShownItem("z", 0.5),)), "impressions")
+
+    def flush():
+        out = rg._user_outputs(part, eng.changed)
+        eng.changed.clear()
+        _, deleted, _ = part.users.flush()
+        return {k.decode(): v for t, k, v in out if t is rg.thresholds_topic}, deleted
+
+    published, _ = flush()
+    assert {k for k, v in published.items() if v is not None} == {"remove:user:u", "replace:user:u"}
+    eng.process(Forget("f", "u", 101.0), "forget")
+    eng.process(Impression("e9", "u", "s9", 102.0, 1, False, (ShownItem("i9", 0.5),)), "impressions")  # back
+    published, deleted = flush()
+    assert "u" not in deleted
+    assert published == {"remove:user:u": None, "replace:user:u": None}
