@@ -30,7 +30,8 @@ class Metrics:
         ProcessCollector(namespace="riskgate", registry=r)
         # stream health
         self.events = Counter("riskgate_events", "Events consumed, by type and outcome (ok, late, duplicate, "
-                              "invalid, pending_overflow, unreadable_state).", ["type", "outcome"], registry=r)
+                              "invalid, pending_overflow, unreadable_state, replayed, erased).", ["type", "outcome"],
+                              registry=r)
         self.dlq = Counter("riskgate_dlq", "Events sent to the dead-letter topic, by source topic and reason.",
                            ["topic", "reason"], registry=r)
         self.lag = Gauge("riskgate_consumer_lag", "Messages behind the log end, by topic and partition.",
