@@ -248,6 +248,27 @@ class RiskgateApp:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         for tp in revoked:
             self._drop_partition(tp.partition)
+            if tp.topic == self.names.partials:
+                self._drop_aggregator()
+
+    def _drop_aggregator(self) -> None:
+        """Forget what this worker published as the aggregator, which it may no longer be.
+
+        A former owner of ``riskgate-partials`` kept exporting its last λ̂, filter_all
+        and versions, and the dashboard's max over workers let a stale filter_all or
+        +Inf win over the current owner's values; its ``/thresholds`` kept answering,
+        when an empty one is how the runbooks find the aggregator. Its next owner (this
+        worker again, often) sets them at its next publication.
+        """
+        m = self.metrics
+        for msg in self.latest.values():
+            strategy, group = msg["strategy"], msg["group"]
+            for gauge in (m.version, m.published_at, m.inputs_age, m.window_slates):
+                _remove(gauge, strategy, group)
+            for t in msg["thresholds"]:
+                for gauge in (m.lam, m.filter_all, m.risk_at_lambda):
+                    _remove(gauge, strategy, group, str(t["alpha"]))
+        self.latest = {}
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.

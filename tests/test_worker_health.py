@@ -168,3 +168,24 @@ def test_counters_whose_first_increment_matters_are_exported_at_zero_from_the_st
 
     assert ranker_series("riskgate_ranker_impressions_total") == {("sent",): 0.0, ("failed",): 0.0}
     assert ranker_series("riskgate_ranker_rejected_total") == {("risk-thresholds",): 0.0, ("safe-pools",): 0.0}
+
+
+def test_a_worker_that_loses_the_aggregator_stops_exporting_what_it_published(rg):
+    """A former owner of riskgate-partials kept its last λ̂ and filter_all series and its /thresholds, so the
+    dashboard's max over workers could show a stale filter_all over the current owner's value."""
+    from types import SimpleNamespace
+
+    from calibration.engine import GroupResult
+    from calibration.threshold import Threshold
+
+    result = GroupResult("remove", "global", 10, (0.0, 1.0), (Threshold(0.1, None, True, None),))
+    rg._record(SimpleNamespace(result=result, version=3, key="remove:global", inputs_through=1.0))
+    assert _series(rg, "riskgate_threshold_filter_all") == {("remove", "global", "0.1"): 1.0}
+    asyncio.run(rg._on_revoked(rg.app, [TP(rg.names.inputs[0], 0)]))  # an input partition: still the aggregator
+    assert rg.latest and _series(rg, "riskgate_threshold_version") == {("remove", "global"): 3.0}
+    asyncio.run(rg._on_revoked(rg.app, [TP(rg.names.partials, 0)]))
+    assert rg.latest == {}
+    for name in ("riskgate_threshold_filter_all", "riskgate_threshold_lambda", "riskgate_threshold_risk_at_lambda",
+                 "riskgate_threshold_version", "riskgate_threshold_published_timestamp_seconds",
+                 "riskgate_threshold_inputs_age_seconds", "riskgate_window_slates"):
+        assert _series(rg, name) == {}, name
