@@ -36,7 +36,7 @@ import orjson
 from faust.streams import _current_event
 from faust.types import TP
 
-from calibration.engine import Engine, EngineConfig, Watermark, user_result
+from calibration.engine import PROPERTY1_BETAS, Engine, EngineConfig, Watermark, user_result
 from calibration.grid import make_grid
 from calibration.groups import user_group
 from calibration.user_state import CORE, Limits
@@ -113,6 +113,9 @@ class RiskgateApp:
             self.metrics.realised_slates.labels(str(a))
             self.metrics.realised_risk_sum.labels(str(a))
         self.metrics.min_slates.set(self.config.min_slates)
+        for b in PROPERTY1_BETAS:
+            self.metrics.property1_repeats.labels(str(b))
+            self.metrics.property1_reflagged.labels(str(b))
         self.partitions: dict[int, _Partition] = {}
         self.latest: dict[str, dict] = {}  # risk-thresholds published by this worker, by key
         self.healthy = False
@@ -755,6 +758,9 @@ class RiskgateApp:
                    m.served_items: mon.served_items, m.violations: mon.violations, m.refused: e.calibrator.refused,
                    m.matured.labels("holdout"): e.matured_counts["holdout"],
                    m.matured.labels("applied"): e.matured_counts["applied"]}
+            for b, n in mon.repeat_seen.items():
+                now[m.property1_repeats.labels(str(b))] = n
+                now[m.property1_reflagged.labels(str(b))] = mon.repeat_flagged[b]
             for a, n in mon.realised_slates.items():
                 now[m.realised_slates.labels(str(a))] = n
                 now[m.realised_risk_sum.labels(str(a))] = mon.realised_risk_sum[a]

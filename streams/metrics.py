@@ -79,8 +79,14 @@ class Metrics:
                                           "policy-applied slates.", registry=r)
         self.replacements_flagged = Counter("riskgate_replacements_flagged", "Replacement items flagged again "
                                             "(Property 1 failures).", registry=r)
-        self.property1 = Gauge("riskgate_property1_reflag_rate", "P(h=1 | repeat, unflagged first view, W% > β).",
-                               ["beta"], registry=r)
+        self.property1 = Gauge("riskgate_property1_reflag_rate", "P(h=1 | repeat, unflagged first view, W% > β), "
+                               "since this worker's partitions were assigned.", ["beta"], registry=r)
+        # The same as counters, so that a range reads recent traffic (the gauge is diluted by all of it)
+        self.property1_repeats = Counter("riskgate_property1_repeats", "Repeat views on mature slates of items "
+                                         "unflagged at a first view with W% > β, by β.", ["beta"], registry=r)
+        self.property1_reflagged = Counter("riskgate_property1_reflagged", "Of riskgate_property1_repeats, those "
+                                           "flagged (÷ repeats = the Property-1 curve over any range).", ["beta"],
+                                           registry=r)
         self.served_items = Counter("riskgate_policy_served_items", "Items served on policy-applied slates.",
                                     registry=r)
         self.violations = Counter("riskgate_constraint_violations", "Items served on policy-applied slates "

@@ -137,7 +137,7 @@ def test_dashboard_promql_parses(tmp_path):
     for i, q in enumerate(dashboard_queries()):
         if q.startswith("label_values(") or q == "prometheus":
             continue
-        expr = q.replace("$__rate_interval", "5m").replace("$strategy", ".*").replace("$group", ".*")
+        expr = q.replace("$__rate_interval", "5m").replace("$__range", "6h").replace("$strategy", ".*").replace("$group", ".*")
         rules.append({"record": f"dashboard:query_{i}", "expr": expr})
     assert len(rules) >= 15
     (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -164,7 +164,8 @@ def test_dashboard_uses_only_exported_metrics():
 def test_dashboard_covers_what_operators_read():
     used = {m for q in dashboard_queries() for m in METRIC_RE.findall(q)}
     for needed in ("riskgate_threshold_lambda", "riskgate_window_slates", "riskgate_realised_risk_sum_total",
-                   "riskgate_target_risk", "riskgate_property1_reflag_rate", "riskgate_events_total",
+                   "riskgate_target_risk", "riskgate_property1_reflagged_total", "riskgate_property1_repeats_total",
+                   "riskgate_events_total",
                    "riskgate_consumer_lag", "riskgate_recompute_seconds_bucket",
                    "riskgate_threshold_published_timestamp_seconds", "riskgate_process_cpu_seconds_total",
                    "riskgate_process_resident_memory_bytes", "riskgate_users_cached"):

@@ -13,6 +13,7 @@ import asyncio
 import pytest
 from faust.types import TP
 
+from calibration.engine import PROPERTY1_BETAS
 from streams.app import RiskgateApp
 from streams.settings import load_settings
 
@@ -189,3 +190,18 @@ def test_a_worker_that_loses_the_aggregator_stops_exporting_what_it_published(rg
                  "riskgate_threshold_version", "riskgate_threshold_published_timestamp_seconds",
                  "riskgate_threshold_inputs_age_seconds", "riskgate_window_slates"):
         assert _series(rg, name) == {}, name
+
+
+def test_property1_is_exported_as_counters_that_recent_traffic_can_be_read_from(rg):
+    """The gauge is a ratio since the partitions were assigned (weeks of traffic dilute it), and the
+    dashboard averaged it over workers unweighted: counters per β, summed, give the curve over any range."""
+    betas = {(str(b),) for b in PROPERTY1_BETAS}
+    assert _series(rg, "riskgate_property1_repeats_total") == dict.fromkeys(betas, 0.0)
+    part = rg._partition(0)
+    mon = part.engine.monitors
+    mon.repeat_seen[50.0], mon.repeat_flagged[50.0] = 8, 2
+    rg._export_monitors()
+    mon.repeat_seen[50.0], mon.repeat_flagged[50.0] = 10, 3
+    rg._export_monitors()
+    assert _nonzero(rg, "riskgate_property1_repeats_total") == {("50.0",): 10.0}
+    assert _nonzero(rg, "riskgate_property1_reflagged_total") == {("50.0",): 3.0}
