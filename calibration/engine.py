@@ -495,24 +495,31 @@ class Engine:
                     # applied (and erased) before, and are replays if read again
                     state.positions = dict(kept)
             lim = self.config.limits
-            if position is not None and state.applied(source, position):
-                outcome = "replayed"
-            elif kind == "watch":
-                outcome = state.on_watch(ev, wm, lim)
-            elif kind == "impression":
-                violations = state.violations(ev)
-                outcome = state.on_impression(ev, wm, lim, violations)
-                if outcome != "duplicate":
-                    self.monitors.on_served(ev, violations)
-                due = state.next_maturity(self.config.label_window)
-                if due is not None:
-                    heapq.heappush(self._due, (due, uid))
-            elif kind == "flag":
-                outcome = state.on_flag(ev, wm, lim)
-            elif kind == "constraints":
-                outcome = state.on_constraints(ev, wm, lim)
-            else:  # pragma: no cover - Event is a closed union
-                raise TypeError(f"unknown event {ev!r}")
+            try:
+                if position is not None and state.applied(source, position):
+                    outcome = "replayed"
+                elif kind == "watch":
+                    outcome = state.on_watch(ev, wm, lim)
+                elif kind == "impression":
+                    violations = state.violations(ev)
+                    outcome = state.on_impression(ev, wm, lim, violations)
+                    if outcome != "duplicate":
+                        self.monitors.on_served(ev, violations)
+                    due = state.next_maturity(self.config.label_window)
+                    if due is not None:
+                        heapq.heappush(self._due, (due, uid))
+                elif kind == "flag":
+                    outcome = state.on_flag(ev, wm, lim)
+                elif kind == "constraints":
+                    outcome = state.on_constraints(ev, wm, lim)
+                else:  # pragma: no cover - Event is a closed union
+                    raise TypeError(f"unknown event {ev!r}")
+            except Exception as e:
+                # This user's state broke while applied: set it aside (a store that cannot raises
+                # the error), and answer for the event as for a user that cannot be read.
+                self._set_aside(uid, e)
+                self.users.get(uid)  # raises the store's LookupError: the caller dead-letters the event
+                raise
             if outcome == "replayed":
                 # seen before the crash, and by the watermark then: observing it again is harmless
                 self.clock.note(source, ev.ts)
@@ -529,6 +536,16 @@ class Engine:
         self.counts[(kind, outcome)] += 1
         self.advance()
         return outcome
+
+    def _set_aside(self, uid: str, error: Exception) -> None:
+        """A user whose state raised while applied: set aside by a store that can (its events are then
+        refused with ``LookupError``), else the error goes on (one user must not stop a partition, but an
+        in-memory run has nobody to hand its events to)."""
+        set_aside = getattr(self.users, "set_aside", None)
+        if set_aside is None:
+            raise error
+        set_aside(uid, f"{type(error).__name__}: {error}"[:300])
+        self.changed.discard(uid)
 
     def advance_clock(self) -> list[MatureSlate]:
         """Recompute the watermark (after a source stopped lagging) and mature what is now due."""
@@ -557,7 +574,11 @@ class Engine:
                 continue
             if state is None:
                 continue  # forgotten
-            ms, ev = state.mature(wm, cfg.label_window, horizon, cfg.limits)
+            try:
+                ms, ev = state.mature(wm, cfg.label_window, horizon, cfg.limits)
+            except Exception as e:
+                self._set_aside(uid, e)
+                continue
             if not ms:
                 continue  # a stale queue entry
             matured.extend(ms)

@@ -314,6 +314,9 @@ class TableUsers:
         # Users whose stored state cannot be decoded (UnreadableUser) -> why, remembered so
         # that each of their events does not read and fail again; a forget clears them.
         self.unreadable: dict[str, str] = {}
+        # A user set aside at run time had flushed changes not synced locally: the local database
+        # lacks them, so the offset that lets a restart skip the changelog stays where it is.
+        self._hold_offset = False
         # Partitions assigned together would all sync in the same flush, one long
         # flush holding the event loop for all of them: each starts at its own
         # phase of the interval.
@@ -342,6 +345,25 @@ class TableUsers:
                           reason)
             self.unreadable[user_id] = reason
             raise UnreadableUser(user_id, reason) from e
+
+    def set_aside(self, user_id: str, reason: str) -> None:
+        """Set aside a user whose state broke an invariant while it was applied (a bug, or one in what wrote it).
+
+        Like a user that cannot be decoded: its events are dead-lettered from now on
+        (``unreadable_state``), the partition goes on with every other user, and the
+        group does not crash on it worker after worker. What it held in memory is dropped
+        unwritten (it may be half-changed); the changelog keeps it as of the last flush,
+        so the events applied to it since are lost for it. Its slates stay in the windows
+        until a restart, which leaves them out.
+        """
+        self._cache.pop(user_id, None)
+        self._dirty.discard(user_id)
+        if self._local.pop(user_id, None) is not None:
+            self._hold_offset = True
+        if user_id not in self.unreadable:
+            log.error("users table partition %d: user %r set aside, its state broke while applied (%s); its "
+                      "events go to the dead-letter topic (docs/operations.md)", self.partition, user_id, reason)
+        self.unreadable[user_id] = reason
 
     def _load(self, user_id: str) -> UserState | None:
         key = user_id.encode()
@@ -582,7 +604,7 @@ class TableUsers:
         for uid, keys in self._local.items():
             self._put(batch, self._local_records(uid, cache[uid], keys))
         self._local = {}
-        if self._sent is not None:
+        if self._sent is not None and not self._hold_offset:
             # Every record up to it was flushed, so its effects are in the batch or
             # the database: a restart may skip the changelog up to it.
             batch.put(self.table.data.offset_key, str(self._sent).encode())

@@ -150,3 +150,83 @@ def test_a_batch_that_raised_still_leaves_its_partition_a_message_to_flush_under
     with pytest.raises(ValueError):
         rg._run_partition(0, [(msg, "watch", decode_event("watch", raw, b"u"))])
     assert part.last_message is msg and part.unacked == [msg]
+
+
+def test_a_user_whose_state_breaks_while_applied_is_set_aside_and_the_partition_goes_on(tmp_path, caplog):
+    """A user that decodes but breaks an invariant (a bug, or a record a bug wrote) raised out of the batch:
+    the worker died, and so did every worker that took the partition over, on the same user."""
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                                   label_window=10.0, allowed_lateness=0.0))
+    part = rg._partition(0)
+    ends: dict = {}  # each topic's end: every record sent is read, so no topic holds the watermark back
+    rg.app._consumer = _Consumer(ends)
+    full = {rg.names.base(t): t for t in rg.names.inputs}
+    offsets = collections.Counter()
+
+    def run(*events):
+        items = []
+        for topic, value in events:
+            raw = orjson.dumps(value)
+            msg = _Record(full[topic], offsets[topic], value["user_id"].encode(), raw)
+            offsets[topic] += 1
+            ends[full[topic]] = offsets[topic]
+            items.append((msg, topic, decode_event(topic, raw, msg.key)))
+        rg._run_partition(0, items)
+
+    def imp(uid, ts):
+        return ("impressions", {"event_id": f"{uid}-{ts}", "user_id": uid, "slate_id": f"{uid}-s{ts}", "ts": ts,
+                                "k": 1, "policy_applied": False, "items": [{"item_id": "i1", "score": 0.5}]})
+
+    def watch(uid, ts):
+        return ("watch", {"event_id": f"{uid}-w{ts}", "user_id": uid, "item_id": "i1", "watch_ms": 9000,
+                          "duration_ms": 10000, "ts": ts})
+
+    run(imp("broken", 100.0), imp("late-breaker", 100.0), imp("good", 100.0))
+
+    from unittest import mock
+
+    from calibration.user_state import UserState
+
+    def breaking(method, who):
+        def run_it(self, *args, **kwargs):
+            if self.user_id == who:
+                raise ValueError("counts must be non-negative")
+            return method(self, *args, **kwargs)
+        return run_it
+
+    with mock.patch.object(UserState, "on_watch", breaking(UserState.on_watch, "broken")), \
+            mock.patch.object(UserState, "mature", breaking(UserState.mature, "late-breaker")):
+        # broken's next event breaks it; late-breaker's slate breaks it when it matures (ts 200)
+        run(watch("broken", 101.0), watch("good", 102.0), imp("good", 200.0))
+    letters = [orjson.loads(v) for _, v in rg._dead[0]]
+    assert [(r["reason"].split(":")[0], "counts must be non-negative" in r["reason"]) for r in letters] == [
+        ("unreadable_state", True)]
+    assert set(part.users.unreadable) == {"broken", "late-breaker"}
+    assert rg._counts[("watch", "unreadable_state")] == 1 and rg._counts[("watch", "ok")] == 1
+    assert part.engine.monitors and part.users.get("good").history["i1"].watched
+    run(watch("broken", 201.0))  # and its later events follow, without reading it again
+    assert len(rg._dead[0]) == 2
+
+
+def test_a_user_set_aside_with_changes_not_synced_locally_holds_the_local_offset_back(tmp_path):
+    """Its flushed changes are dropped unwritten from the local database, so a restart on the same directory
+    must read the changelog from before them (the offset that lets it skip the changelog does not move)."""
+    from calibration.events import Watch
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    users = rg._partition(0).users
+    engine = rg._partition(0).engine
+    offset_key = rg.users_table.data.offset_key
+    db = partition_db(rg.users_table, 0)
+    for n, uid in enumerate(("a", "b")):
+        engine.process(Watch(f"w{n}", uid, "i", 1.0, 2.0, 10.0 + n), "watch", n)
+    users.flush()
+    users.note_sent(7)
+    users.sync()
+    assert db[offset_key] == b"7"
+    engine.process(Watch("w9", "a", "j", 1.0, 2.0, 20.0), "watch", 9)
+    users.flush()
+    users.note_sent(8)
+    users.set_aside("a", "ValueError: broken")
+    users.sync()
+    assert db[offset_key] == b"7"  # a's change at 8 is not in the local database
