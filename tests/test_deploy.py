@@ -506,6 +506,17 @@ def test_settings_accept_the_shipped_configuration(monkeypatch, tmp_path):
         load_settings()
 
 
+def test_every_series_a_worker_exports_is_documented_in_the_operations_guide():
+    from streams.metrics import Metrics
+
+    ops = (REPO / "docs" / "operations.md").read_text()
+    section = ops.split("### Every series a worker exports", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `(riskgate_\w+)` \|", section, re.M))
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in Metrics().registry.collect()
+                if not f.name.startswith("riskgate_process_")}
+    assert listed == exported
+
+
 def test_every_setting_is_documented_in_the_operations_guide():
     """An operator looks settings up in docs/operations.md; one missing there is one they cannot find
     (RISKGATE_HOLDOUT_SHARE was a setting no code read, and several real ones were absent)."""
