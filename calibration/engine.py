@@ -426,6 +426,7 @@ class Engine:
         self.erased_positions: dict[str, dict[str, int]] = {} if positions is None else positions
         self.changed: set[str] = set()  # users touched since the caller last cleared this
         self._next_edge = float("-inf")  # the windows move when the watermark reaches it
+        self._set_aside_count = 0  # users whose state raised while applied (see _set_aside)
 
     @property
     def watermark(self) -> float:
@@ -537,12 +538,17 @@ class Engine:
         self.advance()
         return outcome
 
+    #: Users one engine sets aside before it lets the error go on: one broken user must not stop
+    #: a partition, but many are a bug in the code, which should fail loudly, not dead-letter all.
+    SET_ASIDE_MAX = 10
+
     def _set_aside(self, uid: str, error: Exception) -> None:
         """A user whose state raised while applied: set aside by a store that can (its events are then
-        refused with ``LookupError``), else the error goes on (one user must not stop a partition, but an
-        in-memory run has nobody to hand its events to)."""
+        refused with ``LookupError``), else the error goes on (an in-memory run has nobody to hand its
+        events to, and past :attr:`SET_ASIDE_MAX` users the code, not a user, is broken)."""
         set_aside = getattr(self.users, "set_aside", None)
-        if set_aside is None:
+        self._set_aside_count += 1
+        if set_aside is None or self._set_aside_count > self.SET_ASIDE_MAX:
             raise error
         set_aside(uid, f"{type(error).__name__}: {error}"[:300])
         self.changed.discard(uid)

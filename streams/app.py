@@ -390,7 +390,7 @@ class RiskgateApp:
             if rec is not None:
                 try:
                     counts[(topic, process(rec, topic, msg.offset))] += 1
-                except UnreadableUser as e:  # raised before the event changed anything
+                except UnreadableUser as e:  # (a user set aside: what the event changed of it is dropped)
                     if e.user_id != rec.user_id:
                         raise  # another user's (maturing): not this event's to answer for
                     counts[(topic, "unreadable_state")] += 1
@@ -514,7 +514,10 @@ class RiskgateApp:
         if round_due:
             due, part.deferred, part.additions_at = part.deferred, set(), time.monotonic()
         for uid in (changed | due) if due else changed:
-            state = part.users.get(uid)
+            try:
+                state = part.users.get(uid)
+            except LookupError:  # set aside since it changed (or since its additions were deferred)
+                continue
             if state is None:
                 continue
             touched = state.touched

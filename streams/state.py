@@ -314,9 +314,10 @@ class TableUsers:
         # Users whose stored state cannot be decoded (UnreadableUser) -> why, remembered so
         # that each of their events does not read and fail again; a forget clears them.
         self.unreadable: dict[str, str] = {}
-        # A user set aside at run time had flushed changes not synced locally: the local database
-        # lacks them, so the offset that lets a restart skip the changelog stays where it is.
-        self._hold_offset = False
+        # Users set aside at run time -> their keys flushed but not synced locally. While any has
+        # some, the local database lacks them, so the offset that lets a restart skip the
+        # changelog stays where it is (until a forget deletes them).
+        self._aside: dict[str, set] = {}
         # Partitions assigned together would all sync in the same flush, one long
         # flush holding the event loop for all of them: each starts at its own
         # phase of the interval.
@@ -358,8 +359,8 @@ class TableUsers:
         """
         self._cache.pop(user_id, None)
         self._dirty.discard(user_id)
-        if self._local.pop(user_id, None) is not None:
-            self._hold_offset = True
+        # (a forget must still tombstone the keys flushed since the last sync)
+        self._aside[user_id] = self._aside.get(user_id, set()) | self._local.pop(user_id, set())
         if user_id not in self.unreadable:
             log.error("users table partition %d: user %r set aside, its state broke while applied (%s); its "
                       "events go to the dead-letter topic (docs/operations.md)", self.partition, user_id, reason)
@@ -422,7 +423,7 @@ class TableUsers:
         self.unreadable.pop(user_id, None)  # (its keys are tombstoned like any user's: a forget needs no decoding)
         # Keys in the changelog but not in the local database get tombstones too: those
         # flushed since the last sync (the flush scans the database for the others).
-        self._deleted.setdefault(user_id, set()).update(self._local.get(user_id, ()))
+        self._deleted.setdefault(user_id, set()).update(self._local.get(user_id, ()), self._aside.pop(user_id, ()))
 
     def pop(self, user_id: str, default=None):
         """Delete the user and return it (``default`` if none).
@@ -434,7 +435,9 @@ class TableUsers:
         try:
             state = self.get(user_id)
         except UnreadableUser:
-            state = self._core_only(user_id)
+            # Set aside at run time: its slates stay in the windows until a restart (set_aside),
+            # so none is taken out (the stored core's would not be those the windows hold).
+            state = None if user_id in self._aside else self._core_only(user_id)
         self.__delitem__(user_id)
         return default if state is None else state
 
@@ -604,7 +607,7 @@ class TableUsers:
         for uid, keys in self._local.items():
             self._put(batch, self._local_records(uid, cache[uid], keys))
         self._local = {}
-        if self._sent is not None and not self._hold_offset:
+        if self._sent is not None and not any(self._aside.values()):
             # Every record up to it was flushed, so its effects are in the batch or
             # the database: a restart may skip the changelog up to it.
             batch.put(self.table.data.offset_key, str(self._sent).encode())

@@ -230,3 +230,73 @@ def test_a_user_set_aside_with_changes_not_synced_locally_holds_the_local_offset
     users.set_aside("a", "ValueError: broken")
     users.sync()
     assert db[offset_key] == b"7"  # a's change at 8 is not in the local database
+
+
+def test_a_forget_of_a_user_set_aside_at_run_time_tombstones_its_keys_flushed_since_the_last_sync(tmp_path):
+    """set_aside dropped the user's record of keys flushed but not synced locally, which is where a forget
+    finds them: an item the user watched stayed on the compacted changelog, against the erasure."""
+    from calibration.events import Forget, Watch
+    from streams.state import SEP
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    part = rg._partition(0)
+    engine, users = part.engine, part.users
+    offset_key = rg.users_table.data.offset_key
+    engine.process(Watch("w1", "a", "i", 1.0, 2.0, 10.0), "watch", 0)
+    users.flush()
+    users.note_sent(5)
+    users.set_aside("a", "ValueError: broken")
+    users.sync()
+    assert offset_key not in partition_db(rg.users_table, 0)  # a's entry is not in the local database
+    assert engine.process(Forget("f1", "a", 11.0), "forget", 0) == "ok"
+    _, deleted, groups = users.flush()
+    tombstones = {k for group in groups for k, v in group if v is None}
+    assert deleted == {"a"} and {b"a", b"a" + SEP + b"i"} <= tombstones
+    users.sync()
+    assert partition_db(rg.users_table, 0)[offset_key] == b"5"  # nothing of a's is missing any more
+
+
+def test_a_user_set_aside_while_its_pool_additions_wait_for_their_round_does_not_break_the_flush(tmp_path):
+    """A user whose pool only gained items waits in ``deferred`` for the next round; set aside meanwhile, the
+    round read it and raised UnreadableUser out of the flush (its records were never acked)."""
+    from calibration.events import Impression, ShownItem, Watch
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                                   safe_pool_max=1, beta=50.0, pool_additions_interval=3600.0))
+    part = rg._partition(0)
+    eng = part.engine
+    eng.process(Impression("e1", "u", "s1", 1.0, 2, False, (ShownItem("x", 1.0), ShownItem("y", 0.5, 2.0))),
+                "impressions")
+    eng.process(Watch("e2", "u", "x", 80.0, 100.0, 10.0), "watch")
+    rg._user_outputs(part, eng.changed)
+    eng.changed.clear()
+    part.users.flush()
+    eng.process(Watch("e3", "u", "y", 90.0, 100.0, 11.0), "watch")  # an addition: deferred to the round
+    assert rg._user_outputs(part, eng.changed) == [] and part.deferred == {"u"}
+    eng.changed.clear()
+    part.users.flush()
+    part.users.set_aside("u", "ValueError: broken")
+    assert rg._user_outputs(part, eng.changed, force=True) == []  # raised UnreadableUser
+
+
+def test_past_a_few_broken_users_the_error_goes_on_rather_than_dead_lettering_everyone(tmp_path, monkeypatch):
+    """A bug that raises for every user must fail loudly, not set the partition's users aside one by one."""
+    import pytest
+
+    from calibration.engine import Engine
+    from calibration.events import Watch
+    from calibration.user_state import UserState
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    eng = rg._partition(0).engine
+    monkeypatch.setattr(Engine, "SET_ASIDE_MAX", 2)
+
+    def broken(self, *args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(UserState, "on_watch", broken)
+    for n, uid in enumerate(("a", "b")):
+        with pytest.raises(LookupError):  # set aside: the caller dead-letters the event
+            eng.process(Watch(f"w{n}", uid, "i", 1.0, 2.0, 10.0), "watch", n)
+    with pytest.raises(ValueError, match="a bug"):
+        eng.process(Watch("w2", "c", "i", 1.0, 2.0, 10.0), "watch", 2)
