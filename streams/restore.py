@@ -49,6 +49,7 @@ def restore_fetch(app, tp, records: Sequence) -> int | None:
     """
     tables = app.tables
     recovery = tables.recovery
+    _clear_end_signal_at_each_start(recovery)
     if not recovery.in_recovery or tp not in recovery.active_tps or tp in recovery.standby_tps:
         return None
     if app.in_transaction:  # (aborted transactions' records need Faust's handling)
@@ -87,11 +88,31 @@ def restore_fetch(app, tp, records: Sequence) -> int | None:
         # would otherwise notice only after waiting 5 s for a record that never comes.
         recovery.flush_buffers()
         recovery._set_recovery_ended()
-        # Wake the recovery waiting for this, and clear at once, as Faust's loop does (it clears
-        # at the top of its next pass). Left set, the loop cleared it only after its 5 s wait
-        # for a changelog record timed out, and a rebalance in between found it set: the next
-        # recovery "ended" with nothing read, the worker ran on stale local state and wrote
-        # users back with counts gone (a group crashed on one, found by churning workers).
+        # Left set for the recovery waiting on it, whether it waits already or is about to
+        # (Faust schedules its wait a loop pass after resuming the partitions); the next
+        # recovery's start clears it (_clear_end_signal_at_each_start).
         recovery.signal_recovery_end.set()
-        recovery.signal_recovery_end.clear()
     return len(records)
+
+
+def _clear_end_signal_at_each_start(recovery) -> None:
+    """Make every recovery start by clearing the end signal :func:`restore_fetch` may have left set.
+
+    Faust's own loop clears it at the top of its next pass, which comes only after
+    its 5 s wait for a changelog record times out. A rebalance in between found it
+    set: the next recovery "ended" with nothing read, the worker ran on stale local
+    state and wrote users back with counts gone (a group crashed on one, found by
+    churning workers). Clearing it right after setting it could instead lose it for
+    a waiter not yet waiting. ``_set_recovery_started`` runs before the partitions
+    to restore are resumed, so no record of the new recovery can have set it yet.
+    """
+    if getattr(recovery, "_riskgate_clears_end_signal", False):
+        return
+    started = recovery._set_recovery_started
+
+    def _started() -> None:
+        recovery.signal_recovery_end.clear()
+        started()
+
+    recovery._set_recovery_started = _started
+    recovery._riskgate_clears_end_signal = True

@@ -95,9 +95,13 @@ def test_the_last_record_needed_ends_the_recovery(restoring):
         # the highwater's record, and one after it in the same batch (tansu under-reports the end)
         restore_fetch(rg.app, tp, [_Record(9, b"k9", b"v"), _Record(10, b"k10", b"v")])
         assert await asyncio.wait_for(waiting, 1.0)  # woken
-        # ...and not left set: the next rebalance's recovery, waiting on it, found it set and
-        # "ended" with nothing read (Faust's loop clears it only after a 5 s wait)
-        assert not recovery.signal_recovery_end.is_set()
+        # a waiter that starts only now (Faust schedules its wait a pass after resuming) sees it too
+        assert await asyncio.wait_for(recovery.signal_recovery_end.wait(), 1.0)
+        # ...and the next recovery starts with it clear: left set, the next rebalance's recovery
+        # found it set and "ended" with nothing read (Faust's loop clears it only after a 5 s wait)
+        recovery._set_recovery_started()
+        assert recovery.in_recovery and not recovery.signal_recovery_end.is_set()
+        recovery._set_recovery_ended()
 
     asyncio.run(restore())
     assert not recovery.in_recovery and not rg.app.in_recovery
