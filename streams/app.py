@@ -251,8 +251,6 @@ class RiskgateApp:
     async def _on_revoked(self, app, revoked, **kwargs) -> None:
         for tp in revoked:
             self._drop_partition(tp.partition)
-            if tp.topic == self.names.partials:
-                self._drop_aggregator()
 
     def _drop_aggregator(self) -> None:
         """Forget what this worker published as the aggregator, which it may no longer be.
@@ -260,8 +258,8 @@ class RiskgateApp:
         A former owner of ``riskgate-partials`` kept exporting its last λ̂, filter_all
         and versions, and the dashboard's max over workers let a stale filter_all or
         +Inf win over the current owner's values; its ``/thresholds`` kept answering,
-        when an empty one is how the runbooks find the aggregator. Its next owner (this
-        worker again, often) sets them at its next publication.
+        when an empty one is how the runbooks find the aggregator. Called when an
+        assignment leaves this worker without the partition.
         """
         m = self.metrics
         for msg in self.latest.values():
@@ -276,6 +274,10 @@ class RiskgateApp:
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.
         keep = {tp.partition for tp in assigned if tp.topic in self.names.inputs}
+        # (here, not at the revoke: Faust revokes everything at every rebalance, and the worker
+        # that keeps riskgate-partials would have exported nothing until its next heartbeat)
+        if self.latest and not any(tp.topic == self.names.partials for tp in assigned):
+            self._drop_aggregator()
         for p in set(self.partitions) | set(self._dead):
             if p not in keep:
                 self._drop_partition(p)
@@ -725,10 +727,18 @@ class RiskgateApp:
                 continue
             part = self.partitions.get(tp.partition)
             last = part.last_offsets.get(tp.topic) if part else None
-            # (no record applied here yet: the group's committed offset, once the consumer has it)
+            # (no record applied here yet: the offset Faust committed, else the consumer's fetch
+            # position; 0 was phantom lag, nothing hid a worker stuck before its first record)
             position = last + 1 if last is not None else consumer._committed_offset.get(tp)
             if position is None and hw == 0:
                 position = 0  # an empty partition: no lag wherever this worker starts
+            if position is None and hw is not None:
+                try:
+                    position = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
+                except Exception:  # (not known yet, or the broker slow: next tick)
+                    position = None
+                if tp not in consumer.assignment() or tp not in self.app.assignor.assigned_actives():
+                    continue  # revoked while we asked
             if hw is None or position is None:
                 continue
             series = (self.names.base(tp.topic), str(tp.partition))

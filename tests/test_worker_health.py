@@ -23,10 +23,14 @@ class _Consumer:
     highwater() reads the consumer's own fetch state and raises for one it does not hold, as aiokafka's
     does. ``revoke`` is taken away while highwaters() awaits the broker."""
 
-    def __init__(self, held, ends, revoke=(), committed=None):
+    def __init__(self, held, ends, revoke=(), committed=None, positions=None):
         self.held, self.ends, self.revoke, self.asked = set(held), ends, set(revoke), []
         # the offsets Faust committed for this worker (none yet for a partition it was just given)
         self._committed_offset = {tp: 0 for tp in held} if committed is None else committed
+        self.positions = positions or {}  # the fetch positions aiokafka knows (none: it raises)
+
+    async def position(self, tp):
+        return self.positions[tp]
 
     def assignment(self):
         return set(self.held)
@@ -102,12 +106,18 @@ def test_a_series_set_for_a_partition_revoked_mid_tick_does_not_outlive_it(rg, m
     assert _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 8.0}
 
 
-def test_no_lag_is_exported_for_a_partition_whose_position_is_not_known_yet(rg, monkeypatch):
-    """Just assigned, nothing applied or committed here: end offset minus 0 was phantom lag."""
+def test_lag_of_a_partition_with_nothing_applied_or_committed_here_is_from_the_fetch_position(rg, monkeypatch):
+    """Just assigned, nothing applied or committed here: end offset minus 0 was phantom lag; exporting
+    nothing hid a worker stuck before its first record from RiskgateConsumerLagGrowing."""
     imp0, imp1 = TP(rg.names.inputs[0], 0), TP(rg.names.inputs[0], 1)
     monkeypatch.setattr(rg.app.assignor, "assigned_actives", lambda: {imp0, imp1})
-    rg.app._consumer = _Consumer(held=[imp0, imp1], ends={imp0: 7, imp1: 12451}, committed={imp0: 5, imp1: None})
+    rg.app._consumer = _Consumer(held=[imp0, imp1], ends={imp0: 7, imp1: 12451}, committed={imp0: 5, imp1: None},
+                                 positions={imp1: 12000})
     asyncio.run(rg._check_health())
+    assert rg.healthy and _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 2.0,
+                                                                   ("impressions", "1"): 451.0}
+    rg.app._consumer = _Consumer(held=[imp0, imp1], ends={imp0: 7, imp1: 12451}, committed={imp0: 5, imp1: None})
+    asyncio.run(rg._check_health())  # the position not known either: nothing rather than a guess
     assert rg.healthy and _series(rg, "riskgate_consumer_lag") == {("impressions", "0"): 2.0}
 
 
@@ -182,9 +192,13 @@ def test_a_worker_that_loses_the_aggregator_stops_exporting_what_it_published(rg
     result = GroupResult("remove", "global", 10, (0.0, 1.0), (Threshold(0.1, None, True, None),))
     rg._record(SimpleNamespace(result=result, version=3, key="remove:global", inputs_through=1.0))
     assert _series(rg, "riskgate_threshold_filter_all") == {("remove", "global", "0.1"): 1.0}
-    asyncio.run(rg._on_revoked(rg.app, [TP(rg.names.inputs[0], 0)]))  # an input partition: still the aggregator
+    partials, imp0 = TP(rg.names.partials, 0), TP(rg.names.inputs[0], 0)
+    # Faust revokes everything at every rebalance: a worker given riskgate-partials back keeps its values
+    asyncio.run(rg._on_revoked(rg.app, {partials, imp0}))
+    asyncio.run(rg._on_assigned(rg.app, {partials, imp0}))
     assert rg.latest and _series(rg, "riskgate_threshold_version") == {("remove", "global"): 3.0}
-    asyncio.run(rg._on_revoked(rg.app, [TP(rg.names.partials, 0)]))
+    asyncio.run(rg._on_revoked(rg.app, {partials, imp0}))
+    asyncio.run(rg._on_assigned(rg.app, {imp0}))  # another worker has it now
     assert rg.latest == {}
     for name in ("riskgate_threshold_filter_all", "riskgate_threshold_lambda", "riskgate_threshold_risk_at_lambda",
                  "riskgate_threshold_version", "riskgate_threshold_published_timestamp_seconds",
