@@ -153,8 +153,13 @@ class BatchConsumer(_AIOKafkaConsumer):
                     # records of a partition's topics interleave as they would one by one.
                     batch = [r for _, r in self.scheduler.iterate(fetched)]
                     for i in range(0, len(batch), max_batch):
-                        if app.consumer_generation_id != generation_id:
-                            break  # a rebalance while delivering: the new assignment seeks and re-reads
+                        if not self.flow_active or app.consumer_generation_id != generation_id:
+                            # A rebalance while delivering: the new assignment seeks and re-reads. The
+                            # generation changes only at the assignment; the flow stops at the revoke
+                            # (BatchingApp._on_partitions_revoked), whose flush must be the last of these
+                            # partitions' records here: chunks applied after it were lost (a rebuilt
+                            # engine read a local store without them, and positions moved past them).
+                            break
                         await self._deliver(on_batch, batch[i:i + max_batch], fetched, inbound)
                 for tp, recs in others:
                     restored = restore_fetch(app, tp, recs)  # a changelog partition under recovery: in bulk
@@ -239,7 +244,10 @@ class BatchingApp(faust.App):
     async def _on_partitions_revoked(self, revoked) -> None:
         # Before Faust revokes table partitions and commits: whatever the batch
         # callback holds in memory is written and acked now, so the commit
-        # that follows covers it and no record is read twice.
+        # that follows covers it and no record is read twice. The flow stops
+        # first (Faust stops it only after this), so that no chunk of a fetch is
+        # delivered after that flush (_drain_messages checks it before each).
         if self.before_revoke is not None and not self.should_stop:
+            self.consumer.stop_flow()
             await self.before_revoke()
         await super()._on_partitions_revoked(revoked)

@@ -219,3 +219,32 @@ def test_property1_is_exported_as_counters_that_recent_traffic_can_be_read_from(
     rg._export_monitors()
     assert _nonzero(rg, "riskgate_property1_repeats_total") == {("50.0",): 10.0}
     assert _nonzero(rg, "riskgate_property1_reflagged_total") == {("50.0",): 3.0}
+
+
+def test_a_revoke_stops_the_flow_before_its_flush(rg, monkeypatch):
+    """The drain loop stopped delivering a fetch's chunks only when the generation changed, at the next
+    assignment: chunks applied after the revoke's flush were lost (found by moving partitions under a
+    backlog). The flow, which the loop checks before each chunk, must stop before that flush."""
+    import faust
+
+    seen = []
+
+    class Consumer:
+        flow_active = True
+
+        def stop_flow(self):
+            self.flow_active = False
+
+    consumer = Consumer()
+    rg.app._consumer = consumer
+
+    async def flush():
+        seen.append(consumer.flow_active)
+
+    async def faust_revoke(self, revoked):
+        seen.append("faust")
+
+    rg.app.before_revoke = flush
+    monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_revoke)
+    asyncio.run(rg.app._on_partitions_revoked(set()))
+    assert seen == [False, "faust"]
