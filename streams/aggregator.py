@@ -47,6 +47,22 @@ class Aggregator:
     partitions: int | None = None
     rounds: dict[int, int | None] = field(default_factory=dict)  # partition -> round of its latest snapshot
     _waiting_since: float | None = None  # wall time due() first found the newest round incomplete
+    #: Rounds (of RECOMPUTE_INTERVAL) the newest snapshot may lag the clock before the aggregator
+    #: deems what it holds the past, not the present: see :meth:`due`.
+    STALE_ROUNDS = 3
+
+    def reset(self) -> None:
+        """Forget every snapshot and what was published: this worker no longer owns ``riskgate-partials``.
+
+        Kept, a worker that got the partition back started from what it held when
+        it lost it, and published the first complete round it read, however old
+        (n fell from 357 to 201 between two versions). Versions are durable and stay.
+        """
+        self.snapshots.clear()
+        self.through.clear()
+        self.rounds.clear()
+        self._last.clear()
+        self._waiting_since = None
 
     def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator],
                through: float | None = None, round_: int | None = None) -> None:
@@ -91,6 +107,13 @@ class Aggregator:
         some partitions is a different window (smaller ``n``, other λ̂).
         """
         if self.missing():
+            return []
+        known = [r for r in self.rounds.values() if r is not None]
+        if known and max(known) < now / self.recompute_interval - self.STALE_ROUNDS:
+            # Every snapshot is rounds old: the partition's records are being read from the past
+            # (an owner catching up after it got the partition back, or one stalled past its
+            # session), and another owner may have published newer ones already. Wait for the
+            # present rather than publish the past under a new version.
             return []
         if self.round_complete():
             self._waiting_since = None

@@ -270,13 +270,14 @@ class RiskgateApp:
                 for gauge in (m.lam, m.filter_all, m.risk_at_lambda):
                     _remove(gauge, strategy, group, str(t["alpha"]))
         self.latest = {}
+        self.aggregator.reset()
 
     async def _on_assigned(self, app, assigned, **kwargs) -> None:
         # Engines are rebuilt lazily from the tables, once their recovery is done.
         keep = {tp.partition for tp in assigned if tp.topic in self.names.inputs}
         # (here, not at the revoke: Faust revokes everything at every rebalance, and the worker
         # that keeps riskgate-partials would have exported nothing until its next heartbeat)
-        if self.latest and not any(tp.topic == self.names.partials for tp in assigned):
+        if not any(tp.topic == self.names.partials for tp in assigned):
             self._drop_aggregator()
         for p in set(self.partitions) | set(self._dead):
             if p not in keep:

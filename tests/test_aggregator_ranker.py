@@ -197,12 +197,12 @@ def test_a_round_is_published_once_every_partition_has_sent_it():
     old, new = _engine("x", 20), _engine("x", 40)
     other = _engine("y", 30)
     agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=600.0, partitions=2)
-    agg.update(0, None, None, old.calibrator.snapshot(), 100.0, 7)
-    agg.update(1, None, None, other.calibrator.snapshot(), 100.0, 7)
+    agg.update(0, None, None, old.calibrator.snapshot(), 100.0, 100)
+    agg.update(1, None, None, other.calibrator.snapshot(), 100.0, 100)
     assert agg.due(1000.0)  # round 7, complete: published
-    agg.update(0, None, None, new.calibrator.snapshot(), 110.0, 8)
+    agg.update(0, None, None, new.calibrator.snapshot(), 110.0, 101)
     assert agg.due(1010.1) == []  # partition 1's snapshot of round 8 is still on its way
-    agg.update(1, None, None, other.calibrator.snapshot(), 110.0, 8)
+    agg.update(1, None, None, other.calibrator.snapshot(), 110.0, 101)
     pubs = {p.key: p for p in agg.due(1010.3)}
     assert pubs["remove:global"].result.n == 70 and pubs["remove:global"].inputs_through == 110.0
 
@@ -210,11 +210,30 @@ def test_a_round_is_published_once_every_partition_has_sent_it():
 def test_a_partition_that_stops_reporting_delays_one_round_only():
     e0, e1 = _engine("x", 40), _engine("y", 30)
     agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=600.0, partitions=2)
-    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 7)
-    agg.update(1, None, None, e1.calibrator.snapshot(), 100.0, 7)
+    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 100)
+    agg.update(1, None, None, e1.calibrator.snapshot(), 100.0, 100)
     assert agg.due(1000.0)
-    agg.update(0, None, None, _engine("x", 20).calibrator.snapshot(), 110.0, 8)  # partition 1's worker is gone
+    agg.update(0, None, None, _engine("x", 20).calibrator.snapshot(), 110.0, 101)  # partition 1's worker is gone
     assert agg.due(1010.0) == [] and agg.due(1014.9) == []
     assert {p.key for p in agg.due(1015.0)} >= {"remove:global"}  # half an interval later: published anyway
-    agg.update(0, None, None, _engine("x", 10).calibrator.snapshot(), 120.0, 9)
+    agg.update(0, None, None, _engine("x", 10).calibrator.snapshot(), 120.0, 102)
     assert {p.key for p in agg.due(1020.0)} >= {"remove:global"}  # and from then on without waiting
+
+
+
+def test_rounds_from_the_past_are_not_published_and_a_lost_partition_forgets_its_snapshots():
+    """A worker that got riskgate-partials back published the first complete round it read, 40 s old, under
+    a new version (n fell from 357 to 201 between two versions): it started from what it held when it lost
+    the partition, and read older rounds than another owner had published meanwhile."""
+    e0, e1 = _engine("x", 40), _engine("y", 30)
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, partitions=2)
+    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 100)
+    agg.update(1, None, None, e1.calibrator.snapshot(), 100.0, 100)
+    assert agg.due(1000.5)  # round 100 at t = 1000: the present
+    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 100)
+    assert agg.due(1040.0 + 60.0) == []  # round 100 is ten rounds old at t = 1100: even past a heartbeat
+    agg.update(0, None, None, e0.calibrator.snapshot(), 100.0, 110)
+    agg.update(1, None, None, e1.calibrator.snapshot(), 100.0, 110)
+    assert agg.due(1100.5)  # the present again
+    agg.reset()  # the partition went to another worker
+    assert agg.missing() == [0, 1] and agg.due(1101.0) == []  # a fresh start: every partition again
