@@ -106,31 +106,21 @@ def _parse(raw: bytes) -> tuple[dict, str, int, float, str, list[Candidate]]:
     return body, user_id, k, alpha, strategy, cands
 
 
-def _published_alphas(book: ThresholdBook, alpha: float, strategy: str) -> list[float] | None:
-    """The α riskgate publishes for ``strategy`` when ``alpha`` is not one of them; None if it is, or none is known.
+def _published_alpha(book: ThresholdBook, alpha: float, strategy: str) -> tuple[float | None, list[float]]:
+    """The published α that ``alpha`` matches (``same_alpha``, else None), and every α published for ``strategy``.
 
     Read from the strategy's ``global`` value, which riskgate writes for every α it
     publishes. Before, an unpublished α resolved to no λ̂ and every slate was
     silently filtered. Without a ``global`` value yet (riskgate has not published)
-    the request is served fail-closed, as :meth:`ThresholdBook.resolve` does.
+    nothing is known and the request is served fail-closed, as
+    :meth:`ThresholdBook.resolve` does. The impression carries the matched α, so
+    that riskgate counts the slate's realised risk under the α it publishes
+    (0.050000000000001 was a series of its own, compared with no target).
     """
     msg = book.thresholds.get(f"{strategy}:{GLOBAL}")
     published = sorted(t["alpha"] for t in msg["thresholds"]) if msg else []
-    # (the same equality as ThresholdBook.resolve: an α it would match is never refused here)
-    if not published or any(same_alpha(a, alpha) for a in published):
-        return None
-    return published
-
-
-def _as_published(book: ThresholdBook, alpha: float, strategy: str) -> float:
-    """The published α that ``alpha`` matches (``same_alpha``), else ``alpha`` itself.
-
-    The impression carries it, so that riskgate counts the slate's realised risk
-    under the α it publishes (0.050000000000001 was a series of its own, compared
-    with no target).
-    """
-    msg = book.thresholds.get(f"{strategy}:{GLOBAL}")
-    return next((t["alpha"] for t in msg["thresholds"] if same_alpha(t["alpha"], alpha)), alpha) if msg else alpha
+    # (the same equality as ThresholdBook.resolve: an α it would match is never refused)
+    return next((a for a in published if same_alpha(a, alpha)), None), published
 
 
 def peer_urls(peers: Sequence[str], shard: Shard | None) -> list[str]:
@@ -198,18 +188,18 @@ def make_app(bootstrap: str, prefix: str = "", holdout_share: float = 0.1, shard
         if not client.ready:  # (fail closed: the book may lack this user's band and blocked tags)
             return web.json_response({"error": "not ready: still reading riskgate's outputs"}, status=503)
         # (before the shard check: every shard holds every risk-thresholds value, so none is forwarded for this)
-        published = _published_alphas(client.book, alpha, strategy)
-        if published is not None:
+        matched, published = _published_alpha(client.book, alpha, strategy)
+        if published and matched is None:
             return web.json_response({"error": f"alpha {alpha} is not published for strategy {strategy!r}: "
                                                f"riskgate publishes {', '.join(map(str, published))}",
                                       "alphas": published}, status=400)
+        alpha = alpha if matched is None else matched
         if not client.owns(user_id):
             owner = client.shard_of(user_id)
             if peers and FORWARDED not in request.headers:  # (once: two shards that disagree do not loop)
                 return await forward(request_body, owner)
             return web.json_response({"error": f"user {user_id!r} belongs to shard {owner}, "
                                                f"this is shard {client.shard}", "shard": owner}, status=421)
-        alpha = _as_published(client.book, alpha, strategy)
         slate_id = str(body.get("slate_id") or uuid.uuid4())
         holdout = in_holdout(slate_id, holdout_share)
         if holdout:
