@@ -691,17 +691,21 @@ class RiskgateApp:
                                 **self._basis, "thresholds": [t.to_dict() for t in r.thresholds]}
 
     # -- health and lag -------------------------------------------------------
+    def _held_inputs(self) -> set:
+        """Input partitions this worker holds now: the assignor's, once aiokafka has them too.
+
+        During a rebalance the assignor's new ones are not assigned in aiokafka yet, and
+        highwater() of one raised AssertionError, outside any handler: the worker crashed
+        on a second worker's join (found by scaling a group up).
+        """
+        tps = {tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs}
+        return tps & self.app.consumer.assignment() if tps else tps
+
     async def _check_health(self) -> None:
         # (set aside on reading: when rebuilding an assigned partition, or on a user's next event)
         self.metrics.unreadable_users.set(sum(len(part.users.unreadable) for part in self.partitions.values()))
         consumer = self.app.consumer
-        # Only partitions the consumer holds: the assignor's new ones during a rebalance are not
-        # assigned in aiokafka yet, and highwater() of one raised AssertionError, outside any
-        # handler: the worker crashed on a second worker's join (found by scaling a group up).
-        tps = [tp for tp in self.app.assignor.assigned_actives() if tp.topic in self.names.inputs]
-        if tps:
-            held = consumer.assignment()
-            tps = [tp for tp in tps if tp in held]
+        tps = self._held_inputs()
         try:
             # A round trip to the broker: fails (or times out) while it is unreachable.
             if tps:
@@ -713,18 +717,18 @@ class RiskgateApp:
         # A rebalance may have taken partitions during the await: a series set for one after its
         # revoke (which removed it) stayed, frozen, for good (seen: 12,451 records of phantom lag
         # beside the new owner's 0, holding RiskgateConsumerLagGrowing's threshold up).
-        if tps:
-            held = consumer.assignment()
-            actives = set(self.app.assignor.assigned_actives())
+        held = self._held_inputs()
         exported: set[tuple[str, str]] = set()
         for tp in tps:
-            if tp not in held or tp not in actives:
+            if tp not in held:
                 continue
             # Lag from the high watermark of the last fetch response: some brokers
             # (tansu) answer ListOffsets with stale numbers, fetches are exact.
             try:
                 hw = consumer.highwater(tp)
             except AssertionError:  # (revoked during the await above)
+                continue
+            if hw is None:
                 continue
             part = self.partitions.get(tp.partition)
             last = part.last_offsets.get(tp.topic) if part else None
@@ -733,15 +737,13 @@ class RiskgateApp:
             position = last + 1 if last is not None else consumer._committed_offset.get(tp)
             if position is None and hw == 0:
                 position = 0  # an empty partition: no lag wherever this worker starts
-            if position is None and hw is not None:
+            if position is None:
                 try:
                     position = await asyncio.wait_for(consumer.position(tp), timeout=1.0)
                 except Exception:  # (not known yet, or the broker slow: next tick)
                     position = None
-                if tp not in consumer.assignment() or tp not in self.app.assignor.assigned_actives():
-                    continue  # revoked while we asked
-            if hw is None or position is None:
-                continue
+                if position is None or tp not in self._held_inputs():
+                    continue  # (revoked while we asked)
             series = (self.names.base(tp.topic), str(tp.partition))
             self.metrics.lag.labels(*series).set(max(0, hw - position))
             exported.add(series)
