@@ -77,8 +77,12 @@ class Aggregator:
         after the first would give λ̂ over some partitions' previous round, and
         the rest of the round could only be published a round later.
         """
-        known = [r for r in self.rounds.values() if r is not None]
+        known = self._known_rounds()
         return not known or min(known) == max(known)
+
+    def _known_rounds(self) -> list[int]:
+        """The rounds of the partitions' latest snapshots, where they carry one."""
+        return [r for r in self.rounds.values() if r is not None]
 
     def inputs_through(self) -> float | None:
         """Every partition had applied its inputs produced up to this time (None if one has none)."""
@@ -108,7 +112,7 @@ class Aggregator:
         """
         if self.missing():
             return []
-        known = [r for r in self.rounds.values() if r is not None]
+        known = self._known_rounds()
         if known and max(known) < now / self.recompute_interval - self.STALE_ROUNDS:
             # Every snapshot is rounds old: the partition's records are being read from the past
             # (an owner catching up after it got the partition back, or one stalled past its
