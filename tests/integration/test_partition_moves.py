@@ -11,7 +11,8 @@ users' positions past records that were then lost for good (six users lost
 The scenario: users' histories applied by one worker; then a backlog of one
 flag per item each user saw, read in chunks of 20 with flushes every 50 ms,
 while a second and a third worker join, the second stops (SIGTERM) and the
-third is killed (SIGKILL), and the second comes back. Every flag must be
+third is killed (SIGKILL), each right after a further part of the backlog is
+produced, and the second comes back. Every flag must be
 applied once: each user's ``flagged`` is the number of items it saw, and no
 safe pool is left.
 """
@@ -73,21 +74,25 @@ def test_no_flag_is_lost_when_partitions_move_under_a_backlog(kafka_bootstrap, t
         def applied() -> float:
             return w1.metric("riskgate_records_applied_total") - base
 
-        ends = send_events(kafka_bootstrap, prefix, flags)
-        wait_for(lambda: applied() >= len(flags) * 0.1, 120, interval=0.05, what="a tenth of the flags applied")
+        # The backlog in three parts: the first read while the second and third workers join, each
+        # of the others produced right before a stop, so that every stop lands while it is read.
+        first, second = int(len(flags) * 0.4), int(len(flags) * 0.7)
+        ends = send_events(kafka_bootstrap, prefix, flags[:first])
+        wait_for(lambda: applied() >= first * 0.1, 120, interval=0.05, what="a tenth of the flags applied")
         w2 = start("w2")
         wait_for(lambda: _partitions(w2), 90, interval=0.1, what="the second worker to hold partitions")
         w3 = start("w3")
         wait_for(lambda: _partitions(w3), 90, interval=0.1, what="the third worker to hold partitions")
-        # Each stop lands while the backlog is still being read: the group commits more of it first.
-        def committed() -> int:
-            return sum(v or 0 for v in committed_offsets(kafka_bootstrap, app_id, ends).values())
 
-        total = sum(ends.values())
-        for stop in (lambda: w2.stop(signal.SIGTERM), w3.kill):
-            mark = committed()
-            assert mark < total, "the backlog was read before the partitions moved: nothing tested"
-            wait_for(lambda: committed() > mark, 60, interval=0.1, what="the group to read on")
+        def committed(part_ends) -> int:
+            return sum(v or 0 for v in committed_offsets(kafka_bootstrap, app_id, part_ends).values())
+
+        for part, stop in ((flags[first:second], lambda: w2.stop(signal.SIGTERM)), (flags[second:], w3.kill)):
+            part_ends = send_events(kafka_bootstrap, prefix, part)
+            ends = {tp: max(end, ends.get(tp, 0)) for tp, end in {**ends, **part_ends}.items()}
+            mark = committed(part_ends)
+            assert mark < sum(part_ends.values()), "the backlog was read before the partitions moved: nothing tested"
+            wait_for(lambda: committed(part_ends) > mark, 60, interval=0.1, what="the group to read on")
             stop()
         w2b = start("w2")
         wait_for(lambda: _partitions(w2b), 90, interval=0.1, what="the second worker back")
