@@ -10,8 +10,11 @@ result changed is published once per round of snapshots (at most every half
 multiples of it), once the round is complete: every partition has sent its
 snapshot of the newest round, or half an interval has passed since the
 partitions' rounds diverged (a worker that is gone delays one round, no more).
-Every key is published at least once per ``heartbeat``. Versions come from a
-durable mapping (a Faust table), so they keep growing across restarts.
+Every key is published at least once per ``heartbeat``. A version is the
+publication's wall time in milliseconds, or one more than the key's last
+version (kept in a durable mapping, a Faust table) when the clock is behind it:
+versions grow strictly across restarts and owners, and an owner working from
+a stale table still publishes above what the others published.
 """
 
 from __future__ import annotations
@@ -142,7 +145,13 @@ class Aggregator:
                 # Half an interval: once per round of (aligned) snapshots, never a round late.
                 publish = (changed and now - last[1] >= self.recompute_interval / 2) or now - last[1] >= self.heartbeat
             if publish:
-                version = int(self.versions.get(key, 0)) + 1
+                # The publication's wall time in ms, or one past the last version when the clock is
+                # behind it: strictly growing across restarts and owners, like a counter, and a
+                # worker that publishes from a stale table (stalled past its session, then reading
+                # fresh snapshots before it learns it lost the partition) publishes under the
+                # present's version, not its table's, so rankers do not ignore the next owner's
+                # values for as many rounds as it missed: only for the two clocks' skew.
+                version = max(int(self.versions.get(key, 0)) + 1, int(now * 1000))
                 self.versions[key] = version
                 self._last[key] = (fingerprint, now)
                 out.append(Publication(key, version, r, through))

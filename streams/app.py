@@ -870,8 +870,8 @@ class _IntTable:
         try:
             return int(raw)
         except ValueError:
-            # Versions only grow (rankers drop a version older than theirs): restart above any
-            # counter, from the clock in ms; the next publication writes it back.
+            # Versions only grow (rankers drop a version older than theirs): go on from the clock
+            # in ms, as versions follow it anyway; the next publication writes it back.
             version = int(time.time() * 1000)
             log.error("threshold version of %s unreadable (%r); going on from %d", key, raw[:40], version)
             return version

@@ -140,7 +140,7 @@ def test_publish_rule_interval_heartbeat_and_growing_versions():
     e = _engine("x", 40)
     agg.update(0, e.watermark, None, e.calibrator.snapshot())
     first = {p.key: p.version for p in agg.due(1000.0)}
-    assert first["remove:global"] == 42 and first["replace:band:low"] == 1  # continues a stored version
+    assert first["remove:global"] == first["replace:band:low"] == 1_000_000  # the wall time in ms
     assert agg.due(1001.0) == []  # nothing changed
     agg.update(1, None, None, _engine("y", 30).calibrator.snapshot())
     assert agg.due(1004.0) == []  # changed, but within half a recompute_interval (the same round)
@@ -148,7 +148,38 @@ def test_publish_rule_interval_heartbeat_and_growing_versions():
     assert "remove:global" in changed
     beat = agg.due(1071.0)
     assert {p.key for p in beat} == {f"{s}:{g}" for s in CFG.strategies for g in ("global", "band:low", "band:high")}
-    assert versions["remove:global"] == 44
+    assert versions["remove:global"] == 1_071_000
+
+
+def test_versions_grow_strictly_past_a_stored_version_ahead_of_the_clock():
+    versions = {"remove:global": 5_000_000}  # written by an owner whose clock ran ahead, or by a restart
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, versions=versions)
+    agg.update(0, None, None, _engine("x", 40).calibrator.snapshot())
+    assert {p.key: p.version for p in agg.due(1000.0)}["remove:global"] == 5_000_001
+    assert {p.key: p.version for p in agg.due(1060.0)}["remove:global"] == 5_000_002
+    assert {p.key: p.version for p in agg.due(6000.0)}["remove:global"] == 6_000_000  # the clock passed it
+
+
+def test_an_owner_with_a_stale_versions_table_still_publishes_above_the_other_owner():
+    """A worker stalled past its session timeout keeps the versions it held then; on waking it may
+    read fresh snapshots and publish before it learns the partition moved. Under counters its
+    versions were below the new owner's, so rankers ignored the new owner's values until the
+    counters passed them again (seen once in an audit). With the wall time they are not."""
+    stale = {"remove:global": 3}  # what the stalled worker's table held
+    owner = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, versions={"remove:global": 3})
+    zombie = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, versions=stale)
+    held = 0  # the version a ranker holds: it drops anything not above it
+    for i in range(30):  # the new owner publishes every heartbeat during the stall
+        owner.update(0, None, None, _engine("x", 40 + i).calibrator.snapshot())
+        pubs = {p.key: p.version for p in owner.due(1000.0 + 60 * i)}
+        assert pubs["remove:global"] > held
+        held = pubs["remove:global"]
+    zombie.update(0, None, None, _engine("x", 70).calibrator.snapshot())
+    woke = {p.key: p.version for p in zombie.due(1000.0 + 60 * 30)}["remove:global"]
+    assert woke > held  # the ranker takes the value it computed from fresh snapshots
+    owner.versions["remove:global"] = woke  # it wrote its version back to the shared table's changelog
+    owner.update(0, None, None, _engine("x", 71).calibrator.snapshot())
+    assert {p.key: p.version for p in owner.due(1000.0 + 60 * 31)}["remove:global"] > woke
 
 
 def test_nothing_is_published_until_every_partition_has_reported():
@@ -158,7 +189,7 @@ def test_nothing_is_published_until_every_partition_has_reported():
     assert agg.due(1000.0) == [] and agg.due(2000.0) == []  # even past a heartbeat: half a window is not one
     agg.update(0, e1.watermark, e1.calibrator.span(), e1.calibrator.snapshot())
     pubs = {p.key: p for p in agg.due(2001.0)}
-    assert pubs["remove:global"].result.n == 70 and all(p.version == 1 for p in pubs.values())
+    assert pubs["remove:global"].result.n == 70 and all(p.version == 2_001_000 for p in pubs.values())
 
 
 def test_ranker_resolves_user_then_band_then_global_and_fails_closed():
