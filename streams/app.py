@@ -45,7 +45,7 @@ from .aggregator import Aggregator
 from .batch_send import send_records
 from .consumer import BatchingApp, MessageContext
 from .metrics import Metrics
-from .schemas import InvalidEvent, dead_letter, decode_event
+from .schemas import INPUT_REASONS, InvalidEvent, dead_letter, decode_event
 from .settings import Settings
 from .state import TableErased, TableUsers, UnreadableUser, phase
 from .topics import (DLQ_MAX_BYTES, INPUT_TOPICS, PARTIALS_CONFIG, InvalidSnapshot, Topics, decode_snapshot,
@@ -175,6 +175,10 @@ class RiskgateApp:
         self.names = names = Topics(s.topic_prefix)
         self._base_names = {t: names.base(t) for t in names.inputs}  # input topic -> its SPEC name
         self.inputs = app.topic(*names.inputs, partitions=s.topic_partitions, **raw)
+        for topic in self._base_names.values():  # (at 0: see realised_slates above)
+            self.metrics.events.labels(_KIND[topic], "invalid")
+            for reason in INPUT_REASONS:
+                self.metrics.dlq.labels(topic, reason)
         # Compacted like safe-pools: one latest value per strategy:group, which a ranker reads
         # from the beginning; tombstones (a forgotten user's, an ended user λ̂) then erase the key.
         self.thresholds_topic = app.topic(names.thresholds, partitions=1, compacting=True, **raw)

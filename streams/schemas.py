@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from calibration import events as core
 
-__all__ = ["InvalidEvent", "decode", "decode_event", "fast_decode", "dead_letter", "MODELS", "MAX_BYTES"]
+__all__ = ["InvalidEvent", "INPUT_REASONS", "decode", "decode_event", "fast_decode", "dead_letter", "MODELS", "MAX_BYTES"]
 
 #: Largest value accepted, in bytes (a 200-item slate with tags is ~40 kB).
 MAX_BYTES = 1_000_000
@@ -144,6 +144,14 @@ MODELS: dict[str, type[_Event]] = {
     "constraints": Constraints,
     "forget": Forget,
 }
+
+
+#: Every ``code`` a dead letter of an input record can carry: :func:`decode`'s, and the worker's own
+#: (``future_ts``: beyond RISKGATE_MAX_FUTURE_SKEW; ``unreadable_state``: the user's state cannot be
+#: read or broke while applied; ``internal``: validation itself raised). The worker exports its
+#: dead-letter counter at 0 for each, per input topic, so that the first letter of a reason shows.
+INPUT_REASONS = ("bad_json", "not_object", "schema", "key_mismatch", "too_large", "future_ts",
+                 "unreadable_state", "internal")
 
 
 class InvalidEvent(ValueError):

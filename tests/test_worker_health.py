@@ -15,6 +15,7 @@ from faust.types import TP
 
 from calibration.engine import PROPERTY1_BETAS
 from streams.app import RiskgateApp
+from streams.schemas import INPUT_REASONS
 from streams.settings import load_settings
 
 
@@ -170,6 +171,11 @@ def test_counters_whose_first_increment_matters_are_exported_at_zero_from_the_st
     alphas = {(str(a),) for a in rg.config.alphas}
     assert {k: v for k, v in _series(rg, "riskgate_realised_slates_total").items()} == dict.fromkeys(alphas, 0.0)
     assert {k: v for k, v in _series(rg, "riskgate_realised_risk_sum_total").items()} == dict.fromkeys(alphas, 0.0)
+    inputs = ("impressions", "watch", "flags", "constraints", "forget")
+    assert {k for k, v in _series(rg, "riskgate_dlq_total").items() if v == 0} == {
+        (t, r) for t in inputs for r in INPUT_REASONS}  # the first dead letter of a reason shows in rate()
+    assert {k for k, v in _series(rg, "riskgate_events_total").items() if v == 0} >= {
+        (kind, "invalid") for kind in ("impression", "watch", "flag", "constraints", "forget")}
     client = SimpleNamespace(book=ThresholdBook(), healthy=True, ready=True, lag=dict)
     ranker = RankerMetrics(client)
 
@@ -248,3 +254,19 @@ def test_a_revoke_stops_the_flow_before_its_flush(rg, monkeypatch):
     monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_revoke)
     asyncio.run(rg.app._on_partitions_revoked(set()))
     assert seen == [False, "faust"]
+
+
+def test_every_dead_letter_code_of_an_input_record_is_exported_from_the_start():
+    """The counter is made at 0 for INPUT_REASONS only: a code added without it would be invisible to
+    rate() at its first letter. (unknown_topic cannot happen to a subscribed input; bad_snapshot is
+    riskgate-partials'.)"""
+    import re
+    from pathlib import Path
+
+    import streams
+
+    codes = set()
+    for path in Path(streams.__file__).parent.glob("*.py"):
+        codes.update(re.findall(r'InvalidEvent\(\s*"(\w+)"', path.read_text()))
+    assert "schema" in INPUT_REASONS and len(codes) > 5
+    assert codes - {"unknown_topic", "bad_snapshot"} <= set(INPUT_REASONS), codes - set(INPUT_REASONS)
