@@ -136,6 +136,7 @@ class RiskgateApp:
         self._flushed_at = time.monotonic()
         self._first_batch_at: float | None = None
         self._waiting_logged_at = float("-inf")  # when the aggregator last said what it waits for
+        self._fenced_logged_at = float("-inf")  # when a write skipped on a stale lease was last logged
         self.app = app = BatchingApp(
             s.app_id,
             broker=s.broker,
@@ -205,6 +206,7 @@ class RiskgateApp:
         app.batch_max = s.batch_max
         app.on_batch = self._on_batch
         app.before_revoke = self._flush_and_sync
+        app.on_lost = self._on_lost
         app.on_fetch = self._on_fetch
         app.on_restore = self._on_restore
         app.timer(s.flush_interval, name="riskgate.flush")(self._flush_timer)
@@ -426,9 +428,37 @@ class RiskgateApp:
         """Before a revoke or stop: flush, and bring every local store up to its changelog."""
         await self._flush_all(sync=True)
 
+    def _may_write(self, what: str) -> bool:
+        """Whether this worker's lease on the group is fresh (:mod:`streams.membership`); else counts ``what`` as fenced.
+
+        A worker stalled past its session wrote its stale users after the new owner's
+        records, and the next restore of those users lost what the new owner applied.
+        """
+        lease = self.app.lease
+        if lease.fresh():
+            return True
+        self.metrics.fenced.labels(what).inc()
+        if time.monotonic() - self._fenced_logged_at >= 10:
+            self._fenced_logged_at = time.monotonic()
+            log.warning("%s skipped: no heartbeat answered for %.1f s (half the session timeout is %.1f s); this "
+                        "worker's partitions may be another's until the group answers", what, lease.age(), lease.term)
+        return False
+
+    async def _on_lost(self) -> None:
+        """The group moved this worker's partitions while it could not write (a stall past its session):
+        drop what it holds of them unflushed. Their next owner re-reads those records from the committed offsets."""
+        self.metrics.fenced.labels("lost").inc()
+        async with self._flush_lock:  # after a flush in progress, which began on a fresh lease
+            for p in set(self.partitions) | set(self._dead):
+                self._drop_partition(p)
+            self._unflushed = 0
+        self._drop_aggregator()
+
     async def _flush_all(self, sync: bool = False) -> None:
         """Flush every partition with unacked records (see :meth:`_flush`); ``sync``: and sync every local store."""
         async with self._flush_lock:  # the timer and the batch callback both flush
+            if not self._may_write("flush"):
+                return  # (kept unacked: written at the next flush on a fresh lease, or dropped when lost)
             t0 = time.perf_counter()
             for p, part in list(self.partitions.items()):
                 if self._due(part) or (sync and part.deferred):
@@ -632,7 +662,7 @@ class RiskgateApp:
         # During a rebalance the tables are still being restored: an engine built
         # now would rebuild its window from part of the changelog, and stay
         # cached with it after the recovery ends (a wrong, small window).
-        if self.app.rebalancing:
+        if self.app.rebalancing or not self._may_write("snapshot"):
             return
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == self.names.inputs[0]:
@@ -662,7 +692,7 @@ class RiskgateApp:
                 self.aggregator.update(*snapshot)
             _in_event_of(events[-1])  # version table writes
             t0 = time.perf_counter()
-            pubs = self.aggregator.due(time.time())
+            pubs = self.aggregator.due(time.time()) if self._may_write("publish") else []
             missing = self.aggregator.missing()
             if missing and time.monotonic() - self._waiting_logged_at >= s.heartbeat:
                 self._waiting_logged_at = time.monotonic()

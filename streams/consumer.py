@@ -42,6 +42,7 @@ from faust.transport.drivers.aiokafka import Consumer as _AIOKafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as _AIOKafkaTransport
 from faust.types.tuples import ack_lock
 
+from .membership import GroupLease, membership_lost
 from .restore import restore_fetch
 
 __all__ = ["BatchingApp", "BatchConsumer", "BatchTransport", "MessageContext"]
@@ -218,6 +219,24 @@ class BatchingApp(faust.App):
     on_fetch: Callable[[float, bool], None] | None = None
     #: Called after a fetch of a changelog partition was restored in bulk (streams.restore): (tp, records written).
     on_restore: Callable[[object, int], None] | None = None
+    #: Awaited instead of :attr:`before_revoke` when the partitions were lost rather than revoked (the
+    #: broker had dropped this member, or its lease ran out): drop, without writing, what is unflushed.
+    on_lost: Callable[[], Awaitable[None]] | None = None
+    _lease: GroupLease | None = None
+
+    @property
+    def lease(self) -> GroupLease:
+        """This worker's lease on the group (:mod:`streams.membership`): write only while it is fresh."""
+        if self._lease is None:
+            self._lease = GroupLease(self.conf.broker_session_timeout)
+        return self._lease
+
+    def group_coordinator(self):
+        """aiokafka's group coordinator of the running consumer, None before it runs."""
+        try:
+            return self.consumer._thread._ensure_consumer()._coordinator
+        except Exception:  # not started, or stopped
+            return None
 
     def _new_transport(self):
         url = self.conf.broker_consumer[0]
@@ -233,11 +252,19 @@ class BatchingApp(faust.App):
         # Faust stops the consumer and flushes the producer.
         flushed = True
         if self.before_revoke is not None:
-            try:
-                await self.before_revoke()
-            except Exception:  # the broker may be gone: those records are re-read after a restart
-                self.log.exception("could not flush before stopping")
+            if not self.lease.fresh():
+                # Partitions this worker may no longer own: its writes could land after the new
+                # owner's. Not flushed, so not a clean stop: the next start restores from the changelogs.
+                self.log.warning("not flushed before stopping: no heartbeat answered for %.1f s (half the session "
+                                 "timeout is %.1f s), so the partitions may be another worker's",
+                                 self.lease.age(), self.lease.term)
                 flushed = False
+            else:
+                try:
+                    await self.before_revoke()
+                except Exception:  # the broker may be gone: those records are re-read after a restart
+                    self.log.exception("could not flush before stopping")
+                    flushed = False
         await super().on_stop()
         self.stopped_cleanly = flushed
 
@@ -249,5 +276,25 @@ class BatchingApp(faust.App):
         # delivered after that flush (_drain_messages checks it before each).
         if self.before_revoke is not None and not self.should_stop:
             self.consumer.stop_flow()
-            await self.before_revoke()
+            lost = membership_lost(self.group_coordinator())
+            if revoked and (lost or not self.lease.fresh()):
+                # The broker dropped this member (a stall past the session timeout), or may have:
+                # another worker owns these partitions and went on from their committed offsets.
+                # What is unflushed here is dropped, not written after that worker's records.
+                self.log.warning("partitions %s: what was not flushed is dropped (no heartbeat answered for %.1f s; "
+                                 "the broker %s this member)", "lost" if lost else "maybe lost",
+                                 self.lease.age(), "no longer knows" if lost else "may have dropped")
+                if self.on_lost is not None:
+                    await self.on_lost()
+            else:
+                await self.before_revoke()
         await super()._on_partitions_revoked(revoked)
+
+    async def _on_partitions_assigned(self, assigned, generation_id: int = 0) -> None:
+        # An assignment proves membership; from here each answered heartbeat renews the lease.
+        self.lease.renew()
+        coordinator = self.group_coordinator()
+        if coordinator is None:
+            self.log.error("no group coordinator to watch: writes of a worker stalled past its session are not fenced")
+        self.lease.watch(coordinator)
+        await super()._on_partitions_assigned(assigned, generation_id)

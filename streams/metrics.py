@@ -100,6 +100,12 @@ class Metrics:
                                      "applying its latest input batch.", registry=r)
         self.flush = Histogram("riskgate_flush_seconds", "Time to write changed users and ack their records.",
                                registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.fenced = Counter("riskgate_writes_fenced", "Flushes, snapshot rounds and publications skipped, and "
+                              "revokes whose unflushed state was dropped, because this worker could not show it "
+                              "still belonged to its group (no heartbeat answered for half the session timeout), "
+                              "by what (flush, snapshot, publish, lost).", ["what"], registry=r)
+        for what in ("flush", "snapshot", "publish", "lost"):
+            self.fenced.labels(what)  # (at 0: rate() cannot see a series' first sample)
         self.changelog_records = Counter("riskgate_changelog_records", "Records (changes and tombstones) this "
                                          "worker sent to the users table's changelog.", registry=r)
         self.changelog_bytes = Counter("riskgate_changelog_bytes", "Bytes of keys and values in those records "

@@ -1,0 +1,125 @@
+"""Whether this worker may still write for its partitions: its lease on the consumer group.
+
+A worker stalled longer than its session timeout (a paused VM, SIGSTOP, a
+node frozen under memory pressure) is removed from the group by the broker;
+another worker takes its partitions, restores their users from the changelog
+and goes on from the committed offsets. When the stalled worker wakes it
+still holds users it applied before the stall and never flushed. Kafka fences
+its offset *commits* (its generation is gone) but not its writes to the
+changelogs. Flushed after the new owner's records, they became the changelog's
+last record of each user, and the next restore of those users lost everything
+the new owner had applied since: in ``tests/integration/test_stalled_worker.py``,
+51 of 133 users lost half their flags, in 3 of 4 runs.
+
+Kafka transactions would fence those writes; tansu has none, and riskgate
+does not depend on them. Instead a worker writes only while it holds a lease:
+
+* **The lease** is renewed by every heartbeat the group coordinator answers,
+  from the moment that heartbeat was *sent* (the broker counts the session
+  from when it got it, which is later), and by each assignment. It is fresh
+  for half the session timeout: with the worker's 1 s heartbeats it is
+  normally under 1 s old, and a flush that starts on a fresh lease has at
+  least half a session to get its records out before the broker could give
+  the partitions away. A flush, a snapshot or a publication on a stale lease
+  is skipped: nothing is lost, since nothing of it was acked.
+* **A loss** is a revoke after the coordinator reset this member's
+  generation (the broker answered that it no longer knows the member). The
+  partitions were someone else's already: what the worker holds of them is
+  dropped, not flushed.
+
+What is left unfenced: records already queued in the producer when the stall
+began, sent after it (a stall in the middle of a flush). Closing that needs
+transactions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+__all__ = ["GroupLease", "membership_lost"]
+
+#: aiokafka's generation and member id after the coordinator reset them (OffsetCommitRequest.DEFAULT_GENERATION_ID,
+#: JoinGroupRequest.UNKNOWN_MEMBER_ID): the broker no longer knows this member, or it never joined.
+_NO_GENERATION = -1
+_NO_MEMBER = ""
+
+
+def membership_lost(coordinator) -> bool:
+    """Whether the group coordinator ``coordinator`` (aiokafka's) holds no membership: reset, or never joined.
+
+    None (no coordinator to ask) is not a loss: the lease still decides.
+    """
+    if coordinator is None:
+        return False
+    return coordinator.generation == _NO_GENERATION or coordinator.member_id == _NO_MEMBER
+
+
+class GroupLease:
+    """The time up to which this worker may assume it still owns its partitions (see the module docstring).
+
+    It binds once it watches a coordinator (at the first assignment): before
+    that the worker holds no partition, and a process that never joins a group
+    (the benches, the unit tests) has nothing to fence.
+
+    Examples
+    --------
+    >>> class Coordinator:
+    ...     async def _do_heartbeat(self):
+    ...         return True
+    >>> now = [100.0]
+    >>> lease = GroupLease(session_timeout=6.0, clock=lambda: now[0])
+    >>> lease.fresh()  # in no group yet
+    True
+    >>> lease.watch(Coordinator()); lease.renew(100.0)
+    >>> now[0] = 102.9; lease.fresh()
+    True
+    >>> now[0] = 103.0; lease.fresh(), round(lease.age(), 1)
+    (False, 3.0)
+    """
+
+    def __init__(self, session_timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.session_timeout = float(session_timeout)
+        self.clock = clock
+        self.renewed_at = float("-inf")  # clock time of the newest proof of membership
+        self._watched: object | None = None  # the coordinator whose heartbeats renew it
+
+    @property
+    def term(self) -> float:
+        """How long a renewal keeps the lease fresh: half the session timeout."""
+        return self.session_timeout / 2
+
+    def renew(self, at: float | None = None) -> None:
+        """Membership was proven at clock time ``at`` (now when None); renewals never move it back."""
+        at = self.clock() if at is None else at
+        if at > self.renewed_at:
+            self.renewed_at = at
+
+    def age(self) -> float:
+        """Seconds since the newest renewal (inf before any)."""
+        return self.clock() - self.renewed_at
+
+    def fresh(self) -> bool:
+        """Whether the worker may write: renewed less than :attr:`term` ago, or in no group yet."""
+        return self._watched is None or self.age() < self.term
+
+    def watch(self, coordinator) -> None:
+        """Renew the lease from every heartbeat ``coordinator`` (aiokafka's GroupCoordinator) gets answered.
+
+        Wraps the instance's ``_do_heartbeat`` (the heartbeat routine looks it up at
+        each beat, in the consumer's thread); once per coordinator.
+        """
+        if coordinator is None or coordinator is self._watched:
+            return
+        beat = coordinator._do_heartbeat
+        clock = self.clock
+
+        async def _do_heartbeat():
+            sent = clock()
+            ok = await beat()
+            if ok:
+                self.renew(sent)
+            return ok
+
+        coordinator._do_heartbeat = _do_heartbeat
+        self._watched = coordinator
