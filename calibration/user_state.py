@@ -3,8 +3,10 @@
 The Faust agents and the offline replay both drive a :class:`UserState` with the
 same calls, so a replay of an event file computes what the live stream does.
 
-State, all bounded: the viewing history (``history_max`` most recent items;
-flagged items are evicted last), tag rules from ``constraints``, reporting
+State, all bounded: the viewing history (the ``history_max`` most recent items
+no pending slate needs, plus those it needs, plus ~10 % between trims; flagged
+items are evicted last), tag rules from ``constraints`` (one per tag ever named:
+bounded by the platform's tags, not by riskgate), reporting
 counts (items shown, distinct items flagged), pending holdout and
 policy-applied slates awaiting maturity (``pending_max``), the user's own recent
 mature holdout slates for the ``user:<id>`` group (``user_window_max``), and
@@ -359,11 +361,18 @@ class UserState:
         first flag is after ``t`` (flagged entries are evicted last, so their
         entries are there). Exact for any ``t`` a pending slate can have.
         """
-        shown = self.shown
-        for p in reversed(self.pending):  # (in ts order)
-            if p.ts <= t:
+        pending_items = self._pending_items
+        if pending_items is None:
+            pending_items = self._pending_items = sum(len(p.item_ids) for p in self.pending)
+        # All pending items but those of slates at or before t, summed from the oldest (pending is in
+        # ts order): maturity asks for the oldest ts, and walking back from the newest slate took the
+        # whole list at each maturity, O(pending²) over a label window for a heavy user.
+        at_or_before = 0
+        for p in self.pending:
+            if p.ts > t:
                 break
-            shown -= len(p.item_ids)
+            at_or_before += len(p.item_ids)
+        shown = self.shown - (pending_items - at_or_before)
         for ts, n in self.shown_log:
             if ts > t:
                 shown -= n
@@ -549,27 +558,31 @@ class UserState:
             self._pending_items += len(p.item_ids)
 
     def _trim(self, limits: Limits) -> None:
-        # Trim in steps of ~10%: sorting the history on every event past the cap
-        # cost more than all other per-event work together. Items of pending slates
-        # are never evicted (their labels need them), so they do not count against
-        # the cap: otherwise a user with more pending items than the cap re-sorted
-        # the whole history on every event and evicted nothing.
+        # Trim in steps of ~10% of what is held: sorting the history on every event past
+        # the cap cost more than all other per-event work together. Items of pending slates
+        # are never evicted (their labels need them), so they do not count against the
+        # cap: otherwise a user with more pending items than the cap re-sorted the whole
+        # history on every event and evicted nothing. The step grows with them too: a user
+        # with thousands of pending items (an impression every few seconds over a label
+        # window) re-sorted its whole history every few maturities, 0.2-3 ms an event.
         pending_items = self._pending_items
         if pending_items is None:
             pending_items = self._pending_items = sum(len(p.item_ids) for p in self.pending)
-        if len(self.history) > limits.history_max + max(1, limits.history_max // 10) + pending_items:
+        held = limits.history_max + pending_items
+        if len(self.history) > held + max(1, held // 10):
             keep_pending = {i for p in self.pending for i in p.item_ids}
-            for item in trim_history(self.history, limits.history_max):
-                if item not in keep_pending:  # labels of pending slates need their items
-                    old = self.history.pop(item)
-                    if old.flagged:
-                        self._flag_times_cache = None
-                    self._entry_changed(old, None)
-                    if self.touched is not None:
-                        self.touched.add(item)
-                        # A watch of an evicted item, replayed, would bring it back: the core
-                        # (with the positions of every watch applied so far) goes with the eviction.
-                        self.touched.add(CORE)
+            # the cap applies to the rest: the history_max most recent entries not pending stay
+            rest = {k: e for k, e in self.history.items() if k not in keep_pending} if keep_pending else self.history
+            for item in trim_history(rest, limits.history_max):
+                old = self.history.pop(item)
+                if old.flagged:
+                    self._flag_times_cache = None
+                self._entry_changed(old, None)
+                if self.touched is not None:
+                    self.touched.add(item)
+                    # A watch of an evicted item, replayed, would bring it back: the core
+                    # (with the positions of every watch applied so far) goes with the eviction.
+                    self.touched.add(CORE)
 
     def bump_version(self) -> int:
         """Next version of this user's own published thresholds."""
