@@ -248,21 +248,32 @@ class Monitors:
     served_items: int = 0
     violations: int = 0
     alphas: tuple[float, ...] = ()  # the configured α: what a slate's α is reported as (see alpha_key)
+    unmatched_alphas: set = field(default_factory=set)  # other α counted under their own key (see alpha_key)
 
     def alpha_key(self, alpha: float | None) -> float | str:
         """The α a policy-applied slate's realised risk is counted under (compared with that target).
 
         An α within 1e-12 of a configured one is that one (a ranker echoing a requested
         α that went through JSON and arithmetic); none, with a single α configured, is
-        that α, the only one a ranker following riskgate can have applied. Otherwise
-        ``"unknown"``: no target to compare with (RiskgateRealisedRiskUnchecked).
+        that α, the only one a ranker following riskgate can have applied. Any other α
+        is itself, for the first :attr:`UNMATCHED_MAX` such values, then ``"unknown"``,
+        as is no α with several configured: no target to compare with
+        (RiskgateRealisedRiskUnchecked), and a ranker writing ever new values must not
+        make ever new series.
         """
         if alpha is None:
             return self.alphas[0] if len(self.alphas) == 1 else "unknown"
         for a in self.alphas:
             if abs(a - alpha) < 1e-12:
                 return a
-        return alpha
+        unmatched = self.unmatched_alphas
+        if alpha in unmatched or len(unmatched) < self.UNMATCHED_MAX:
+            unmatched.add(alpha)
+            return alpha
+        return "unknown"
+
+    #: Distinct unmatched α values counted under their own key (per engine) before the rest count as "unknown".
+    UNMATCHED_MAX = 8
 
     def on_served(self, ev: Impression, violations: int) -> None:
         if ev.policy_applied:

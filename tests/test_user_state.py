@@ -4,7 +4,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from calibration.engine import Engine, EngineConfig, Watermark, erasure_key
+from calibration.engine import Engine, EngineConfig, Monitors, Watermark, erasure_key
 from calibration.events import Constraints, Flag, Forget, Impression, ShownItem, Watch
 from calibration.grid import make_grid
 from calibration.slates import Slate, SlateBatch
@@ -464,3 +464,17 @@ def test_realised_risk_is_counted_under_the_alpha_its_target_is_published_for(al
     eng.process(Flag("f1", "u1", "x", "report", 101.0))
     eng.push_watermark(200.0)
     assert eng.monitors.realised_risk() == {key: 0.5}
+
+
+def test_alphas_riskgate_does_not_publish_make_a_bounded_number_of_keys():
+    # A ranker writing ever new α values (a float it computes per request) made a series set each,
+    # never removed: the first few stay themselves, the rest count as "unknown".
+    eng = Engine(EngineConfig(alphas=(0.05, 0.1), label_window=10.0, allowed_lateness=0.0))
+    for j in range(40):
+        eng.process(imp(f"e{j}", f"s{j}", 100.0 + j, [item(f"x{j}")], applied=True, alpha=0.2 + j / 1000))
+    eng.process(imp("e-0.1", "s-0.1", 150.0, [item("y")], applied=True, alpha=0.1))
+    eng.push_watermark(1000.0)
+    keys = set(eng.monitors.realised_slates)
+    assert 0.1 in keys and "unknown" in keys and 0.2 in keys
+    assert len(keys) <= len(eng.config.alphas) + Monitors.UNMATCHED_MAX + 1
+    assert sum(eng.monitors.realised_slates.values()) == 41  # every slate counted somewhere
