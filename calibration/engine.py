@@ -130,6 +130,11 @@ class Calibrator:
     def accepts(self, ts: float) -> bool:
         return self._clock.accepts(ts)
 
+    def leaves_at(self, ts: float) -> float:
+        """The watermark at which a slate served at ``ts`` has left the window: its bucket's start + ``window``."""
+        clock = self._clock
+        return clock.bucket_start(clock.bucket_of(ts) + clock.buckets)
+
     def _fold(self, slates: Iterable[MatureSlate], sign: int) -> int:
         cfg = self.config
         by_key: dict[tuple[str, int], list[MatureSlate]] = defaultdict(list)
@@ -438,6 +443,7 @@ class Engine:
         self.changed: set[str] = set()  # users touched since the caller last cleared this
         self._next_edge = float("-inf")  # the windows move when the watermark reaches it
         self._set_aside_count = 0  # users whose state raised while applied (see _set_aside)
+        self.pending_slates = 0  # slates held for maturity by this engine's users
 
     @property
     def watermark(self) -> float:
@@ -458,14 +464,31 @@ class Engine:
         live = []
         # A store may offer the users without their history (all this needs).
         users = self.users.cores() if hasattr(self.users, "cores") else self.users.items()
+        pending = 0
         for uid, state in users:
             live.extend(state.live_recent(self.calibrator.horizon()))
-            due = state.next_maturity(self.config.label_window)
+            pending += len(state.pending)
+            due = self._next_due(state)
             if due is not None:
                 self._due.append((due, uid))
         heapq.heapify(self._due)
         self.calibrator.add(live)
         self.calibrator.refused = 0
+        self.pending_slates = pending
+
+    def _next_due(self, state: UserState) -> float | None:
+        """When ``state`` next needs :meth:`UserState.mature`: its oldest pending slate matures, or its
+        oldest recent slate leaves the window.
+
+        The second keeps an idle user's own λ̂ (``user:<id>``) to the window like every group's:
+        without it, a user who stopped coming kept the λ̂ of slates long gone, and its
+        ``strategy:user:<id>`` keys were deleted only if it came back.
+        """
+        due = state.next_maturity(self.config.label_window)
+        if state.recent:
+            leaves = self.calibrator.leaves_at(state.recent[0].ts)
+            due = leaves if due is None or leaves < due else due
+        return due
 
     def process(self, ev: Event, source: str = "events", position: int | None = None) -> str:
         """Apply one validated event read from ``source``; returns its outcome. Maturity is advanced after it.
@@ -489,6 +512,7 @@ class Engine:
             key = erasure_key(uid)
             if state is not None:
                 self.calibrator.subtract(state.live_recent(self.calibrator.horizon()))
+                self.pending_slates -= len(state.pending)
                 if state.positions:
                     self.erased_positions[key] = dict(state.positions)
             erased[key] = ev.ts  # (later than any earlier forget's: see above)
@@ -517,6 +541,8 @@ class Engine:
                     outcome = state.on_impression(ev, wm, lim, violations)
                     if outcome != "duplicate":
                         self.monitors.on_served(ev, violations)
+                    if outcome == "ok":  # (held for maturity: not late, nor past pending_max)
+                        self.pending_slates += 1
                     due = state.next_maturity(self.config.label_window)
                     if due is not None:
                         heapq.heappush(self._due, (due, uid))
@@ -591,18 +617,20 @@ class Engine:
                 continue
             if state is None:
                 continue  # forgotten
+            seq = state.recent_seq
             try:
                 ms, ev = state.mature(wm, cfg.label_window, horizon, cfg.limits)
             except Exception as e:
                 self._set_aside(uid, e)
                 continue
-            if not ms:
-                continue  # a stale queue entry
+            if not ms and state.recent_seq == seq:
+                continue  # a stale queue entry: nothing matured, no recent slate left the window
             matured.extend(ms)
             evicted.extend(ev)
+            self.pending_slates -= len(ms)
             self.users[uid] = state
             self.changed.add(uid)
-            due = state.next_maturity(cfg.label_window)
+            due = self._next_due(state)
             if due is not None:
                 heapq.heappush(self._due, (due, uid))
         if matured:
@@ -621,7 +649,8 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        return len(self._due)
+        """Slates held for maturity (the queue holds more entries: stale ones, and recent slates' expiry)."""
+        return self.pending_slates
 
     def results(self) -> list[GroupResult]:
         return self.calibrator.results()

@@ -186,3 +186,43 @@ def test_a_user_forgotten_and_back_before_the_flush_has_its_former_own_threshold
     published, deleted = flush()
     assert "u" not in deleted
     assert published == {"remove:user:u": None, "replace:user:u": None}
+
+
+def test_an_idle_user_s_own_threshold_leaves_with_its_slates(tmp_path):
+    """A user who stopped coming kept the λ̂ of slates long out of the window, and its ``strategy:user:<id>``
+    keys and the λ̂ in its safe-pools value were deleted only if it came back (found by the growth audit).
+    Other users' events move the watermark: when its slates leave the window, its own λ̂ goes."""
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                                   min_slates=2, label_window=10.0, allowed_lateness=0.0, window=3600.0, buckets=4))
+    part = rg._partition(0)
+    eng = part.engine
+    for j in range(3):
+        eng.process(Impression(f"e{j}", "u", f"s{j}", 10.0 * j, 1, False, (ShownItem(f"i{j}", 0.5),)), "impressions")
+
+    def flush():
+        out = rg._user_outputs(part, eng.changed)
+        eng.changed.clear()
+        part.users.flush()
+        return ({k.decode(): v for t, k, v in out if t is rg.thresholds_topic},
+                {k.decode(): orjson.loads(v) for t, k, v in out if t is rg.pools_topic and v is not None})
+
+    tick = 0
+
+    def other_user_at(ts):
+        nonlocal tick
+        tick += 1
+        eng.process(Impression(f"t{tick}", "v", f"st{tick}", ts, 1, False, (ShownItem("z", 0.5),)), "impressions")
+
+    other_user_at(100.0)
+    published, pools = flush()
+    assert {k for k, v in published.items() if v is not None} == {"remove:user:u", "replace:user:u"}
+    assert pools["u"]["thresholds"]  # (its own λ̂, in its safe-pools value)
+    other_user_at(3000.0)  # its slates are still in the window (the bucket of ts 0..900 lives until 3600)
+    published, _ = flush()
+    assert "remove:user:u" not in published and len(part.users.get("u").recent) == 3
+    other_user_at(3700.0)  # the window's oldest bucket is now [900, 1800): u's slates are out
+    published, pools = flush()
+    assert published == {"remove:user:u": None, "replace:user:u": None}
+    assert not pools["u"]["thresholds"] and part.users.get("u").recent == []
+    other_user_at(9000.0)
+    assert flush() == ({}, {})  # nothing more to withdraw: no queue entry left for u

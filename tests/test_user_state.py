@@ -478,3 +478,22 @@ def test_alphas_riskgate_does_not_publish_make_a_bounded_number_of_keys():
     assert 0.1 in keys and "unknown" in keys and 0.2 in keys
     assert len(keys) <= len(eng.config.alphas) + Monitors.UNMATCHED_MAX + 1
     assert sum(eng.monitors.realised_slates.values()) == 41  # every slate counted somewhere
+
+
+def test_the_engine_counts_slates_held_for_maturity_not_its_queue_entries():
+    # riskgate_pending_slates showed the maturity queue's length: 3,600 against 2,000 slates held by a
+    # heavy user (stale entries), and now recent slates' expiry entries would be counted too.
+    eng = Engine(EngineConfig(label_window=100.0, allowed_lateness=0.0, window=3600.0, buckets=4))
+    for j in range(3):
+        eng.process(imp(f"e{j}", f"s{j}", 10.0 * j, [item(f"i{j}")]))
+    eng.process(imp("e0", "s0", 0.0, [item("i0")]))  # a duplicate: not held again
+    eng.process(imp("v0", "sv0", 25.0, [item("z")], user="v"))
+    assert eng.pending == 4
+    eng.process(imp("v1", "sv1", 1.0, [item("y")], user="v"))  # late (the watermark is 25): not held
+    assert eng.pending == 4
+    eng.process(imp("v2", "sv2", 112.0, [item("x")], user="v"))  # held; ts 0 and 10 mature
+    assert eng.pending == 3
+    eng.process(Forget("f", "u1", 113.0))  # u1's slate of ts 20 goes with it
+    assert eng.pending == 2
+    eng.rebuild()
+    assert eng.pending == 2 == sum(len(s.pending) for s in eng.users.values())
