@@ -126,6 +126,8 @@ class BatchConsumer(_AIOKafkaConsumer):
                         break
                     if not (active is None or tp in active or tp in self._buffered_partitions):
                         continue
+                    if tp.topic in batch_topics and not app.inputs_open:
+                        continue  # (read again: the recovery that opens them seeks to the committed offsets)
                     app.monitor.track_tp_end_offset(tp, self.highwater(tp))
                     r_offset = get_read_offset(tp)
                     if r_offset is not None and recs and recs[0].offset < r_offset:
@@ -154,7 +156,7 @@ class BatchConsumer(_AIOKafkaConsumer):
                     # records of a partition's topics interleave as they would one by one.
                     batch = [r for _, r in self.scheduler.iterate(fetched)]
                     for i in range(0, len(batch), max_batch):
-                        if not self.flow_active or app.consumer_generation_id != generation_id:
+                        if not (self.flow_active and app.inputs_open) or app.consumer_generation_id != generation_id:
                             # A rebalance while delivering: the new assignment seeks and re-reads. The
                             # generation changes only at the assignment; the flow stops at the revoke
                             # (BatchingApp._on_partitions_revoked), whose flush must be the last of these
@@ -223,6 +225,14 @@ class BatchingApp(faust.App):
     #: broker had dropped this member, or its lease ran out): drop, without writing, what is unflushed.
     on_lost: Callable[[], Awaitable[None]] | None = None
     _lease: GroupLease | None = None
+    #: Whether fetched input records may reach :attr:`on_batch`: closed at each revoke, opened when
+    #: the recovery of the assignment that follows it completes. Faust's flow flag is not enough: a
+    #: recovery that completed after a revoke (its assignment already being replaced) resumed the
+    #: flow, and records applied then, between riskgate's pre-revoke flush and the next assignment,
+    #: were lost (found by a crash audit: 291 first watches and an impression of 11 users).
+    inputs_open: bool = False
+    _awaiting_assignment: bool = True  # between a revoke and the assignment that follows it
+    _recovery_watched: object | None = None
 
     @property
     def lease(self) -> GroupLease:
@@ -274,6 +284,8 @@ class BatchingApp(faust.App):
         # that follows covers it and no record is read twice. The flow stops
         # first (Faust stops it only after this), so that no chunk of a fetch is
         # delivered after that flush (_drain_messages checks it before each).
+        self.inputs_open = False
+        self._awaiting_assignment = True
         if self.before_revoke is not None and not self.should_stop:
             self.consumer.stop_flow()
             lost = membership_lost(self.group_coordinator())
@@ -297,4 +309,25 @@ class BatchingApp(faust.App):
         if coordinator is None:
             self.log.error("no group coordinator to watch: writes of a worker stalled past its session are not fenced")
         self.lease.watch(coordinator)
+        self._awaiting_assignment = False
+        self._open_inputs_after_recovery()
         await super()._on_partitions_assigned(assigned, generation_id)
+
+    def _open_inputs_after_recovery(self) -> None:
+        """Open :attr:`inputs_open` when a recovery of the current assignment completes (wraps Faust's, once)."""
+        recovery = self.tables.recovery
+        if recovery is self._recovery_watched:
+            return
+        completed = recovery.on_recovery_completed
+
+        async def on_recovery_completed(generation_id: int = 0) -> None:
+            # Opened before Faust resumes the input partitions and seeks them to their committed
+            # offsets: what is fetched from there on must be delivered (skipped records are read
+            # again only after a seek). Not for a recovery of an assignment revoked since: its
+            # records are skipped, and the next assignment's recovery seeks back to them.
+            if not self._awaiting_assignment and generation_id == self.consumer_generation_id:
+                self.inputs_open = True
+            await completed(generation_id)
+
+        recovery.on_recovery_completed = on_recovery_completed
+        self._recovery_watched = recovery

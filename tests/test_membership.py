@@ -144,3 +144,40 @@ def test_lost_partitions_are_dropped_unflushed(worker, monkeypatch):
     rg.app.group_coordinator = lambda: _Coordinator()
     asyncio.run(rg.app._on_partitions_revoked({("flags", 1)}))
     assert ("ack", "flags", 1, [0]) in log and _fenced(rg, "lost") == 1
+
+
+def test_input_records_flow_only_after_the_recovery_of_the_current_assignment(worker, monkeypatch):
+    """A recovery that completed after a revoke (its assignment already being replaced) resumed Faust's
+    flow, and records applied then, before the next assignment, were lost (crash audit: 291 first
+    watches of 11 users). The gate opens only for the recovery of the assignment in force, and before
+    Faust resumes and seeks the input partitions, so that nothing fetched after that seek is skipped."""
+    rg, log, now = worker
+    app = rg.app
+    seen = []
+
+    async def faust_completed(generation_id=0):  # Faust's: resumes and seeks the input partitions
+        seen.append((generation_id, app.inputs_open))
+
+    async def faust_noop(self, *args, **kwargs):
+        return None
+
+    monkeypatch.setattr(faust.App, "_on_partitions_assigned", faust_noop)
+    monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_noop)
+    app.tables.recovery.on_recovery_completed = faust_completed
+    app.group_coordinator = lambda: _Coordinator()
+    assert not app.inputs_open  # nothing before the first assignment's recovery
+
+    app.consumer_generation_id = 3
+    asyncio.run(app._on_partitions_assigned(set(), 3))
+    assert not app.inputs_open  # assigned, not recovered
+    asyncio.run(app.tables.recovery.on_recovery_completed(3))
+    assert app.inputs_open and seen[-1] == (3, True)  # open when Faust resumes and seeks
+
+    asyncio.run(app._on_partitions_revoked(set()))
+    assert not app.inputs_open
+    asyncio.run(app.tables.recovery.on_recovery_completed(3))  # generation 3's recovery, completing late
+    assert not app.inputs_open and seen[-1] == (3, False)
+    app.consumer_generation_id = 4
+    asyncio.run(app._on_partitions_assigned(set(), 4))
+    asyncio.run(app.tables.recovery.on_recovery_completed(4))
+    assert app.inputs_open
