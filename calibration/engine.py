@@ -441,6 +441,9 @@ class Engine:
         positions = getattr(self.erased, "positions", None)
         self.erased_positions: dict[str, dict[str, int]] = {} if positions is None else positions
         self.changed: set[str] = set()  # users touched since the caller last cleared this
+        # Users not held whose forget was read again (a replay after a crash): their outputs'
+        # tombstones may not have gone out; the caller sends them again and clears this.
+        self.erased_again: set[str] = set()
         self._next_edge = float("-inf")  # the windows move when the watermark reaches it
         self._set_aside_count = 0  # users whose state raised while applied (see _set_aside)
         self.pending_slates = 0  # slates held for maturity by this engine's users
@@ -505,6 +508,16 @@ class Engine:
             # dropped: what is held now came after, and this forget (a replay after a crash,
             # or an older one arriving late) must not take it.
             outcome = "duplicate"
+            # A crash may have come between the forget's changelog records and its outputs'
+            # tombstones: send them again (a user held now, back since, has its values sent).
+            try:
+                held = self.users.get(uid) is not None
+            except LookupError:  # set aside: its outputs wait for it
+                held = True
+            if held:
+                self.changed.add(uid)
+            else:
+                self.erased_again.add(uid)
         elif kind == "forget":
             # Delete even when nothing is held here: a store may still need its
             # tombstones (a changelog written before a rebalance, an output topic).
@@ -559,8 +572,11 @@ class Engine:
                 self.users.get(uid)  # raises the store's LookupError: the caller dead-letters the event
                 raise
             if outcome == "replayed":
-                # seen before the crash, and by the watermark then: observing it again is harmless
+                # seen before the crash, and by the watermark then: observing it again is harmless.
+                # Its effects are in the store, but a crash may have come before the outputs of the
+                # flush that wrote them went out (they are sent after the changelog): send them again.
                 self.clock.note(source, ev.ts)
+                self.changed.add(uid)
             elif outcome == "duplicate":
                 if position is not None:  # nothing else changed, but the log moved past it
                     state.note_position(source, position)

@@ -496,7 +496,9 @@ class RiskgateApp:
         del ctx
         if wm is not None:
             self.metrics.watermark.labels(str(p)).set(wm)
-        for uid in deleted:
+        again = sorted(eng.erased_again.difference(deleted))  # forgets read again: tombstones again
+        eng.erased_again.clear()
+        for uid in [*deleted, *again]:
             part.pools.pop(uid, None)
             part.own.pop(uid, None)
             outgoing.append((self.pools_topic, uid.encode(), None))

@@ -7,6 +7,8 @@ using goes out with the flush that saw it, whatever else changed.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import orjson
 
 from calibration.events import Impression, ShownItem, Watch
@@ -226,3 +228,75 @@ def test_an_idle_user_s_own_threshold_leaves_with_its_slates(tmp_path):
     assert not pools["u"]["thresholds"] and part.users.get("u").recent == []
     other_user_at(9000.0)
     assert flush() == ({}, {})  # nothing more to withdraw: no queue entry left for u
+
+
+def test_outputs_lost_in_a_crash_after_the_changelog_are_sent_again_when_the_records_are_replayed(tmp_path):
+    """A flush queues the users' changelog records before the outputs, and acks its records after both: a
+    crash between the two left the state durable and the outputs lost (crash audit, by fault injection:
+    a flagged item stayed in the user's safe-pools value; a forgotten user's value was never tombstoned).
+    The records are read again after the restart, as replays (a forget: as a duplicate); their users'
+    outputs must go out again."""
+    from calibration.events import Flag, Forget
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
+                                   beta=50.0))
+    part = rg._partition(0)
+    eng = part.engine
+    eng.process(Impression("e1", "u", "s1", 1.0, 2, False, (ShownItem("x", 1.0), ShownItem("y", 0.5))),
+                "impressions", 0)
+    eng.process(Watch("e2", "u", "x", 80.0, 100.0, 2.0), "watch", 0)
+    eng.process(Impression("e3", "v", "s3", 3.0, 1, False, (ShownItem("z", 1.0),)), "impressions", 1)
+    eng.process(Flag("f1", "u", "x", "report", 4.0), "flags", 0)
+    eng.process(Forget("g1", "v", 5.0), "forget", 0)
+
+    def flush():
+        out = rg._user_outputs(part, eng.changed)
+        eng.changed.clear()
+        _, deleted, _ = part.users.flush()
+        return out, deleted
+
+    flush()  # the state is written; say its outputs were lost in a crash before they went out
+    part.pools.clear(), part.own.clear()  # (a restarted worker has sent nothing yet)
+    assert eng.process(Flag("f1", "u", "x", "report", 4.0), "flags", 0) == "replayed"
+    assert eng.process(Forget("g1", "v", 5.0), "forget", 0) == "duplicate"
+    assert "u" in eng.changed and eng.erased_again == {"v"}
+    out, _ = flush()
+    pools = {k.decode(): v for t, k, v in out if t is rg.pools_topic}
+    assert [p["item_id"] for p in orjson.loads(pools["u"])["safe_pool"]] == []  # x is flagged: not offered
+
+
+def test_a_forget_read_again_sends_its_tombstones_again(tmp_path, monkeypatch):
+    import asyncio
+
+    import streams.app as app_module
+    from calibration.events import Forget
+
+    sent = []
+
+    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
+        sent.extend((topic, k, v) for g in groups for k, v in g)
+        return 0, 0
+
+    monkeypatch.setattr(app_module, "send_records", send_records)
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    soon = []
+    for topic in (rg.thresholds_topic,):
+        monkeypatch.setattr(topic, "send_soon", lambda key, value, _t=topic: soon.append((key, value)))
+    rg.app._consumer = SimpleNamespace(ack_offsets=lambda tp, offsets: None, topic_partitions=lambda topic: 1)
+    part = rg._partition(0)
+    eng = part.engine
+    eng.process(Impression("e1", "v", "s1", 1.0, 1, False, (ShownItem("z", 1.0),)), "impressions", 0)
+    eng.process(Forget("g1", "v", 5.0), "forget", 0)
+    assert eng.process(Forget("g1", "v", 5.0), "forget", 0) == "duplicate"  # read again, in the same flush
+    eng.process(Impression("e2", "w", "s2", 6.0, 1, False, (ShownItem("z", 1.0),)), "impressions", 1)
+    eng.process(Forget("g2", "w", 7.0), "forget", 1)
+    part.last_message = SimpleNamespace(topic=rg.names.inputs[0], partition=0, offset=0)  # (table writes' event)
+    part.unacked = [SimpleNamespace(topic="forget", offset=0)]
+    asyncio.run(rg._flush(0, part))
+    sent.clear(), soon.clear()
+    assert eng.process(Forget("g2", "w", 7.0), "forget", 1) == "duplicate"  # after a restart, say
+    part.unacked = [SimpleNamespace(topic="forget", offset=1)]
+    asyncio.run(rg._flush(0, part))
+    assert [(k, v) for t, k, v in sent if t == rg.names.safe_pools] == [(b"w", None)]
+    assert sorted(soon) == [(b"remove:user:w", None), (b"replace:user:w", None)]
+    assert eng.erased_again == set()
