@@ -341,6 +341,18 @@ case("ranker impressions: 5% fail for 10m; another ranker loses one in a thousan
 ])
 
 
+WS = "RiskgateWorkerStalled"
+case("a worker finds its partitions lost once; another skips a flush on a slow heartbeat", [
+    s("riskgate_writes_fenced_total", {**i1, "what": "lost"}, "0x10 1x40"),
+    s("riskgate_writes_fenced_total", {**i2, "what": "lost"}, "0x50"),
+    s("riskgate_writes_fenced_total", {**i2, "what": "flush"}, "0x10 3x40"),
+], [
+    ("5m", WS, []),
+    ("12m", WS, [({"instance": "w1"}, None)]),
+    ("45m", WS, []),  # the stall is over half an hour old
+])
+
+
 doc = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
 header = ("# Unit tests of alerts.yml: every alert fires on a bad stream and stays quiet on\n"
           "# a healthy or borderline one. Run: promtool test rules deploy/prometheus/alerts_test.yml\n"
