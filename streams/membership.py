@@ -35,7 +35,7 @@ transactions.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["GroupLease", "membership_lost"]
 
@@ -92,8 +92,7 @@ class GroupLease:
     def renew(self, at: float | None = None) -> None:
         """Membership was proven at clock time ``at`` (now when None); renewals never move it back."""
         at = self.clock() if at is None else at
-        if at > self.renewed_at:
-            self.renewed_at = at
+        self.renewed_at = max(self.renewed_at, at)
 
     def age(self) -> float:
         """Seconds since the newest renewal (inf before any)."""

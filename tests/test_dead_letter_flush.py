@@ -19,6 +19,8 @@ import streams.app as app_module
 from streams.app import RiskgateApp
 from streams.settings import load_settings
 
+from .fakes import FakeConsumer
+
 
 class _Record:
     """What the worker reads of an aiokafka ConsumerRecord."""
@@ -26,24 +28,6 @@ class _Record:
     def __init__(self, topic, partition, offset, key, value):
         self.topic, self.partition, self.offset, self.key, self.value, self.timestamp = (
             topic, partition, offset, key, value, 0)
-
-
-class _Consumer:
-    """What the batch path and the flush ask of Faust's consumer, with acks noted in ``log``."""
-
-    _committed_offset: dict = {}
-
-    def __init__(self, log):
-        self.log = log
-
-    def highwater(self, tp):
-        return 3
-
-    def topic_partitions(self, topic):
-        return 2
-
-    def ack_offsets(self, tp, offsets):
-        self.log.append(("ack", tp.topic, tp.partition, sorted(offsets)))
 
 
 @pytest.fixture
@@ -57,7 +41,7 @@ def worker(tmp_path, monkeypatch):
 
     monkeypatch.setattr(app_module, "send_records", send_records)
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
-    rg.app._consumer = _Consumer(log)
+    rg.app._consumer = FakeConsumer(log)
     return rg, log
 
 

@@ -19,6 +19,8 @@ from streams.app import RiskgateApp
 from streams.membership import GroupLease, membership_lost
 from streams.settings import load_settings
 
+from .fakes import FakeConsumer
+
 
 class _Coordinator:
     """aiokafka's GroupCoordinator, as far as the lease reads it."""
@@ -63,25 +65,6 @@ def test_a_reset_generation_or_member_id_is_a_lost_membership():
     assert not membership_lost(None)  # nobody to ask: the lease decides
 
 
-class _Consumer:
-    _committed_offset: dict = {}
-
-    def __init__(self, log):
-        self.log = log
-
-    def highwater(self, tp):
-        return 1
-
-    def topic_partitions(self, topic):
-        return 2
-
-    def ack_offsets(self, tp, offsets):
-        self.log.append(("ack", tp.topic, tp.partition, sorted(offsets)))
-
-    def stop_flow(self):
-        self.log.append(("stop_flow",))
-
-
 @pytest.fixture
 def worker(tmp_path, monkeypatch):
     log, now = [], [1000.0]
@@ -93,7 +76,7 @@ def worker(tmp_path, monkeypatch):
 
     monkeypatch.setattr(app_module, "send_records", send_records)
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
-    rg.app._consumer = _Consumer(log)
+    rg.app._consumer = FakeConsumer(log, highwater=1)
     rg.app._lease = GroupLease(6.0, clock=lambda: now[0])
     rg.app.lease.watch(_Coordinator())
     rg.app.lease.renew()

@@ -568,3 +568,35 @@ def calibrate_slates(tmp_path, slates: list[dict], strategy: str, alphas) -> dic
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
+
+
+#: Worker settings for :func:`flag_every_item`'s scenarios: slates mature within the run, nothing is
+#: evicted, every event is on time, and the engine that computed the expectation agrees.
+FLAG_EVERY_ITEM_SETTINGS = dict(label_window=120, allowed_lateness=100000, window=86400 * 30, buckets=24,
+                                min_slates=15, alphas="0.05,0.1", history_max=100000, beta=50)
+
+
+def flag_every_item(seed: int, n_users: int, n_items: int, n_slates: int) -> tuple[list, list, dict[str, int]]:
+    """Users' histories (a synthetic world without flags or forgets), then one flag per item each user saw.
+
+    Returns ``(history, flags, expect)``: once every flag is applied exactly once, each user's
+    ``flagged`` is ``expect[user]`` (the items it saw) and its safe pool is empty. A lost or
+    repeated flag shows per user.
+    """
+    from calibration.engine import Engine, EngineConfig
+    from calibration.events import event_from_dict
+    from calibration.synthetic import WorldConfig, generate_events
+    from calibration.user_state import Limits
+
+    world = WorldConfig(seed=seed, n_users=n_users, n_items=n_items, n_slates=n_slates, slates_per_second=5.0,
+                        holdout_share=0.5, rate_multiplier=20.0, label_delay=60.0, constraint_user_share=0.0)
+    history = [e for e in generate_events(world) if e[0] not in ("flags", "forget")]
+    eng = Engine(EngineConfig(label_window=120, allowed_lateness=100000, min_slates=15, alphas=(0.05, 0.1),
+                              window=86400 * 30, limits=Limits(beta=50.0, history_max=100000)))
+    for topic, value in history:
+        eng.process(event_from_dict(topic, value), source=topic)
+    last = max(v["ts"] for _, v in history)
+    items = [(u, i) for u, state in sorted(eng.users.items()) for i in sorted(state.history)]
+    flags = [("flags", {"event_id": f"F-{u}-{i}", "user_id": u, "item_id": i, "kind": "not_interested",
+                        "ts": last + 1 + j * 1e-4}) for j, (u, i) in enumerate(items)]
+    return history, flags, {u: len(state.history) for u, state in eng.users.items()}

@@ -25,16 +25,19 @@ import os
 import signal
 import uuid
 
-from calibration.engine import Engine, EngineConfig
-from calibration.events import event_from_dict
-from calibration.synthetic import WorldConfig, generate_events
-from calibration.user_state import Limits
-
-from .harness import Worker, json_of, make_topics, send_events, wait_committed, wait_for
+from .harness import (
+    FLAG_EVERY_ITEM_SETTINGS,
+    Worker,
+    flag_every_item,
+    json_of,
+    make_topics,
+    send_events,
+    wait_committed,
+    wait_for,
+)
 
 PARTITIONS = 2
-SETTINGS = dict(label_window=120, allowed_lateness=100000, window=86400 * 30, buckets=24, min_slates=15,
-                alphas="0.05,0.1", history_max=100000, beta=50)
+SETTINGS = FLAG_EVERY_ITEM_SETTINGS
 
 
 def _partitions(worker) -> list[int] | None:
@@ -48,18 +51,7 @@ def test_a_worker_woken_after_its_session_expired_writes_nothing_stale(kafka_boo
     app_id = f"rg-stalled-{uuid.uuid4().hex[:8]}"
     prefix = app_id + "."
     make_topics(kafka_bootstrap, prefix, PARTITIONS)
-    world = WorldConfig(seed=3, n_users=200, n_items=5000, n_slates=400, slates_per_second=5.0, holdout_share=0.5,
-                        rate_multiplier=20.0, label_delay=60.0, constraint_user_share=0.0)
-    history = [e for e in generate_events(world) if e[0] not in ("flags", "forget")]
-    eng = Engine(EngineConfig(label_window=120, allowed_lateness=100000, min_slates=15, alphas=(0.05, 0.1),
-                              window=86400 * 30, limits=Limits(beta=50.0, history_max=100000)))
-    for topic, value in history:
-        eng.process(event_from_dict(topic, value), source=topic)
-    last = max(v["ts"] for _, v in history)
-    items = [(u, i) for u, state in sorted(eng.users.items()) for i in sorted(state.history)]
-    flags = [("flags", {"event_id": f"F-{u}-{i}", "user_id": u, "item_id": i, "kind": "not_interested",
-                        "ts": last + 1 + j * 1e-4}) for j, (u, i) in enumerate(items)]
-    expect = {u: len(state.history) for u, state in eng.users.items()}
+    history, flags, expect = flag_every_item(seed=3, n_users=200, n_items=5000, n_slates=400)
     workers: list[Worker] = []
 
     def start(name: str, **settings) -> Worker:

@@ -1,0 +1,26 @@
+"""Stand-ins for what the worker asks of Faust's consumer, for tests of its batch path and flush without a broker."""
+
+from __future__ import annotations
+
+
+class FakeConsumer:
+    """Faust's consumer as the batch path and the flush use it; acks and flow stops are noted in ``log``.
+
+    ``highwater`` is every input partition's log end (records at offsets below it are the last ones).
+    """
+
+    def __init__(self, log: list, highwater: int = 3, partitions: int = 2):
+        self.log, self._highwater, self._partitions = log, highwater, partitions
+        self._committed_offset: dict = {}
+
+    def highwater(self, tp):
+        return self._highwater
+
+    def topic_partitions(self, topic):
+        return self._partitions
+
+    def ack_offsets(self, tp, offsets):
+        self.log.append(("ack", tp.topic, tp.partition, sorted(offsets)))
+
+    def stop_flow(self):
+        self.log.append(("stop_flow",))
