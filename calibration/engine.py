@@ -480,15 +480,17 @@ class Engine:
         self.pending_slates = pending
 
     def _next_due(self, state: UserState) -> float | None:
-        """When ``state`` next needs :meth:`UserState.mature`: its oldest pending slate matures, or its
-        oldest recent slate leaves the window.
+        """When ``state`` next needs :meth:`UserState.mature`: its oldest pending slate matures, or, for a
+        user with enough recent slates for a λ̂ of its own, its oldest recent slate leaves the window.
 
         The second keeps an idle user's own λ̂ (``user:<id>``) to the window like every group's:
         without it, a user who stopped coming kept the λ̂ of slates long gone, and its
-        ``strategy:user:<id>`` keys were deleted only if it came back.
+        ``strategy:user:<id>`` keys were deleted only if it came back. Only for those users
+        (``min_slates`` holdout slates in the window: heavy ones), so that the queue does not
+        hold an entry for every user seen within the window.
         """
         due = state.next_maturity(self.config.label_window)
-        if state.recent:
+        if len(state.recent) >= self.config.min_slates:
             leaves = self.calibrator.leaves_at(state.recent[0].ts)
             due = leaves if due is None or leaves < due else due
         return due
