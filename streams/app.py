@@ -421,8 +421,9 @@ class RiskgateApp:
         return time.monotonic() - part.additions_at >= self.settings.pool_additions_interval
 
     def _due(self, part: _Partition) -> bool:
-        """Whether the partition has records to ack or a round of pool additions to send."""
-        return bool(part.unacked) or (bool(part.deferred) and self._additions_due(part))
+        """Whether the partition has records to ack, users changed without a record (slates matured by
+        the health tick), or a round of pool additions to send."""
+        return bool(part.unacked) or bool(part.engine.changed) or (bool(part.deferred) and self._additions_due(part))
 
     async def _flush_and_sync(self) -> None:
         """Before a revoke or stop: flush, and bring every local store up to its changelog."""
@@ -621,6 +622,39 @@ class RiskgateApp:
                 behind.add(self.names.base(topic))
         return behind
 
+    def _release_caught_up(self, ends: dict) -> None:
+        """Let input topics read to their end stop holding a partition's watermark back, without a batch.
+
+        A topic is marked lagging at a batch when its end is not known yet (an empty ``forget``
+        partition right after a restart); only the partition's next batch cleared it, so a partition
+        that got no more input kept its watermark frozen and its slates unmatured for good (crash
+        audit: 267 slates on four partitions). The health tick asks here with the ends it fetched.
+        """
+        consumer = self.app.consumer
+        for p, part in list(self.partitions.items()):
+            clock = part.engine.clock
+            if not clock.lagging:
+                continue
+            released = False
+            for topic in self.names.inputs:
+                base = self.names.base(topic)
+                if base not in clock.lagging:
+                    continue
+                tp = TP(topic, p)
+                try:
+                    hw = consumer.highwater(tp)
+                except Exception:
+                    hw = None
+                if hw is None:
+                    hw = ends.get(tp)
+                last = part.last_offsets.get(topic)
+                position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
+                if hw is not None and position >= hw:
+                    clock.set_lagging(base, False)
+                    released = True
+            if released:
+                part.engine.advance_clock()  # (what matures is written by the next flush: see _due)
+
     def _dead_letter(self, msg, err: InvalidEvent, invalid_event: bool = True) -> None:
         """Send ``msg`` to the dead-letter topic with its reason (``invalid_event``: counted as an invalid event)."""
         topic = self.names.base(msg.topic)
@@ -744,12 +778,13 @@ class RiskgateApp:
         tps = self._held_inputs()
         try:
             # A round trip to the broker: fails (or times out) while it is unreachable.
-            if tps:
-                await asyncio.wait_for(consumer.highwaters(*tps), timeout=5.0)
+            ends = await asyncio.wait_for(consumer.highwaters(*tps), timeout=5.0) if tps else {}
         except Exception:  # broker unreachable: keep state, report unhealthy, retry on the next tick
             self.healthy = False
             self.metrics.healthy.set(0)
             return
+        if not self.app.rebalancing:
+            self._release_caught_up(ends or {})
         # A rebalance may have taken partitions during the await: a series set for one after its
         # revoke (which removed it) stayed, frozen, for good (seen: 12,451 records of phantom lag
         # beside the new owner's 0, holding RiskgateConsumerLagGrowing's threshold up).

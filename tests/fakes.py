@@ -6,7 +6,8 @@ from __future__ import annotations
 class FakeConsumer:
     """Faust's consumer as the batch path and the flush use it; acks and flow stops are noted in ``log``.
 
-    ``highwater`` is every input partition's log end (records at offsets below it are the last ones).
+    ``highwater`` is every input partition's log end (records at offsets below it are the last ones),
+    or a function of the partition (None: not known yet).
     """
 
     def __init__(self, log: list, highwater: int = 3, partitions: int = 2):
@@ -14,7 +15,7 @@ class FakeConsumer:
         self._committed_offset: dict = {}
 
     def highwater(self, tp):
-        return self._highwater
+        return self._highwater(tp) if callable(self._highwater) else self._highwater
 
     def topic_partitions(self, topic):
         return self._partitions
