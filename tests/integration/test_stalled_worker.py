@@ -25,16 +25,8 @@ import os
 import signal
 import uuid
 
-from .harness import (
-    FLAG_EVERY_ITEM_SETTINGS,
-    Worker,
-    flag_every_item,
-    json_of,
-    make_topics,
-    send_events,
-    wait_committed,
-    wait_for,
-)
+from .harness import (FLAG_EVERY_ITEM_SETTINGS, Worker, flag_every_item, json_of, make_topics, send_events,
+                      wait_committed, wait_for)
 
 PARTITIONS = 2
 SETTINGS = FLAG_EVERY_ITEM_SETTINGS
