@@ -44,6 +44,7 @@ from calibration.user_state import CORE, Limits
 from .aggregator import Aggregator
 from .batch_send import send_records
 from .consumer import BatchingApp, MessageContext
+from .membership import WritesFenced
 from .metrics import Metrics
 from .schemas import INPUT_REASONS, InvalidEvent, dead_letter, decode_event
 from .settings import Settings
@@ -62,6 +63,8 @@ log = logging.getLogger("riskgate")
 # walk every cached user, took ~20 % of the worker's time in `riskgate bench stream`. Rarer
 # collections cost no correctness; the garbage that waits for them is a few MB at most.
 GC_THRESHOLDS = (50_000, 20, 10)
+#: Seconds between looks at the lease while a flush waits for a heartbeat to be answered (streams.membership).
+LEASE_POLL = 0.05
 
 _KIND = {"impressions": "impression", "watch": "watch", "flags": "flag", "constraints": "constraints",
          "forget": "forget"}
@@ -96,6 +99,9 @@ class _Partition:
     deferred: set = field(default_factory=set)  # users whose pool gained items since last sent
     additions_at: float = 0.0  # monotonic time of the last round of deferred additions
     through: float | None = None  # producer timestamp (s) of the newest input record applied
+    # (topic, outcome) -> events applied since the last flush, counted by it (dropped with the
+    # partition: its records are read again, and counted then)
+    counts: dict = field(default_factory=lambda: defaultdict(int))
 
 
 class RiskgateApp:
@@ -122,7 +128,6 @@ class RiskgateApp:
         # Engine -> its monitors' values last copied to the counters (an engine dropped with its
         # partition is forgotten with it).
         self._exported: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._counts: dict = defaultdict(int)  # (topic, outcome) -> events since the last flush
         # Input partition -> dead-letter records of its records since its last flush, sent by that
         # flush before it acks them (as changelog records are: a few µs each, not send_soon's ~40).
         self._dead: dict[int, list] = defaultdict(list)
@@ -137,6 +142,7 @@ class RiskgateApp:
         self._first_batch_at: float | None = None
         self._waiting_logged_at = float("-inf")  # when the aggregator last said what it waits for
         self._fenced_logged_at = float("-inf")  # when a write skipped on a stale lease was last logged
+        self._fenced_out: WritesFenced | None = None  # a flush given up half-way: this worker writes no more
         self.app = app = BatchingApp(
             s.app_id,
             broker=s.broker,
@@ -389,7 +395,7 @@ class RiskgateApp:
         clock = eng.clock
         for topic in final:
             clock.set_lagging(topic, True)
-        counts = self._counts
+        counts = part.counts
         process = eng.process
         part.unacked.extend(msg for msg, _, _ in items)
         # (before applying: a flush at stop after an event raised needs a message of the partition,
@@ -425,9 +431,9 @@ class RiskgateApp:
         the health tick), or a round of pool additions to send."""
         return bool(part.unacked) or bool(part.engine.changed) or (bool(part.deferred) and self._additions_due(part))
 
-    async def _flush_and_sync(self) -> None:
-        """Before a revoke or stop: flush, and bring every local store up to its changelog."""
-        await self._flush_all(sync=True)
+    async def _flush_and_sync(self) -> bool:
+        """Before a revoke or stop: flush, and bring every local store up to its changelog; False if it could not."""
+        return await self._flush_all(sync=True)
 
     def _may_write(self, what: str) -> bool:
         """Whether this worker's lease on the group is fresh (:mod:`streams.membership`); else counts ``what`` as fenced.
@@ -436,7 +442,7 @@ class RiskgateApp:
         records, and the next restore of those users lost what the new owner applied.
         """
         lease = self.app.lease
-        if lease.fresh():
+        if lease.fresh() and not lease.lost() and self._fenced_out is None:
             return True
         self.metrics.fenced.labels(what).inc()
         if time.monotonic() - self._fenced_logged_at >= 10:
@@ -447,7 +453,8 @@ class RiskgateApp:
 
     async def _on_lost(self) -> None:
         """The group moved this worker's partitions while it could not write (a stall past its session):
-        drop what it holds of them unflushed. Their next owner re-reads those records from the committed offsets."""
+        drop what it holds of them unflushed (their events' counts with them). Their next owner re-reads
+        those records from the committed offsets."""
         self.metrics.fenced.labels("lost").inc()
         async with self._flush_lock:  # after a flush in progress, which began on a fresh lease
             for p in set(self.partitions) | set(self._dead):
@@ -455,24 +462,62 @@ class RiskgateApp:
             self._unflushed = 0
         self._drop_aggregator()
 
-    async def _flush_all(self, sync: bool = False) -> None:
-        """Flush every partition with unacked records (see :meth:`_flush`); ``sync``: and sync every local store."""
+    async def _hold_lease(self) -> None:
+        """Before each send of a flush: return while this worker may write; else wait for the lease.
+
+        A flush checks the lease at its start, but a stall in the middle of it (a
+        paused VM, a long GIL-holding pause) was followed by the rest of the flush,
+        unchecked. Once the next heartbeat is answered the partitions are still this
+        worker's and the flush goes on; raises :class:`WritesFenced` once the broker
+        has dropped the member or a rebalance is pending, or at a stop.
+        """
+        lease = self.app.lease
+        while not (lease.fresh() and not lease.lost()):
+            if self._fenced_out is not None or lease.moving() or self.app.should_stop:
+                raise WritesFenced(f"no heartbeat answered for {lease.age():.1f} s in the middle of a flush, and "
+                                   f"{'the broker no longer knows this member' if lease.lost() else 'a rebalance is pending'}")
+            await asyncio.sleep(LEASE_POLL)
+
+    async def _give_up(self, e: WritesFenced) -> None:
+        """A flush given up half-way: stop, unclean, so that the next start restores from the changelogs.
+
+        What it wrote before giving up is in the local stores (a flush writes them before its
+        sends) and partly not in the changelogs: a store ahead of its changelog must not be
+        restored from, which only a restart on a crash ensures (:meth:`_discard_local_state_after_a_crash`).
+        Nothing of it was acked: its records are read again by the partitions' next owner.
+        """
+        self._fenced_out = e
+        self.app.inputs_open = False  # (nothing more is applied: it could not be written)
+        self.metrics.fenced.labels("flush").inc()
+        log.error("flush given up: %s; stopping, unclean: the next start restores from the changelogs", e)
+        for p in set(self.partitions) | set(self._dead):
+            self._drop_partition(p)
+        self._unflushed = 0
+        await self.app.crash(e)
+
+    async def _flush_all(self, sync: bool = False) -> bool:
+        """Flush every partition with unacked records (see :meth:`_flush`); ``sync``: and sync every local store.
+
+        Returns False when it did not flush: on a lease not fresh (:meth:`_may_write`), or given up half-way.
+        """
         async with self._flush_lock:  # the timer and the batch callback both flush
             if not self._may_write("flush"):
-                return  # (kept unacked: written at the next flush on a fresh lease, or dropped when lost)
+                return False  # (kept unacked: written at the next flush on a fresh lease, or dropped when lost)
             t0 = time.perf_counter()
-            for p, part in list(self.partitions.items()):
-                if self._due(part) or (sync and part.deferred):
-                    await self._flush(p, part, sync)
-                elif sync:
-                    part.users.sync()  # nothing changed since its last flush
-            for (topic, outcome), n in self._counts.items():
-                self.metrics.events.labels(_KIND[topic], outcome).inc(n)
-            self._counts.clear()
+            try:
+                for p, part in list(self.partitions.items()):
+                    if self._due(part) or (sync and part.deferred):
+                        await self._flush(p, part, sync)
+                    elif sync:
+                        part.users.sync()  # nothing changed since its last flush
+            except WritesFenced as e:
+                await self._give_up(e)
+                return False
             self._unflushed = sum(len(part.unacked) for part in self.partitions.values())
             self.metrics.users_cached.set(sum(part.users.cached for part in self.partitions.values()))
             self._flushed_at = time.monotonic()
             self.metrics.flush.observe(time.perf_counter() - t0)
+            return True
 
     async def _flush(self, p: int, part: _Partition, sync: bool = False) -> None:
         """Write the partition's changed users once, send its outputs, then ack its records.
@@ -483,12 +528,14 @@ class RiskgateApp:
         at once, so records applied while the batches are queued belong to the
         next flush.
         """
+        await self._hold_lease()
         eng = part.engine
         unacked, part.unacked = part.unacked, []
+        counts, part.counts = part.counts, defaultdict(int)
         dead = self._dead.pop(p, None)
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
-        _, deleted, groups = part.users.flush(sync)
+        written, deleted, groups = part.users.flush(sync)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
@@ -497,7 +544,9 @@ class RiskgateApp:
         del ctx
         if wm is not None:
             self.metrics.watermark.labels(str(p)).set(wm)
-        again = sorted(eng.erased_again.difference(deleted))  # forgets read again: tombstones again
+        # Forgets read again: tombstones again, unless the user is back (written in this flush: its
+        # value is in `outgoing`, and a tombstone after it erased the user from rankers).
+        again = sorted(eng.erased_again - deleted - written)
         eng.erased_again.clear()
         for uid in [*deleted, *again]:
             part.pools.pop(uid, None)
@@ -506,8 +555,9 @@ class RiskgateApp:
             for st in self.config.strategies:
                 outgoing.append((self.thresholds_topic, threshold_key(st, user_group(uid)).encode(), None))
         changelog = self.users_table.changelog_topic.get_topic_name()
+        hold = self._hold_lease
         records, size = await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent,
-                                           fence=self._fence)
+                                           fence=self._fence, before_send=hold)
         self.metrics.changelog_records.inc(records)
         self.metrics.changelog_bytes.inc(size)
         pools: dict[int, list] = defaultdict(list)
@@ -515,18 +565,21 @@ class RiskgateApp:
             if t is self.pools_topic:
                 pools[self._pool_partition(k)].append((k, v))
         for partition, records in pools.items():
-            await send_records(self.app, self.names.safe_pools, partition, [[r] for r in records])
+            await send_records(self.app, self.names.safe_pools, partition, [[r] for r in records], before_send=hold)
+        await hold()
         for topic, key, value in outgoing:
             if topic is not self.pools_topic:
                 topic.send_soon(key=key, value=value)
         if dead:
-            await send_records(self.app, self.names.dlq, 0, [[r] for r in dead])
+            await send_records(self.app, self.names.dlq, 0, [[r] for r in dead], before_send=hold)
         by_topic: dict = defaultdict(list)
         for msg in unacked:
             by_topic[msg.topic].append(msg.offset)
         consumer = self.app.consumer
         for topic, offsets in by_topic.items():
             consumer.ack_offsets(TP(topic, p), offsets)
+        for (topic, outcome), n in counts.items():
+            self.metrics.events.labels(_KIND[topic], outcome).inc(n)
 
     def _pool_partition(self, key: bytes) -> int:
         # The key's partition under Kafka's default (murmur2) partitioner, where
@@ -704,6 +757,8 @@ class RiskgateApp:
             if tp.topic == self.names.inputs[0]:
                 self._partition(tp.partition)  # build engines for assigned partitions with no events yet
         for p, part in list(self.partitions.items()):
+            if not self._may_write("snapshot"):  # (again: each send may have waited)
+                return
             eng = part.engine
             await self.partials_topic.send(key=str(p).encode(),
                                            value=encode_snapshot(p, eng.clock.known, eng.calibrator.span(),
@@ -739,6 +794,8 @@ class RiskgateApp:
                 # must never hand out a version again.
                 await self.app.producer.flush()
             for pub in pubs:
+                if not self._may_write("publish"):  # (again: the flush and each send may have waited)
+                    break
                 await self.thresholds_topic.send(key=pub.key.encode(),
                                                  value=threshold_message(pub.result, self.config, pub.version,
                                                                          inputs_through=pub.inputs_through))

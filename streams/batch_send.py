@@ -23,7 +23,7 @@ so the partition's end offset is exact there as well.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Sequence
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -49,12 +49,14 @@ def _payload(group: Sequence[Record]) -> int:
 
 
 async def send_records(app, topic: str, partition: int, groups: Iterable[Sequence[Record]],
-                       on_sent: Callable[[int], None] | None = None, fence: bool = False) -> tuple[int, int]:
+                       on_sent: Callable[[int], None] | None = None, fence: bool = False,
+                       before_send: Callable[[], Awaitable[None]] | None = None) -> tuple[int, int]:
     """Queue groups of ``(key, value)`` records for ``topic``/``partition`` in order.
 
     Returns the records sent and the bytes of their keys and values (the fence not counted).
 
-    ``on_sent(last_offset)`` is called once the last batch is on the broker.
+    ``on_sent(last_offset)`` is called once the last batch is on the broker;
+    ``before_send()`` is awaited before each batch is queued (it may raise to stop there).
     """
     producer = app.producer._ensure_producer()  # faust's aiokafka producer
     new = lambda: BatchBuilder(BATCH_BYTES, 0, is_transactional=False)  # noqa: E731 (0: no compression)
@@ -64,6 +66,8 @@ async def send_records(app, topic: str, partition: int, groups: Iterable[Sequenc
 
     async def send(b):
         nonlocal last, count
+        if before_send is not None:
+            await before_send()
         last, count = await producer.send_batch(b, topic, partition=partition), b.record_count()
 
     for group in groups:

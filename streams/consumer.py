@@ -216,7 +216,9 @@ class BatchingApp(faust.App):
     batch_topics: frozenset = frozenset()
     batch_max: int = 2000
     on_batch: BatchCallback | None = None
-    before_revoke: Callable[[], Awaitable[None]] | None = None
+    #: Awaited before a revoke and at a stop: flush what the batch callback holds. False: it could
+    #: not (its lease ran out while it waited), so a stop is not clean.
+    before_revoke: Callable[[], Awaitable[bool | None]] | None = None
     #: Called after each wait for a fetch: (seconds waited, whether it brought records).
     on_fetch: Callable[[float, bool], None] | None = None
     #: Called after a fetch of a changelog partition was restored in bulk (streams.restore): (tp, records written).
@@ -238,7 +240,8 @@ class BatchingApp(faust.App):
     def lease(self) -> GroupLease:
         """This worker's lease on the group (:mod:`streams.membership`): write only while it is fresh."""
         if self._lease is None:
-            self._lease = GroupLease(self.conf.broker_session_timeout)
+            self._lease = GroupLease(self.conf.broker_session_timeout,
+                                     rebalance_timeout=self.conf.broker_rebalance_timeout)
         return self._lease
 
     def group_coordinator(self):
@@ -271,7 +274,8 @@ class BatchingApp(faust.App):
                 flushed = False
             else:
                 try:
-                    await self.before_revoke()
+                    # (False: the lease ran out while the flush waited for one in progress)
+                    flushed = await self.before_revoke() is not False
                 except Exception:  # the broker may be gone: those records are re-read after a restart
                     self.log.exception("could not flush before stopping")
                     flushed = False

@@ -18,18 +18,30 @@ does not depend on them. Instead a worker writes only while it holds a lease:
   from the moment that heartbeat was *sent* (the broker counts the session
   from when it got it, which is later), and by each assignment. It is fresh
   for half the session timeout: with the worker's 1 s heartbeats it is
-  normally under 1 s old, and a flush that starts on a fresh lease has at
-  least half a session to get its records out before the broker could give
-  the partitions away. A flush, a snapshot or a publication on a stale lease
-  is skipped: nothing is lost, since nothing of it was acked.
+  normally under 1 s old, and the broker cannot give the partitions away
+  while it is fresh. A flush, a snapshot or a publication on a stale lease,
+  or once the broker has answered that it no longer knows the member, is
+  skipped: nothing is lost, since nothing of it was acked.
 * **A loss** is a revoke after the coordinator reset this member's
   generation (the broker answered that it no longer knows the member). The
   partitions were someone else's already: what the worker holds of them is
   dropped, not flushed.
+* **A rebalance** does not renew it. The coordinator answers heartbeats during
+  a rebalance, but drops a member that has not rejoined when the join phase
+  ends, one rebalance timeout after it began, whatever its heartbeats (found
+  by a review: a worker whose main loop was blocked past that, its consumer
+  thread still beating, flushed for up to ~10 s after its partitions had
+  moved). So the lease's term is also at most the rebalance timeout: a lease
+  last renewed before the rebalance began runs out before the join phase ends.
+* **A write that outlasts the lease** is checked again before each batch it
+  sends (a stall in the middle of a flush: found by the same review, the rest
+  of the flush went out unchecked). It waits for the next answered heartbeat,
+  or gives up once the broker has dropped the member or a rebalance is
+  pending (:class:`WritesFenced`); the worker then stops, unclean, since its
+  local stores hold what the changelogs may not.
 
-What is left unfenced: records already queued in the producer when the stall
-began, sent after it (a stall in the middle of a flush). Closing that needs
-transactions.
+What is left unfenced: batches already queued in the producer when the stall
+began, sent after it. Closing that needs transactions.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-__all__ = ["GroupLease", "membership_lost"]
+__all__ = ["GroupLease", "WritesFenced", "membership_lost", "rejoin_requested"]
 
 #: aiokafka's generation and member id after the coordinator reset them (OffsetCommitRequest.DEFAULT_GENERATION_ID,
 #: JoinGroupRequest.UNKNOWN_MEMBER_ID): the broker no longer knows this member, or it never joined.
@@ -53,6 +65,16 @@ def membership_lost(coordinator) -> bool:
     if coordinator is None:
         return False
     return coordinator.generation == _NO_GENERATION or coordinator.member_id == _NO_MEMBER
+
+
+def rejoin_requested(coordinator) -> bool:
+    """Whether ``coordinator`` (aiokafka's) is to rejoin the group: a rebalance is pending, partitions may move."""
+    pending = getattr(coordinator, "_rejoin_needed_fut", None)
+    return pending is not None and pending.done()
+
+
+class WritesFenced(RuntimeError):
+    """A write given up half-way: the lease ran out and the partitions may be another worker's."""
 
 
 class GroupLease:
@@ -78,16 +100,18 @@ class GroupLease:
     (False, 3.0)
     """
 
-    def __init__(self, session_timeout: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, session_timeout: float, clock: Callable[[], float] = time.monotonic,
+                 rebalance_timeout: float | None = None):
         self.session_timeout = float(session_timeout)
+        self.rebalance_timeout = float("inf") if rebalance_timeout is None else float(rebalance_timeout)
         self.clock = clock
         self.renewed_at = float("-inf")  # clock time of the newest proof of membership
         self._watched: object | None = None  # the coordinator whose heartbeats renew it
 
     @property
     def term(self) -> float:
-        """How long a renewal keeps the lease fresh: half the session timeout."""
-        return self.session_timeout / 2
+        """How long a renewal keeps the lease fresh: half the session timeout, at most the rebalance timeout."""
+        return min(self.session_timeout / 2, self.rebalance_timeout)
 
     def renew(self, at: float | None = None) -> None:
         """Membership was proven at clock time ``at`` (now when None); renewals never move it back."""
@@ -101,6 +125,14 @@ class GroupLease:
     def fresh(self) -> bool:
         """Whether the worker may write: renewed less than :attr:`term` ago, or in no group yet."""
         return self._watched is None or self.age() < self.term
+
+    def lost(self) -> bool:
+        """Whether the watched coordinator says the broker no longer knows this member."""
+        return membership_lost(self._watched)
+
+    def moving(self) -> bool:
+        """Whether the partitions may be changing hands: membership lost, or a rebalance pending."""
+        return self.lost() or rejoin_requested(self._watched)
 
     def watch(self, coordinator) -> None:
         """Renew the lease from every heartbeat ``coordinator`` (aiokafka's GroupCoordinator) gets answered.
@@ -116,7 +148,8 @@ class GroupLease:
         async def _do_heartbeat():
             sent = clock()
             ok = await beat()
-            if ok:
+            # (aiokafka answers True to REBALANCE_IN_PROGRESS too, having asked to rejoin: no renewal then)
+            if ok and not rejoin_requested(coordinator):
                 self.renew(sent)
             return ok
 

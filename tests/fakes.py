@@ -25,3 +25,19 @@ class FakeConsumer:
 
     def stop_flow(self):
         self.log.append(("stop_flow",))
+
+
+def fake_send_records(record):
+    """:func:`streams.batch_send.send_records` without a broker: ``record(topic, partition, groups)`` per call.
+
+    Awaits ``before_send`` first, once (as the real one does before each batch it queues).
+    """
+
+    async def send_records(app, topic, partition, groups, on_sent=None, fence=False, before_send=None):
+        if before_send is not None:
+            await before_send()
+        groups = [list(g) for g in groups]
+        record(topic, partition, groups)
+        return sum(len(g) for g in groups), 0
+
+    return send_records

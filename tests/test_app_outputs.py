@@ -15,6 +15,8 @@ from calibration.events import Impression, ShownItem, Watch
 from streams.app import RiskgateApp
 from streams.settings import load_settings
 
+from .fakes import fake_send_records
+
 
 def _app(tmp_path) -> RiskgateApp:
     # the broker is never contacted: outputs are read from _user_outputs' return value
@@ -273,11 +275,8 @@ def test_a_forget_read_again_sends_its_tombstones_again(tmp_path, monkeypatch):
 
     sent = []
 
-    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
-        sent.extend((topic, k, v) for g in groups for k, v in g)
-        return 0, 0
-
-    monkeypatch.setattr(app_module, "send_records", send_records)
+    monkeypatch.setattr(app_module, "send_records",
+                        fake_send_records(lambda topic, _, groups: sent.extend((topic, k, v) for g in groups for k, v in g)))
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
     soon = []
     for topic in (rg.thresholds_topic,):
@@ -299,4 +298,36 @@ def test_a_forget_read_again_sends_its_tombstones_again(tmp_path, monkeypatch):
     asyncio.run(rg._flush(0, part))
     assert [(k, v) for t, k, v in sent if t == rg.names.safe_pools] == [(b"w", None)]
     assert sorted(soon) == [(b"remove:user:w", None), (b"replace:user:w", None)]
+    assert eng.erased_again == set()
+
+
+def test_a_user_back_after_a_forget_read_again_keeps_the_value_sent_for_it(tmp_path, monkeypatch):
+    """Found by a review: the forget read again (a producer's retry, or a replay after a crash) and the
+    user's next event in one flush sent the user's new value, then the forget's tombstone after it: on the
+    compacted topic rankers lost the user's blocked tags until the user changed again."""
+    import asyncio
+
+    import streams.app as app_module
+    from calibration.events import Constraints, Forget
+
+    sent = []
+    monkeypatch.setattr(app_module, "send_records",
+                        fake_send_records(lambda topic, _, groups: sent.extend((topic, k, v) for g in groups for k, v in g)))
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    monkeypatch.setattr(rg.thresholds_topic, "send_soon", lambda key, value: None)
+    rg.app._consumer = SimpleNamespace(ack_offsets=lambda tp, offsets: None, topic_partitions=lambda topic: 1)
+    part = rg._partition(0)
+    eng = part.engine
+    eng.process(Impression("e1", "v", "s1", 1.0, 1, False, (ShownItem("z", 1.0),)), "impressions", 0)
+    eng.process(Forget("g1", "v", 5.0), "forget", 0)
+    part.last_message = SimpleNamespace(topic=rg.names.inputs[0], partition=0, offset=0)  # (table writes' event)
+    part.unacked = [SimpleNamespace(topic="forget", offset=0)]
+    asyncio.run(rg._flush(0, part))
+    sent.clear()
+    assert eng.process(Forget("g1", "v", 5.0), "forget", 1) == "duplicate"
+    assert eng.process(Constraints("c1", "v", 10.0, block_tags=("firearms",)), "constraints", 0) == "ok"
+    part.unacked = [SimpleNamespace(topic="forget", offset=1), SimpleNamespace(topic="constraints", offset=0)]
+    asyncio.run(rg._flush(0, part))
+    pools = [v for t, k, v in sent if t == rg.names.safe_pools and k == b"v"]
+    assert pools and pools[-1] is not None and orjson.loads(pools[-1])["blocked_tags"] == ["firearms"]
     assert eng.erased_again == set()

@@ -19,7 +19,7 @@ import streams.app as app_module
 from streams.app import RiskgateApp
 from streams.settings import load_settings
 
-from .fakes import FakeConsumer
+from .fakes import FakeConsumer, fake_send_records
 
 
 class _Record:
@@ -34,12 +34,7 @@ class _Record:
 def worker(tmp_path, monkeypatch):
     log = []
 
-    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
-        groups = [list(g) for g in groups]
-        log.append(("send", topic, partition, groups))
-        return sum(len(g) for g in groups), 0
-
-    monkeypatch.setattr(app_module, "send_records", send_records)
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(lambda *call: log.append(("send", *call))))
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
     rg.app._consumer = FakeConsumer(log)
     return rg, log

@@ -19,7 +19,7 @@ from streams.app import RiskgateApp
 from streams.membership import GroupLease, membership_lost
 from streams.settings import load_settings
 
-from .fakes import FakeConsumer
+from .fakes import FakeConsumer, fake_send_records
 
 
 class _Coordinator:
@@ -69,12 +69,7 @@ def test_a_reset_generation_or_member_id_is_a_lost_membership():
 def worker(tmp_path, monkeypatch):
     log, now = [], [1000.0]
 
-    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
-        groups = [list(g) for g in groups]
-        log.append(("send", topic, partition))
-        return sum(len(g) for g in groups), 0
-
-    monkeypatch.setattr(app_module, "send_records", send_records)
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(lambda t, p, _: log.append(("send", t, p))))
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=2))
     rg.app._consumer = FakeConsumer(log, highwater=1)
     rg.app._lease = GroupLease(6.0, clock=lambda: now[0])
@@ -164,3 +159,190 @@ def test_input_records_flow_only_after_the_recovery_of_the_current_assignment(wo
     asyncio.run(app._on_partitions_assigned(set(), 4))
     asyncio.run(app.tables.recovery.on_recovery_completed(4))
     assert app.inputs_open
+
+
+class _AiokafkaCoordinator:
+    """aiokafka's own heartbeat code (GroupCoordinator._do_heartbeat) over answers given as Kafka error codes."""
+
+    from aiokafka.consumer.group_coordinator import GroupCoordinator as _GC
+
+    _do_heartbeat = _GC._do_heartbeat
+    reset_generation = _GC.reset_generation
+    request_rejoin = _GC.request_rejoin
+    coordinator_dead = _GC.coordinator_dead
+
+    def __init__(self, loop, codes):
+        self.group_id, self.generation, self.member_id, self.coordinator_id = "riskgate", 3, "m-1", 0
+        self.codes = list(codes)
+        self._rejoin_needed_fut = loop.create_future()
+
+    async def _send_req(self, request):
+        return SimpleNamespace(error_code=self.codes.pop(0))
+
+
+NO_ERROR, REBALANCE_IN_PROGRESS, UNKNOWN_MEMBER_ID = 0, 27, 25
+
+
+def test_a_heartbeat_answered_during_a_rebalance_does_not_renew_the_lease():
+    """Found by a review: aiokafka counts a heartbeat answered REBALANCE_IN_PROGRESS as a success, yet the
+    coordinator drops a member that has not rejoined when the join phase ends, one rebalance timeout after
+    it began, whatever its heartbeats: a worker whose main loop was blocked past that kept flushing for up
+    to ~10 s after its partitions had moved. Nor may the lease outlast the rebalance timeout."""
+    now = [100.0]
+    lease = GroupLease(session_timeout=20.0, clock=lambda: now[0], rebalance_timeout=4.0)
+    assert lease.term == 4.0  # (half the session would be 10 s: past the join phase's end)
+    loop = asyncio.new_event_loop()
+    try:
+        coordinator = _AiokafkaCoordinator(loop, [NO_ERROR, REBALANCE_IN_PROGRESS, NO_ERROR])
+        lease.watch(coordinator)
+        assert loop.run_until_complete(coordinator._do_heartbeat()) is True
+        assert lease.renewed_at == 100.0 and not lease.moving()
+        now[0] = 101.0
+        assert loop.run_until_complete(coordinator._do_heartbeat()) is True  # (aiokafka: rebalancing, fine)
+        assert lease.renewed_at == 100.0 and lease.moving()  # not renewed: a rejoin is pending
+        now[0] = 102.0
+        loop.run_until_complete(coordinator._do_heartbeat())
+        assert lease.renewed_at == 100.0  # still pending until the next assignment renews it
+        now[0] = 104.0
+        assert not lease.fresh()
+    finally:
+        loop.close()
+
+
+def test_no_write_once_the_broker_no_longer_knows_the_member(worker):
+    """The lease may still be fresh when a heartbeat is refused (UNKNOWN_MEMBER_ID) and aiokafka resets
+    the generation: from then on nothing is written, before the revoke that follows reaches the main loop."""
+    rg, log, now = worker
+    loop = asyncio.new_event_loop()
+    try:
+        coordinator = _AiokafkaCoordinator(loop, [UNKNOWN_MEMBER_ID])
+        rg.app.lease.watch(coordinator)
+        assert loop.run_until_complete(coordinator._do_heartbeat()) is False
+    finally:
+        loop.close()
+    assert rg.app.lease.fresh() and rg.app.lease.lost()
+    asyncio.run(rg._on_batch([_flag("f1")]))
+    asyncio.run(rg._flush_all())
+    asyncio.run(rg._send_snapshots(1))
+    assert not [e for e in log if e[0] in ("send", "ack")]
+    assert _fenced(rg, "flush") == 1 and _fenced(rg, "snapshot") == 1
+    assert rg._fenced_out is None and rg.partitions[1].unacked  # (kept for the revoke that follows: no stop)
+
+
+def _two_partitions_of_flags(rg):
+    asyncio.run(rg._on_batch([_flag("f1"), SimpleNamespace(**{**vars(_flag("f2")), "partition": 0})]))
+    assert set(rg.partitions) == {0, 1}
+
+
+def test_a_flush_stalled_half_way_waits_for_the_group_then_goes_on(worker, monkeypatch):
+    """A stall inside a flush (a paused VM): the rest of it waits for the next answered heartbeat."""
+    rg, log, now = worker
+    monkeypatch.setattr(app_module, "LEASE_POLL", 0)
+    _two_partitions_of_flags(rg)
+    sends = []
+
+    def record(topic, partition, groups):
+        sends.append((topic, partition, now[0]))
+        if len(sends) == 1:
+            now[0] += 60.0  # stopped for a minute while this send was queued
+
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(record))
+
+    async def scenario():
+        flush = asyncio.create_task(rg._flush_all())
+        while len(sends) < 1 or rg.app.lease.fresh():
+            await asyncio.sleep(0)
+        for _ in range(5):  # the flush is waiting, not writing
+            await asyncio.sleep(0)
+        assert len(sends) == 1
+        rg.app.lease.renew()  # a heartbeat answered: still a member, same generation
+        return await flush
+
+    assert asyncio.run(scenario()) is True
+    assert len(sends) > 1 and all(t >= 1060.0 for _, _, t in sends[1:])
+    assert sorted(e[2] for e in log if e[0] == "ack") == [0, 1] and rg._fenced_out is None
+
+
+def test_a_flush_whose_partitions_moved_half_way_stops_the_worker_unclean(worker, monkeypatch):
+    """Found by a review: a flush checked the lease once, then wrote its other partitions, their
+    outputs and acks after a stall in the middle of it, whatever had become of the partitions."""
+    rg, log, now = worker
+    monkeypatch.setattr(app_module, "LEASE_POLL", 0)
+    _two_partitions_of_flags(rg)
+    coordinator = _Coordinator()
+    rg.app.lease._watched = coordinator
+    sends = []
+
+    def record(topic, partition, groups):
+        sends.append((topic, partition))
+        if len(sends) == 1:
+            now[0] += 60.0  # stopped for a minute: the broker dropped the member meanwhile
+            coordinator.generation, coordinator.member_id = -1, ""
+
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(record))
+    crashed = []
+
+    async def crash(reason):
+        crashed.append(reason)
+
+    monkeypatch.setattr(rg.app, "crash", crash)
+    rg.app.inputs_open = True
+    assert asyncio.run(rg._flush_all()) is False
+    assert len(sends) == 1 and not [e for e in log if e[0] == "ack"]  # nothing after the stall
+    assert [type(r).__name__ for r in crashed] == ["WritesFenced"] and not rg.app.inputs_open
+    assert rg.partitions == {} and _fenced(rg, "flush") == 1
+    coordinator.generation, coordinator.member_id = 4, "m-2"  # (even were it to come back)
+    rg.app.lease.renew()
+    assert asyncio.run(rg._flush_and_sync()) is False  # the stop that follows writes nothing: not clean
+
+
+def test_events_dropped_with_lost_partitions_are_counted_once_read_again(worker, monkeypatch):
+    """Found by a review: the counts of events dropped unflushed were kept, and counted again with the
+    same records read again."""
+    rg, log, now = worker
+
+    async def faust_revoke(self, tps):
+        return None
+
+    monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_revoke)
+    flags_ok = rg.metrics.events.labels("flag", "ok")
+    asyncio.run(rg._on_batch([_flag("f1")]))
+    rg.app.group_coordinator = lambda: _Coordinator(generation=-1, member_id="")
+    asyncio.run(rg.app._on_partitions_revoked({("flags", 1)}))
+    assert rg.partitions == {}
+    rg.app.group_coordinator = lambda: _Coordinator()
+    asyncio.run(rg._on_batch([_flag("f1")]))  # read again from the committed offset
+    asyncio.run(rg._flush_all())
+    assert flags_ok._value.get() == 1
+
+
+def test_a_stop_whose_flush_found_the_lease_run_out_is_not_clean(worker, monkeypatch):
+    """Found by a review: the lease was checked before the stop's flush waited for one in progress; run
+    out by then, the flush wrote nothing, and the stop was counted clean (a local store vouched for)."""
+    rg, log, now = worker
+
+    async def faust_on_stop(self):
+        return None
+
+    monkeypatch.setattr(faust.App, "on_stop", faust_on_stop)
+    asyncio.run(rg._on_batch([_flag("f1")]))
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def flush_in_progress():  # its sends wait on a broker that does not answer
+            async with rg._flush_lock:
+                await release.wait()
+                now[0] += 15.0  # no heartbeat answered meanwhile
+
+        busy = asyncio.create_task(flush_in_progress())
+        await asyncio.sleep(0)
+        stop = asyncio.create_task(rg.app.on_stop())  # SIGTERM, on a fresh lease
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(busy, stop)
+
+    asyncio.run(scenario())
+    assert not rg.app.stopped_cleanly and not [e for e in log if e[0] == "ack"]
+    rg.mark_clean_stop()
+    assert not rg._clean_stop_marker.exists()

@@ -66,7 +66,7 @@ def test_events_of_an_unreadable_user_are_dead_lettered_and_the_rest_go_on(tmp_p
     record = orjson.loads(value)
     assert key == b"bad" and record["reason"].startswith("unreadable_state: ") and "'bad'" in record["reason"]
     assert base64.b64decode(record["value"]) == items[0][0].value  # the original bytes, to replay after a repair
-    assert rg._counts == collections.Counter({("impressions", "unreadable_state"): 1, ("watch", "ok"): 1})
+    assert part.counts == collections.Counter({("impressions", "unreadable_state"): 1, ("watch", "ok"): 1})
     assert part.users.get("good").history["i2"].watched
     asyncio.run(rg._check_health())
     assert rg.metrics.unreadable_users._value.get() == 1
@@ -114,7 +114,7 @@ def test_a_pending_slate_of_an_unreadable_user_stays_pending_and_the_others_matu
     assert part.engine.matured_counts["holdout"] == 1  # "ok"'s slate
     assert part.users.get("ok").pending == [] and len(part.users.get("ok").recent) == 1
     assert part.users.unreadable.keys() == {"bad"}
-    assert rg._counts == collections.Counter({("watch", "ok"): 1})
+    assert part.counts == collections.Counter({("watch", "ok"): 1})
 
 
 def test_an_unreadable_partition_meta_record_starts_the_watermark_afresh():
@@ -202,7 +202,7 @@ def test_a_user_whose_state_breaks_while_applied_is_set_aside_and_the_partition_
     assert [(r["reason"].split(":")[0], "counts must be non-negative" in r["reason"]) for r in letters] == [
         ("unreadable_state", True)]
     assert set(part.users.unreadable) == {"broken", "late-breaker"}
-    assert rg._counts[("watch", "unreadable_state")] == 1 and rg._counts[("watch", "ok")] == 1
+    assert part.counts[("watch", "unreadable_state")] == 1 and part.counts[("watch", "ok")] == 1
     assert part.engine.monitors and part.users.get("good").history["i1"].watched
     run(watch("broken", 201.0))  # and its later events follow, without reading it again
     assert len(rg._dead[0]) == 2

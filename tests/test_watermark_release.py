@@ -16,7 +16,7 @@ import orjson
 from streams.app import RiskgateApp
 from streams.settings import load_settings
 
-from .fakes import FakeConsumer
+from .fakes import FakeConsumer, fake_send_records
 
 
 def _impression(uid: str, event_id: str, ts: float) -> bytes:
@@ -27,10 +27,7 @@ def _impression(uid: str, event_id: str, ts: float) -> bytes:
 def test_a_topic_read_to_its_end_stops_holding_the_watermark_without_another_batch(tmp_path, monkeypatch):
     import streams.app as app_module
 
-    async def send_records(app, topic, partition, groups, on_sent=None, fence=False):
-        return 0, 0
-
-    monkeypatch.setattr(app_module, "send_records", send_records)
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(lambda *_: None))
     rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1,
                                    label_window=10.0, allowed_lateness=0.0))
     impressions = rg.names.prefix + "impressions"
