@@ -750,8 +750,11 @@ class RiskgateApp:
         """Send every assigned partition's window totals, idle ones too (their ``round_`` completes the round)."""
         # During a rebalance the tables are still being restored: an engine built
         # now would rebuild its window from part of the changelog, and stay
-        # cached with it after the recovery ends (a wrong, small window).
-        if self.app.rebalancing or not self._may_write("snapshot"):
+        # cached with it after the recovery ends (a wrong, small window). Nor between a revoke and
+        # the next assignment, which Faust's `rebalancing` does not always cover (found by a review:
+        # a revoked generation's recovery completing late ends it): the assignor's partitions are
+        # the revoked ones then, and engines built for them would be another worker's.
+        if self.app.rebalancing or self.app.awaiting_assignment or not self._may_write("snapshot"):
             return
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == self.names.inputs[0]:

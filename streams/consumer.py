@@ -233,7 +233,9 @@ class BatchingApp(faust.App):
     #: flow, and records applied then, between riskgate's pre-revoke flush and the next assignment,
     #: were lost (found by a crash audit: 291 first watches and an impression of 11 users).
     inputs_open: bool = False
-    _awaiting_assignment: bool = True  # between a revoke and the assignment that follows it
+    #: Between a revoke and the assignment that follows it (Faust's `rebalancing` is not: a recovery of a
+    #: revoked assignment, completing late, ends it early).
+    awaiting_assignment: bool = True
     _recovery_watched: object | None = None
 
     @property
@@ -289,7 +291,7 @@ class BatchingApp(faust.App):
         # first (Faust stops it only after this), so that no chunk of a fetch is
         # delivered after that flush (_drain_messages checks it before each).
         self.inputs_open = False
-        self._awaiting_assignment = True
+        self.awaiting_assignment = True
         if self.before_revoke is not None and not self.should_stop:
             self.consumer.stop_flow()
             lost = membership_lost(self.group_coordinator())
@@ -313,7 +315,7 @@ class BatchingApp(faust.App):
         if coordinator is None:
             self.log.error("no group coordinator to watch: writes of a worker stalled past its session are not fenced")
         self.lease.watch(coordinator)
-        self._awaiting_assignment = False
+        self.awaiting_assignment = False
         self._open_inputs_after_recovery()
         await super()._on_partitions_assigned(assigned, generation_id)
 
@@ -329,7 +331,7 @@ class BatchingApp(faust.App):
             # offsets: what is fetched from there on must be delivered (skipped records are read
             # again only after a seek). Not for a recovery of an assignment revoked since: its
             # records are skipped, and the next assignment's recovery seeks back to them.
-            if not self._awaiting_assignment and generation_id == self.consumer_generation_id:
+            if not self.awaiting_assignment and generation_id == self.consumer_generation_id:
                 self.inputs_open = True
             await completed(generation_id)
 

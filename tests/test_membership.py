@@ -11,6 +11,7 @@ import asyncio
 from types import SimpleNamespace
 
 import faust
+from faust.types import TP
 import orjson
 import pytest
 
@@ -75,6 +76,7 @@ def worker(tmp_path, monkeypatch):
     rg.app._lease = GroupLease(6.0, clock=lambda: now[0])
     rg.app.lease.watch(_Coordinator())
     rg.app.lease.renew()
+    rg.app.awaiting_assignment = False  # (as after an assignment)
     return rg, log, now
 
 
@@ -346,3 +348,32 @@ def test_a_stop_whose_flush_found_the_lease_run_out_is_not_clean(worker, monkeyp
     assert not rg.app.stopped_cleanly and not [e for e in log if e[0] == "ack"]
     rg.mark_clean_stop()
     assert not rg._clean_stop_marker.exists()
+
+
+def test_no_snapshot_between_a_revoke_and_the_next_assignment(worker, monkeypatch):
+    """Found by a review: a revoked generation's recovery completing late ends Faust's `rebalancing`
+    before the next assignment; snapshots then built engines for the assignor's partitions, the revoked
+    ones, and sent their windows as this worker's."""
+    rg, log, now = worker
+    app = rg.app
+    sent = []
+
+    async def send(key, value):
+        sent.append(key)
+
+    async def faust_noop(self, *args):
+        return None
+
+    monkeypatch.setattr(rg.partials_topic, "send", send)
+    monkeypatch.setattr(faust.App, "_on_partitions_assigned", faust_noop)
+    monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_noop)
+    monkeypatch.setattr(app.assignor, "assigned_actives", lambda: {TP(rg.names.inputs[0], 0)})
+    app.group_coordinator = lambda: _Coordinator()
+    asyncio.run(app._on_partitions_assigned({TP(rg.names.inputs[0], 0)}, 3))
+    asyncio.run(rg._send_snapshots(1))
+    assert sent == [b"0"]  # assigned: its window goes out, idle or not
+    asyncio.run(app._on_partitions_revoked({TP(rg.names.inputs[0], 0)}))
+    asyncio.run(rg._on_revoked(app, {TP(rg.names.inputs[0], 0)}))  # (Faust's signal, from its revoke)
+    assert rg.partitions == {} and not app.rebalancing  # (as after a stale recovery's completion)
+    asyncio.run(rg._send_snapshots(2))
+    assert sent == [b"0"] and rg.partitions == {}
