@@ -33,6 +33,10 @@ does not depend on them. Instead a worker writes only while it holds a lease:
   thread still beating, flushed for up to ~10 s after its partitions had
   moved). So the lease's term is also at most the rebalance timeout: a lease
   last renewed before the rebalance began runs out before the join phase ends.
+  (aiokafka's heartbeat says only True, also for "rebalance in progress", after
+  which it asks to rejoin: no renewal is taken while a rejoin is pending. One
+  asked for by the worker itself, on a metadata change, stops renewals too
+  until the next assignment: stricter than needed, never less safe.)
 * **A write that outlasts the lease** is checked again before each batch it
   sends (a stall in the middle of a flush: found by the same review, the rest
   of the flush went out unchecked). It waits for the next answered heartbeat,
