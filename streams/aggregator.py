@@ -67,6 +67,10 @@ class Aggregator:
         self._last.clear()
         self._waiting_since = None
 
+    def unsent(self, key: str) -> None:
+        """A publication :meth:`due` handed out was not sent: due again at the next round (its version stays used)."""
+        self._last.pop(key, None)
+
     def update(self, partition: int, watermark, span, totals: dict[tuple[str, str], CurveAccumulator],
                through: float | None = None, round_: int | None = None) -> None:
         self.snapshots[partition] = (watermark, span, totals)

@@ -796,8 +796,10 @@ class RiskgateApp:
                 # anyone sees them: a restart that restores the table from there
                 # must never hand out a version again.
                 await self.app.producer.flush()
-            for pub in pubs:
+            for i, pub in enumerate(pubs):
                 if not self._may_write("publish"):  # (again: the flush and each send may have waited)
+                    for rest in pubs[i:]:
+                        self.aggregator.unsent(rest.key)
                     break
                 await self.thresholds_topic.send(key=pub.key.encode(),
                                                  value=threshold_message(pub.result, self.config, pub.version,

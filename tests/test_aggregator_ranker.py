@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import time
 from types import SimpleNamespace
 
 import orjson
@@ -151,6 +152,17 @@ def test_publish_rule_interval_heartbeat_and_growing_versions():
     assert versions["remove:global"] == 1_071_000
 
 
+def test_a_publication_not_sent_is_due_again_at_the_next_round():
+    """A publication handed out by due() but not sent (the worker's lease ran out between two sends)
+    was remembered as published: the key waited for a change of value or the heartbeat."""
+    agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0)
+    agg.update(0, None, None, _engine("x", 40).calibrator.snapshot())
+    assert "remove:global" in {p.key for p in agg.due(1000.0)}
+    assert agg.due(1010.0) == []  # sent: nothing changed since
+    agg.unsent("remove:global")
+    assert [p.key for p in agg.due(1020.0)] == ["remove:global"]
+
+
 def test_versions_grow_strictly_past_a_stored_version_ahead_of_the_clock():
     versions = {"remove:global": 5_000_000}  # written by an owner whose clock ran ahead, or by a restart
     agg = Aggregator(CFG, recompute_interval=10.0, heartbeat=60.0, versions=versions)
@@ -268,3 +280,38 @@ def test_rounds_from_the_past_are_not_published_and_a_lost_partition_forgets_its
     assert agg.due(1100.5)  # the present again
     agg.reset()  # the partition went to another worker
     assert agg.missing() == [0, 1] and agg.due(1101.0) == []  # a fresh start: every partition again
+
+
+def test_publications_cut_short_by_the_lease_are_due_again(tmp_path, monkeypatch):
+    """The lease is asked again before each publication of a round; those not sent are due again."""
+    import streams.app as app_module
+    from streams.app import RiskgateApp
+    from streams.settings import load_settings
+
+    rg = RiskgateApp(load_settings(data_dir=str(tmp_path), broker="kafka://127.0.0.1:1", topic_partitions=1))
+    grid = len(rg.config.grid)
+    snapshot = encode_snapshot(0, 5.0, None, {(s, "global"): CurveAccumulator(grid) for s in ("remove", "replace")},
+                               4.0, None)
+    sent, answers = [], iter([True, True])  # the round's check, the first send's; then the lease runs out
+
+    async def send(key, value):
+        sent.append(key)
+
+    async def flush():
+        return None
+
+    class Stream:
+        async def take_events(self, n, within):
+            yield [SimpleNamespace(message=SimpleNamespace(topic="riskgate-partials", partition=0, offset=0, key=None,
+                                                           value=snapshot))]
+
+    monkeypatch.setattr(app_module, "_in_event_of", lambda event: None)  # (no Faust event to write tables in)
+    monkeypatch.setattr(rg.thresholds_topic, "send", send)
+    monkeypatch.setattr(rg.app.producer, "flush", flush)
+    monkeypatch.setattr(rg, "_may_write", lambda what: next(answers, False))
+    monkeypatch.setattr(rg, "_record", lambda pub: None)
+    rg.aggregator.versions = {}  # (the versions table needs a Faust event to write in)
+    asyncio.run(rg._aggregate(Stream()))
+    assert len(sent) == 1
+    due = {p.key for p in rg.aggregator.due(time.time())}
+    assert len(due) >= 5 and sent[0].decode() not in due  # the rest of the round (global, bands), not the one sent
