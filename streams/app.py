@@ -469,13 +469,19 @@ class RiskgateApp:
         paused VM, a long GIL-holding pause) was followed by the rest of the flush,
         unchecked. Once the next heartbeat is answered the partitions are still this
         worker's and the flush goes on; raises :class:`WritesFenced` once the broker
-        has dropped the member or a rebalance is pending, or at a stop.
+        has dropped the member, a rebalance is pending, a whole session timeout has
+        passed unanswered, or at a stop.
         """
         lease = self.app.lease
         while not (lease.fresh() and not lease.lost()):
-            if self._fenced_out is not None or lease.moving() or self.app.should_stop:
-                raise WritesFenced(f"no heartbeat answered for {lease.age():.1f} s in the middle of a flush, and "
-                                   f"{'the broker no longer knows this member' if lease.lost() else 'a rebalance is pending'}")
+            # (A whole session unanswered: the broker has dropped the member by now, though aiokafka may
+            # never say so, its heartbeat task gone on an error it does not retry.)
+            if (self._fenced_out is not None or lease.moving() or self.app.should_stop
+                    or lease.age() >= lease.session_timeout):
+                why = ("the broker no longer knows this member" if lease.lost() else
+                       "a rebalance is pending" if lease.moving() else
+                       "the worker is stopping" if self.app.should_stop else "a whole session went unanswered")
+                raise WritesFenced(f"no heartbeat answered for {lease.age():.1f} s in the middle of a flush, and {why}")
             await asyncio.sleep(LEASE_POLL)
 
     async def _give_up(self, e: WritesFenced) -> None:
@@ -508,11 +514,16 @@ class RiskgateApp:
                 for p, part in list(self.partitions.items()):
                     if self._due(part) or (sync and part.deferred):
                         await self._flush(p, part, sync)
-                    elif sync:
-                        part.users.sync()  # nothing changed since its last flush
             except WritesFenced as e:
                 await self._give_up(e)
                 return False
+            if sync:
+                # After the sends, not before: local only, and before a revoke the lease runs out
+                # within the rebalance timeout (a review saw a healthy worker give up its pre-revoke
+                # flush while it wrote 28k users to RocksDB first). Nothing was applied since the
+                # flush: the inputs are closed at a revoke and at a stop.
+                for part in self.partitions.values():
+                    part.users.sync()
             self._unflushed = sum(len(part.unacked) for part in self.partitions.values())
             self.metrics.users_cached.set(sum(part.users.cached for part in self.partitions.values()))
             self._flushed_at = time.monotonic()
@@ -535,7 +546,7 @@ class RiskgateApp:
         dead = self._dead.pop(p, None)
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
-        written, deleted, groups = part.users.flush(sync)
+        written, deleted, groups = part.users.flush()  # (a sync of the local store: after, see _flush_all)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
@@ -544,16 +555,23 @@ class RiskgateApp:
         del ctx
         if wm is not None:
             self.metrics.watermark.labels(str(p)).set(wm)
-        # Forgets read again: tombstones again, unless the user is back (written in this flush: its
-        # value is in `outgoing`, and a tombstone after it erased the user from rankers).
-        again = sorted(eng.erased_again - deleted - written)
+        # Forgets read again: tombstones again. A user back since has a value of this flush in
+        # `outgoing` for some keys (its pool, say): a tombstone after it erased the user from
+        # rankers, so those keys get none; the others still do (its own λ̂ of before the forget).
+        again = sorted(eng.erased_again - deleted)
         eng.erased_again.clear()
+        if again:
+            sent_now = {(t, k) for t, k, _ in outgoing}
         for uid in [*deleted, *again]:
-            part.pools.pop(uid, None)
-            part.own.pop(uid, None)
-            outgoing.append((self.pools_topic, uid.encode(), None))
+            key = uid.encode()
+            if not again or (self.pools_topic, key) not in sent_now:
+                part.pools.pop(uid, None)
+                outgoing.append((self.pools_topic, key, None))
             for st in self.config.strategies:
-                outgoing.append((self.thresholds_topic, threshold_key(st, user_group(uid)).encode(), None))
+                tkey = threshold_key(st, user_group(uid)).encode()
+                if not again or (self.thresholds_topic, tkey) not in sent_now:
+                    part.own.pop(uid, None)
+                    outgoing.append((self.thresholds_topic, tkey, None))
         changelog = self.users_table.changelog_topic.get_topic_name()
         hold = self._hold_lease
         records, size = await send_records(self.app, changelog, p, groups, on_sent=part.users.note_sent,
@@ -682,7 +700,12 @@ class RiskgateApp:
         partition right after a restart); only the partition's next batch cleared it, so a partition
         that got no more input kept its watermark frozen and its slates unmatured for good (crash
         audit: 267 slates on four partitions). The health tick asks here with the ends it fetched.
+
+        Not while the inputs are closed: a revoke's or a stop's flush, which syncs the local stores
+        after its sends, must be the last change to the users until the next assignment.
         """
+        if not self.app.inputs_open:
+            return
         consumer = self.app.consumer
         for p, part in list(self.partitions.items()):
             clock = part.engine.clock
@@ -754,7 +777,8 @@ class RiskgateApp:
         # the next assignment, which Faust's `rebalancing` does not always cover (found by a review:
         # a revoked generation's recovery completing late ends it): the assignor's partitions are
         # the revoked ones then, and engines built for them would be another worker's.
-        if self.app.rebalancing or self.app.awaiting_assignment or not self._may_write("snapshot"):
+        if (self.app.rebalancing or self.app.awaiting_assignment or not self.app.inputs_open
+                or not self._may_write("snapshot")):
             return
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == self.names.inputs[0]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Awaitable, Callable, Iterable, Sequence
 
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import TopicPartition
 
 __all__ = ["send_records", "BATCH_BYTES", "FENCE_KEY"]
 
@@ -64,10 +65,22 @@ async def send_records(app, topic: str, partition: int, groups: Iterable[Sequenc
     last = None
     count = n = payload = 0
 
+    tp = TopicPartition(topic, partition)
+
     async def send(b):
         nonlocal last, count
         if before_send is not None:
-            await before_send()
+            # aiokafka queues one batch a partition: send_batch waits for the one before it
+            # to go out, then appends, with no word in between. Waited for here, so that the
+            # check is the last thing before the append (found by a review: a slow broker let
+            # a batch in after the lease had run out while send_batch waited).
+            queued = producer._message_accumulator._batches
+            while True:
+                await before_send()
+                pending = queued.get(tp)
+                if not pending:
+                    break
+                await pending[-1].wait_drain(timeout=producer._request_timeout_ms / 1000)
         last, count = await producer.send_batch(b, topic, partition=partition), b.record_count()
 
     for group in groups:

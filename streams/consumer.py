@@ -266,6 +266,7 @@ class BatchingApp(faust.App):
         # A stop flushes what the batch callback holds, like a rebalance, then
         # Faust stops the consumer and flushes the producer.
         flushed = True
+        self.inputs_open = False  # (the stop's flush is the last: what is fetched after it is read again)
         if self.before_revoke is not None:
             if not self.lease.fresh():
                 # Partitions this worker may no longer own: its writes could land after the new

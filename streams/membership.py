@@ -31,12 +31,11 @@ does not depend on them. Instead a worker writes only while it holds a lease:
   ends, one rebalance timeout after it began, whatever its heartbeats (found
   by a review: a worker whose main loop was blocked past that, its consumer
   thread still beating, flushed for up to ~10 s after its partitions had
-  moved). So the lease's term is also at most the rebalance timeout: a lease
-  last renewed before the rebalance began runs out before the join phase ends.
-  (aiokafka's heartbeat says only True, also for "rebalance in progress", after
-  which it asks to rejoin: no renewal is taken while a rejoin is pending. One
-  asked for by the worker itself, on a metadata change, stops renewals too
-  until the next assignment: stricter than needed, never less safe.)
+  moved). Only a heartbeat answered with no error renews it, and its term is
+  also at most the rebalance timeout: a lease last renewed before the
+  rebalance began runs out before the join phase ends. (A rejoin the worker
+  asks for itself, on a metadata change, starts no deadline at the broker,
+  whose answers go on renewing the lease until this member's JoinGroup.)
 * **A write that outlasts the lease** is checked again before each batch it
   sends (a stall in the middle of a flush: found by the same review, the rest
   of the flush went out unchecked). It waits for the next answered heartbeat,
@@ -59,6 +58,8 @@ __all__ = ["GroupLease", "WritesFenced", "membership_lost", "rejoin_requested"]
 #: JoinGroupRequest.UNKNOWN_MEMBER_ID): the broker no longer knows this member, or it never joined.
 _NO_GENERATION = -1
 _NO_MEMBER = ""
+#: The Kafka API key of a Heartbeat request (aiokafka.protocol.group.HeartbeatRequest.API_KEY).
+HEARTBEAT_API_KEY = 12
 
 
 def membership_lost(coordinator) -> bool:
@@ -91,8 +92,8 @@ class GroupLease:
     Examples
     --------
     >>> class Coordinator:
-    ...     async def _do_heartbeat(self):
-    ...         return True
+    ...     async def _send_req(self, request):
+    ...         return None
     >>> now = [100.0]
     >>> lease = GroupLease(session_timeout=6.0, clock=lambda: now[0])
     >>> lease.fresh()  # in no group yet
@@ -139,23 +140,24 @@ class GroupLease:
         return self.lost() or rejoin_requested(self._watched)
 
     def watch(self, coordinator) -> None:
-        """Renew the lease from every heartbeat ``coordinator`` (aiokafka's GroupCoordinator) gets answered.
+        """Renew the lease from every heartbeat ``coordinator`` (aiokafka's GroupCoordinator) gets answered
+        with no error, from when it was sent.
 
-        Wraps the instance's ``_do_heartbeat`` (the heartbeat routine looks it up at
-        each beat, in the consumer's thread); once per coordinator.
+        Wraps the instance's ``_send_req`` (its heartbeat routine, in the consumer's
+        thread, sends through it): aiokafka's own heartbeat call says only True or
+        False, and True also for "rebalance in progress". Once per coordinator.
         """
         if coordinator is None or coordinator is self._watched:
             return
-        beat = coordinator._do_heartbeat
+        send = coordinator._send_req
         clock = self.clock
 
-        async def _do_heartbeat():
+        async def _send_req(request):
             sent = clock()
-            ok = await beat()
-            # (aiokafka answers True to REBALANCE_IN_PROGRESS too, having asked to rejoin: no renewal then)
-            if ok and not rejoin_requested(coordinator):
+            response = await send(request)
+            if getattr(request, "API_KEY", None) == HEARTBEAT_API_KEY and getattr(response, "error_code", None) == 0:
                 self.renew(sent)
-            return ok
+            return response
 
-        coordinator._do_heartbeat = _do_heartbeat
+        coordinator._send_req = _send_req
         self._watched = coordinator

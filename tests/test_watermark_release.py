@@ -43,9 +43,14 @@ def test_a_topic_read_to_its_end_stops_holding_the_watermark_without_another_bat
     asyncio.run(rg._flush_all())
     assert not rg._due(part)
 
+    rg.app.inputs_open = True  # (as after the assignment's recovery)
     rg._release_caught_up({})
     assert part.engine.pending == 2  # still unknown: still held back
     ends.update({rg.names.prefix + t: 0 for t in ("watch", "flags", "constraints", "forget")})  # empty topics
+    rg.app.inputs_open = False  # a revoke or a stop: its flush (local sync last) is the last change
+    rg._release_caught_up({})
+    assert part.engine.pending == 2
+    rg.app.inputs_open = True
     rg._release_caught_up({})
     assert part.engine.pending == 1 and part.engine.matured_counts["holdout"] == 1  # ts 100 + 10 < 200
     assert rg._due(part)  # the matured user is written by the next flush, with no record to ack
