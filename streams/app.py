@@ -143,6 +143,7 @@ class RiskgateApp:
         self._waiting_logged_at = float("-inf")  # when the aggregator last said what it waits for
         self._fenced_logged_at = float("-inf")  # when a write skipped on a stale lease was last logged
         self._fenced_out: WritesFenced | None = None  # a flush given up half-way: this worker writes no more
+        self._local_ahead = False  # a flush wrote a local store and has not queued all of its sends yet
         self.app = app = BatchingApp(
             s.app_id,
             broker=s.broker,
@@ -485,20 +486,28 @@ class RiskgateApp:
             await asyncio.sleep(LEASE_POLL)
 
     async def _give_up(self, e: WritesFenced) -> None:
-        """A flush given up half-way: stop, unclean, so that the next start restores from the changelogs.
+        """A flush given up half-way: drop what is held unflushed; stop unclean if that is not enough.
 
-        What it wrote before giving up is in the local stores (a flush writes them before its
-        sends) and partly not in the changelogs: a store ahead of its changelog must not be
-        restored from, which only a restart on a crash ensures (:meth:`_discard_local_state_after_a_crash`).
-        Nothing of it was acked: its records are read again by the partitions' next owner.
+        Nothing of the flush was acked: its records are read again by the partitions' next
+        owner, from the committed offsets. When a rebalance follows (the member was dropped, or
+        one is pending) and no local store got ahead of its changelog, dropping is enough: the
+        next assignment restores from them and seeks back. Otherwise the worker stops unclean,
+        so that its next start restores from the changelogs alone
+        (:meth:`_discard_local_state_after_a_crash`): a flush writes evicted users, forgets and
+        periodic syncs to the local store before its sends, and no rebalance may be coming (a
+        whole session unanswered: aiokafka's heartbeat task may be gone).
         """
-        self._fenced_out = e
-        self.app.inputs_open = False  # (nothing more is applied: it could not be written)
         self.metrics.fenced.labels("flush").inc()
-        log.error("flush given up: %s; stopping, unclean: the next start restores from the changelogs", e)
+        self.app.inputs_open = False  # (nothing more is applied until an assignment's recovery)
         for p in set(self.partitions) | set(self._dead):
             self._drop_partition(p)
         self._unflushed = 0
+        lease = self.app.lease
+        if not self._local_ahead and (lease.moving() or self.app.should_stop):
+            log.warning("flush given up: %s; what was not flushed is dropped, and read again after the rebalance", e)
+            return
+        self._fenced_out = e
+        log.error("flush given up: %s; stopping, unclean: the next start restores from the changelogs", e)
         await self.app.crash(e)
 
     async def _flush_all(self, sync: bool = False) -> bool:
@@ -547,6 +556,7 @@ class RiskgateApp:
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
         written, deleted, groups = part.users.flush()  # (a sync of the local store: after, see _flush_all)
+        self._local_ahead = part.users.wrote_local  # (until this partition's sends are queued)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
@@ -590,6 +600,7 @@ class RiskgateApp:
                 topic.send_soon(key=key, value=value)
         if dead:
             await send_records(self.app, self.names.dlq, 0, [[r] for r in dead], before_send=hold)
+        self._local_ahead = False
         by_topic: dict = defaultdict(list)
         for msg in unacked:
             by_topic[msg.topic].append(msg.offset)

@@ -39,9 +39,10 @@ does not depend on them. Instead a worker writes only while it holds a lease:
 * **A write that outlasts the lease** is checked again before each batch it
   sends (a stall in the middle of a flush: found by the same review, the rest
   of the flush went out unchecked). It waits for the next answered heartbeat,
-  or gives up once the broker has dropped the member or a rebalance is
-  pending (:class:`WritesFenced`); the worker then stops, unclean, since its
-  local stores hold what the changelogs may not.
+  or gives up once the broker has dropped the member, a rebalance is pending
+  or a whole session went unanswered (:class:`WritesFenced`): what is held
+  unflushed is dropped (``RiskgateApp._give_up``), and the worker stops
+  unclean if a local store got ahead of its changelog.
 
 What is left unfenced: batches already queued in the producer when the stall
 began, sent after it. Closing that needs transactions.

@@ -311,6 +311,7 @@ class TableUsers:
         # UserState.touched; with WHOLE: the whole user, and the ids it held then).
         self._local: dict[str, set] = {}
         self._sent: int | None = None  # last changelog offset known to be on the broker
+        self.wrote_local = False  # whether the last flush wrote the local database (before its sends)
         # Users whose stored state cannot be decoded (UnreadableUser) -> why, remembered so
         # that each of their events does not read and fail again; a forget clears them.
         self.unreadable: dict[str, str] = {}
@@ -587,7 +588,10 @@ class TableUsers:
                 self._put(batch, self._local_records(uid, state, local.pop(uid)))
         if sync or time.monotonic() - self._synced_at >= self.sync_interval:
             self._sync_into(batch)
-        if batch.len():
+        # (Ahead of the changelog until the groups are sent: a flush given up before that leaves
+        # a local database that must not be restored from. See RiskgateApp._give_up.)
+        self.wrote_local = bool(batch.len())
+        if self.wrote_local:
             self._db.write(batch)
         return written, set(deleted) - written, groups
 
