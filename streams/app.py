@@ -63,6 +63,10 @@ log = logging.getLogger("riskgate")
 # walk every cached user, took ~20 % of the worker's time in `riskgate bench stream`. Rarer
 # collections cost no correctness; the garbage that waits for them is a few MB at most.
 GC_THRESHOLDS = (50_000, 20, 10)
+def _offset_kept(fut) -> None:
+    """Faust's changelog-send callback for the users table: the persisted offset is left as it is."""
+
+
 #: Seconds between looks at the lease while a flush waits for a heartbeat to be answered (streams.membership).
 LEASE_POLL = 0.05
 
@@ -203,6 +207,12 @@ class RiskgateApp:
         self.versions_table = app.Table("threshold-versions", partitions=1, **table_args)
         for table in (self.users_table, self.meta_table, self.versions_table):
             self.metrics.restored.labels(table.name)  # (at 0: see realised_slates above)
+        # The users table's persisted changelog offset is TableUsers' to set, at a sync of the
+        # local store (and by streams.restore): Faust moved it at every forget marker it wrote,
+        # past records only in the changelog until the next sync, and a recovery that kept the
+        # local store then started after them (found by a review: a user's acked flag lost when
+        # its partition came back to a worker that had dropped it unsynced).
+        self.users_table._on_changelog_sent = _offset_kept
         self.aggregator = Aggregator(self.config, s.recompute_interval, s.heartbeat,
                                      versions=_IntTable(self.versions_table), partitions=s.topic_partitions)
 
@@ -560,11 +570,11 @@ class RiskgateApp:
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
         eng.erased.flush()
-        wm = eng.clock.known
-        self.meta_table[str(p).encode()] = orjson.dumps({"watermark": wm, "max_ts_by_topic": eng.clock.max_ts})
         del ctx
-        if wm is not None:
-            self.metrics.watermark.labels(str(p)).set(wm)
+        # The partition's watermark as of this flush's users, written after their records (below):
+        # written before, and the flush given up, the records read again were judged against it.
+        meta = orjson.dumps({"watermark": eng.clock.known, "max_ts_by_topic": eng.clock.max_ts})
+        wm = eng.clock.known
         # Forgets read again: tombstones again. A user back since has a value of this flush in
         # `outgoing` for some keys (its pool, say): a tombstone after it erased the user from
         # rankers, so those keys get none; the others still do (its own λ̂ of before the forget).
@@ -600,6 +610,13 @@ class RiskgateApp:
                 topic.send_soon(key=key, value=value)
         if dead:
             await send_records(self.app, self.names.dlq, 0, [[r] for r in dead], before_send=hold)
+        await hold()
+        ctx = MessageContext(part.last_message)
+        _current_event.set(weakref.ref(ctx))
+        self.meta_table[str(p).encode()] = meta
+        del ctx
+        if wm is not None:
+            self.metrics.watermark.labels(str(p)).set(wm)
         self._local_ahead = False
         by_topic: dict = defaultdict(list)
         for msg in unacked:

@@ -327,6 +327,9 @@ def test_a_flush_whose_partitions_moved_half_way_writes_nothing_more(worker, mon
     assert asyncio.run(rg._flush_all()) is False
     assert len(sends) == 1 and not [e for e in log if e[0] == "ack"]  # nothing after the stall
     assert rg.partitions == {} and not rg.app.inputs_open and _fenced(rg, "flush") == 1
+    # nor the partition's watermark, which is written after its users (review: written before, the
+    # records read again after the rebalance were judged late against it)
+    assert rg.meta_table.get(b"1") is None and rg.meta_table.get(b"0") is None
     assert [type(r).__name__ for r in crashed] == (["WritesFenced"] if local_ahead else [])
     coordinator.generation, coordinator.member_id = 4, "m-2"  # the rebalance that follows
     rg.app.lease.renew()
@@ -514,3 +517,46 @@ def test_a_revoke_syncs_the_local_stores_after_its_sends(worker, monkeypatch):
     changelog = rg.users_table.changelog_topic.get_topic_name()
     order = [e[0] for e in log if e[:2] in (("send", changelog), ("sync", 1))]
     assert order == ["send", "sync"]
+
+
+def test_a_partition_dropped_unsynced_comes_back_whole(worker, monkeypatch):
+    """Found by a review: Faust moved the users table's persisted changelog offset at every forget
+    marker it wrote. Users flushed since the last local sync were then only in the changelog, below
+    that offset; a worker that dropped the partition unsynced (a lost or given-up flush) and got it
+    back restored from the offset on, without them: a flag acked and committed, lost for good."""
+    from faust.types import TP
+
+    rg, log, now = worker
+    changelog = []  # (partition, offset, key, value), as the broker would number them
+    name = rg.users_table.changelog_topic.get_topic_name()
+
+    def record(topic, partition, groups):
+        if topic == name:
+            changelog.extend((partition, len(changelog), k, v) for g in groups for k, v in g)
+
+    monkeypatch.setattr(app_module, "send_records", fake_send_records(record))
+    asyncio.run(rg._on_batch([_flag("f1")]))  # user u's flag, flushed and acked; not synced locally (60 s)
+    asyncio.run(rg._flush_all())
+    assert ("ack", "flags", 1, [0]) in log
+    # a forget of another user: its marker goes through the Faust table, and Faust's callback for
+    # the marker's send runs (what it did: store.set_persisted_offset(tp, marker offset))
+    forget = SimpleNamespace(topic="forget", partition=1, offset=0, key=b"w", timestamp=0,
+                             value=orjson.dumps({"event_id": "g1", "user_id": "w", "ts": 1_700_000_001.0}))
+    asyncio.run(rg._on_batch([forget]))
+    asyncio.run(rg._flush_all())
+    changelog.append((1, len(changelog), b"<marker>", b"<ts>"))
+    marker_sent = SimpleNamespace(result=lambda: SimpleNamespace(topic_partition=TP(name, 1), offset=changelog[-1][1]))
+    rg.users_table._on_changelog_sent(marker_sent)
+    rg._drop_partition(1)  # lost (or a flush given up): dropped unflushed, unsynced, the local store kept
+
+    # the partition comes back to this worker: Faust recovers from the persisted offset on
+    start = rg.users_table.persisted_offset(TP(name, 1))
+    db = rg.users_table.data._db_for_partition(1)
+    for part, offset, key, value in changelog:
+        if part == 1 and (start is None or offset > start) and key != b"<marker>":
+            if value is None:
+                db.delete(key)
+            else:
+                db[key] = value
+    u = rg._partition(1).users.get("u")
+    assert u is not None and u.history["i"].flagged
