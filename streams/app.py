@@ -103,6 +103,9 @@ class _Partition:
     deferred: set = field(default_factory=set)  # users whose pool gained items since last sent
     additions_at: float = 0.0  # monotonic time of the last round of deferred additions
     through: float | None = None  # producer timestamp (s) of the newest input record applied
+    # When (consumer clock, ms) the newest fetch of this partition's applied records was answered:
+    # a topic's end known only from an older fetch may be stale (see RiskgateApp._stale). None: unknown.
+    fetched_at: float | None = None
     # (topic, outcome) -> events applied since the last flush, counted by it (dropped with the
     # partition: its records are read again, and counted then)
     counts: dict = field(default_factory=lambda: defaultdict(int))
@@ -398,6 +401,9 @@ class RiskgateApp:
             msg = items[i][0]
             if msg.offset > last.get(msg.topic, -1):
                 last[msg.topic] = msg.offset
+            polled = self._polled_at(TP(msg.topic, p))
+            if polled is not None and (part.fetched_at is None or polled > part.fetched_at):
+                part.fetched_at = polled
         # A topic holds the watermark back while it has unread records beyond
         # this batch (_mark_lagging) *or* records later in this batch: records
         # are applied one by one, and a batch may hold the rest of `flags`
@@ -715,11 +721,39 @@ class RiskgateApp:
                 hw = None
             last = part.last_offsets.get(topic)
             position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-            lagging = hw is None or position < hw
+            lagging = hw is None or position < hw or self._stale(part, tp)
             part.engine.clock.set_lagging(self.names.base(topic), lagging)
             if lagging:
                 behind.add(self.names.base(topic))
         return behind
+
+    def _polled_at(self, tp) -> float | None:
+        """When (ms, the consumer's clock) the last fetch response covering ``tp`` was read; None: unknown."""
+        polled = getattr(self.app.consumer, "last_poll_timestamp", None)
+        if polled is None:  # (a consumer that cannot say: test doubles)
+            return None
+        try:
+            return polled(tp)
+        except Exception:  # (not assigned in aiokafka: revoked, or not yet)
+            return None
+
+    def _stale(self, part: _Partition, tp) -> bool:
+        """Whether ``tp``'s known end (its fetch highwater) is older than the fetch of records applied since.
+
+        A partition's highwater is only updated by a fetch that covers it, and the consumer
+        leaves a partition out of its fetches while it holds records of it not yet handed
+        over. So the records of one topic can come from a fetch answered after the one that
+        last told another topic's end: `flags` looked read to its end at an offset the broker
+        had passed before the `impressions` record being applied was even produced, and the
+        watermark moved past slates whose flags were unread (a crash-test reference run matured
+        u54's slate s-798 without its four flags). Such a topic counts as lagging until a fetch
+        at least as new covers it (the consumer's next one, as it holds nothing of it).
+        """
+        fetched_at = part.fetched_at
+        if fetched_at is None:
+            return False
+        polled = self._polled_at(tp)
+        return polled is None or polled < fetched_at
 
     def _release_caught_up(self, ends: dict) -> None:
         """Let input topics read to their end stop holding a partition's watermark back, without a batch.
@@ -749,11 +783,12 @@ class RiskgateApp:
                     hw = consumer.highwater(tp)
                 except Exception:
                     hw = None
+                stale = hw is not None and self._stale(part, tp)
                 if hw is None:
-                    hw = ends.get(tp)
+                    hw = ends.get(tp)  # (asked for just now: newer than any fetch of the records applied)
                 last = part.last_offsets.get(topic)
                 position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-                if hw is not None and position >= hw:
+                if hw is not None and position >= hw and not stale:
                     clock.set_lagging(base, False)
                     released = True
             if released:

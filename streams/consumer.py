@@ -78,6 +78,13 @@ class BatchConsumer(_AIOKafkaConsumer):
             self._n_acked += len(new)
             return len(new)
 
+    def last_poll_timestamp(self, tp) -> int | None:
+        """When (ms) the last fetch response covering ``tp`` was read: the age of :meth:`highwater`'s answer.
+
+        aiokafka's, read across threads like ``highwater``; None until a fetch covered it.
+        """
+        return self._thread._ensure_consumer().last_poll_timestamp(tp)
+
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised against a real broker
         app = self.app
         batch_topics = app.batch_topics

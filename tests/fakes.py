@@ -7,15 +7,21 @@ class FakeConsumer:
     """Faust's consumer as the batch path and the flush use it; acks and flow stops are noted in ``log``.
 
     ``highwater`` is every input partition's log end (records at offsets below it are the last ones),
-    or a function of the partition (None: not known yet).
+    or a function of the partition (None: not known yet); ``polled``, a function of the partition:
+    when (ms) the fetch that told it was answered.
     """
 
-    def __init__(self, log: list, highwater: int = 3, partitions: int = 2):
+    def __init__(self, log: list, highwater: int = 3, partitions: int = 2, polled=None):
         self.log, self._highwater, self._partitions = log, highwater, partitions
+        self._polled = polled
         self._committed_offset: dict = {}
 
     def highwater(self, tp):
         return self._highwater(tp) if callable(self._highwater) else self._highwater
+
+    def last_poll_timestamp(self, tp):
+        """When (ms) the fetch that told ``highwater(tp)`` was answered: ``polled(tp)``, None if not given."""
+        return None if self._polled is None else self._polled(tp)
 
     def topic_partitions(self, topic):
         return self._partitions

@@ -21,8 +21,15 @@ consumer interleaves topics or on when chunks arrive: ``ALLOWED_LATENESS``
 exceeds two chunks of event time, so no event is late and every flag of a
 slate is read before the slate matures, whatever the timing. Slates of the
 first chunks still mature mid-stream (while kills happen), and impressions of
-``tick-*`` users at the end push every partition's watermark past the last
-label window, so every slate matures.
+``tick-*`` users push every partition's watermark past the last label window,
+so every slate matures. The ticks are produced on their own, once every chunk
+is on the broker: records of one produce call reach a consumer in any order
+across partitions (a fetch can show one topic's new records before another's
+it was sent earlier), and a tick read before its partition's last flags of the
+chunk made those flags late and their slate mature without them (an
+uninterrupted reference run once published λ̂ 0.306 instead of 0.307 so).
+Every produce step spans less than ``ALLOWED_LATENESS`` of event time
+(``test_no_record_can_be_overtaken_past_the_allowed_lateness``).
 
 Compared at the end (both runs settled: every user's pending slates matured,
 consumer lag 0, published ``n`` covering each group's window):
@@ -101,10 +108,16 @@ class Input:
     forgotten: list[str]
     ticks: list[str]
     contradicted: list[tuple[str, str]]  # (user, item) in the user's safe pool until a later chunk flags it
+    tail: list  # the watermark ticks: produced once every chunk is on the broker (see the module docstring)
+
+    @property
+    def steps(self) -> list[list]:
+        """What is produced in one go each, in order; a step starts once the one before is acknowledged."""
+        return [*self.chunks, self.tail]
 
     @property
     def events(self):
-        return [e for c in self.chunks for e in c]
+        return [e for c in self.steps for e in c]
 
     @property
     def users(self) -> list[str]:
@@ -159,9 +172,9 @@ def _input() -> Input:
     for j, u in enumerate(forgotten):
         chunks[-1].append(("forget", {"event_id": f"forget-{j}", "user_id": u, "ts": last + 1}))
     ticks = tick_users(PARTITIONS)
-    # every partition's watermark past every label window
-    chunks[-1].extend(watermark_ticks(PARTITIONS, last + LABEL_WINDOW + ALLOWED_LATENESS + 100))
-    return Input(chunks, forgotten, ticks, contradicted)
+    # every partition's watermark past every label window: a step of their own, after the last chunk
+    tail = watermark_ticks(PARTITIONS, last + LABEL_WINDOW + ALLOWED_LATENESS + 100)
+    return Input(chunks, forgotten, ticks, contradicted, tail)
 
 
 @dataclass(frozen=True)
@@ -266,6 +279,10 @@ class Run:
                     shutil.rmtree(self.data, ignore_errors=True)
                 self.start_worker()
             producer.join()
+        # Only now: a tick read before records of the last chunk would make them late (module docstring).
+        producer = _Producer(self.bootstrap, self.prefix, self.inp.tail)
+        producer.start()
+        producer.join()
 
     def settle(self) -> dict:
         """Wait until every slate matured and the published thresholds cover the window; snapshot the state."""
@@ -375,6 +392,25 @@ def runs(kafka_bootstrap, tmp_path_factory):
         ref_thread.join(SETTLE_TIMEOUT + 120)
         ref.stop()
         crashed.stop()
+
+
+def test_no_record_can_be_overtaken_past_the_allowed_lateness():
+    """No record of the input can be read after one ``ALLOWED_LATENESS`` ahead of it in event time.
+
+    Within a produce step the consumer may read records in any order across
+    topics and partitions; a step starts only once the one before is on the
+    broker. So every record must be within ``ALLOWED_LATENESS`` of the newest
+    record of its own and earlier steps, or it may be late (a flag then misses
+    its slate, whose λ̂ differs between two runs of the same input).
+    """
+    inp = _input()
+    newest = float("-inf")
+    overtaken = []
+    for i, step in enumerate(inp.steps):
+        newest = max([newest, *(v["ts"] for _, v in step)])
+        overtaken += [(i, v["event_id"], round(newest - v["ts"], 1)) for _, v in step
+                      if newest - v["ts"] >= ALLOWED_LATENESS]
+    assert not overtaken, f"{len(overtaken)} records (step, event, s behind), first: {overtaken[:5]}"
 
 
 def test_every_kill_landed_mid_stream_and_records_were_read_again(runs):
