@@ -63,12 +63,13 @@ log = logging.getLogger("riskgate")
 # walk every cached user, took ~20 % of the worker's time in `riskgate bench stream`. Rarer
 # collections cost no correctness; the garbage that waits for them is a few MB at most.
 GC_THRESHOLDS = (50_000, 20, 10)
+#: Seconds between looks at the lease while a flush waits for a heartbeat to be answered (streams.membership).
+LEASE_POLL = 0.05
+
+
 def _offset_kept(fut) -> None:
     """Faust's changelog-send callback for the users table: the persisted offset is left as it is."""
 
-
-#: Seconds between looks at the lease while a flush waits for a heartbeat to be answered (streams.membership).
-LEASE_POLL = 0.05
 
 _KIND = {"impressions": "impression", "watch": "watch", "flags": "flag", "constraints": "constraints",
          "forget": "forget"}
@@ -571,7 +572,7 @@ class RiskgateApp:
         dead = self._dead.pop(p, None)
         outgoing = self._user_outputs(part, eng.changed, force=sync)  # may bump versions: before the flush persists them
         eng.changed.clear()
-        written, deleted, groups = part.users.flush()  # (a sync of the local store: after, see _flush_all)
+        _, deleted, groups = part.users.flush()  # (a sync of the local store: after, see _flush_all)
         self._local_ahead = part.users.wrote_local  # (until this partition's sends are queued)
         ctx = MessageContext(part.last_message)
         _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition

@@ -11,9 +11,9 @@ import asyncio
 from types import SimpleNamespace
 
 import faust
-from faust.types import TP
 import orjson
 import pytest
+from faust.types import TP
 
 import streams.app as app_module
 from streams.app import RiskgateApp
@@ -458,7 +458,7 @@ def test_a_batch_waits_for_the_one_before_it_then_asks_the_lease(worker, monkeyp
     from aiokafka.producer.producer import AIOKafkaProducer
     from aiokafka.structs import TopicPartition
 
-    import streams.batch_send as batch_send
+    from streams import batch_send
 
     rg, log, now = worker
     monkeypatch.setattr(app_module, "LEASE_POLL", 0)
