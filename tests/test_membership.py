@@ -357,6 +357,28 @@ def test_events_dropped_with_lost_partitions_are_counted_once_read_again(worker,
     assert flags_ok._value.get() == 1
 
 
+def test_dead_letters_dropped_with_lost_partitions_are_counted_once_read_again(worker, monkeypatch):
+    """The same for a malformed record: its dead letter, dropped unsent with the partition, was counted
+    when it was read (riskgate_dlq_total and the invalid outcome), and again when read again."""
+    rg, log, now = worker
+
+    async def faust_revoke(self, tps):
+        return None
+
+    monkeypatch.setattr(faust.App, "_on_partitions_revoked", faust_revoke)
+    bad = SimpleNamespace(**{**vars(_flag("f1")), "value": b"{not json"})
+    asyncio.run(rg._on_batch([bad]))
+    rg.app.group_coordinator = lambda: _Coordinator(generation=-1, member_id="")
+    asyncio.run(rg.app._on_partitions_revoked({("flags", 1)}))
+    rg.app.group_coordinator = lambda: _Coordinator()
+    asyncio.run(rg._on_batch([bad]))
+    asyncio.run(rg._flush_all())
+    sent = [e for e in log if e[0] == "send" and e[1] == rg.names.dlq]
+    assert len(sent) == 1
+    assert rg.metrics.dlq.labels("flags", "bad_json")._value.get() == 1
+    assert rg.metrics.events.labels("flag", "invalid")._value.get() == 1
+
+
 def test_a_stop_whose_flush_found_the_lease_run_out_is_not_clean(worker, monkeypatch):
     """Found by a review: the lease was checked before the stop's flush waited for one in progress; run
     out by then, the flush wrote nothing, and the stop was counted clean (a local store vouched for)."""
