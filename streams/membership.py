@@ -14,8 +14,8 @@ the new owner had applied since: in ``tests/integration/test_stalled_worker.py``
 Kafka transactions would fence those writes; tansu has none, and riskgate
 does not depend on them. Instead a worker writes only while it holds a lease:
 
-* **The lease** is renewed by every heartbeat the group coordinator answers,
-  from the moment that heartbeat was *sent* (the broker counts the session
+* **The lease** is renewed by every heartbeat the group coordinator answers
+  with no error, from the moment that heartbeat was *sent* (the broker counts the session
   from when it got it, which is later), and by each assignment. It is fresh
   for half the session timeout: with the worker's 1 s heartbeats it is
   normally under 1 s old, and the broker cannot give the partitions away
