@@ -84,6 +84,13 @@ class Worker:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return None, b""
 
+    def partitions(self) -> list[int] | None:
+        """The input partitions ``/health`` says this worker holds, sorted; None if it exited or did not answer."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        status, body = self.get("/health")
+        return sorted(json_of(body).get("partitions") or []) if status else None
+
     def healthy(self) -> bool:
         self.check_alive()
         return self.get("/health")[0] == 200

@@ -38,13 +38,6 @@ PARTITIONS = 6
 SETTINGS = dict(FLAG_EVERY_ITEM_SETTINGS, batch_max=20, flush_interval=0.05, flush_max_events=100)
 
 
-def _partitions(worker) -> list[int] | None:
-    if worker.proc.poll() is not None:
-        return None
-    status, body = worker.get("/health")
-    return json_of(body).get("partitions") if status else None
-
-
 def test_no_flag_is_lost_when_partitions_move_under_a_backlog(kafka_bootstrap, tmp_path):
     app_id = f"rg-moves-{uuid.uuid4().hex[:8]}"
     prefix = app_id + "."
@@ -72,9 +65,9 @@ def test_no_flag_is_lost_when_partitions_move_under_a_backlog(kafka_bootstrap, t
         ends = send_events(kafka_bootstrap, prefix, flags[:first])
         wait_for(lambda: applied() >= first * 0.1, 120, interval=0.05, what="a tenth of the flags applied")
         w2 = start("w2")
-        wait_for(lambda: _partitions(w2), 90, interval=0.1, what="the second worker to hold partitions")
+        wait_for(lambda: w2.partitions(), 90, interval=0.1, what="the second worker to hold partitions")
         w3 = start("w3")
-        wait_for(lambda: _partitions(w3), 90, interval=0.1, what="the third worker to hold partitions")
+        wait_for(lambda: w3.partitions(), 90, interval=0.1, what="the third worker to hold partitions")
 
         def committed(part_ends) -> int:
             return sum(v or 0 for v in committed_offsets(kafka_bootstrap, app_id, part_ends).values())
@@ -87,10 +80,10 @@ def test_no_flag_is_lost_when_partitions_move_under_a_backlog(kafka_bootstrap, t
             wait_for(lambda: committed(part_ends) > mark, 60, interval=0.1, what="the group to read on")
             stop()
         w2b = start("w2")
-        wait_for(lambda: _partitions(w2b), 90, interval=0.1, what="the second worker back")
+        wait_for(lambda: w2b.partitions(), 90, interval=0.1, what="the second worker back")
         live = [w1, w2b]
         wait_committed(kafka_bootstrap, app_id, ends, timeout=300)
-        wait_for(lambda: sum(len(_partitions(w) or ()) for w in live) == PARTITIONS, 60, what="one owner each")
+        wait_for(lambda: sum(len(w.partitions() or ()) for w in live) == PARTITIONS, 60, what="one owner each")
 
         def wrong() -> list:
             bad = []

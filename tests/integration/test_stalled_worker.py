@@ -32,13 +32,6 @@ PARTITIONS = 2
 SETTINGS = FLAG_EVERY_ITEM_SETTINGS
 
 
-def _partitions(worker) -> list[int] | None:
-    if worker.proc.poll() is not None:
-        return None
-    status, body = worker.get("/health")
-    return sorted(json_of(body).get("partitions") or []) if status else None
-
-
 def test_a_worker_woken_after_its_session_expired_writes_nothing_stale(kafka_bootstrap, tmp_path):
     app_id = f"rg-stalled-{uuid.uuid4().hex[:8]}"
     prefix = app_id + "."
@@ -59,9 +52,9 @@ def test_a_worker_woken_after_its_session_expired_writes_nothing_stale(kafka_boo
         a = start("a", flush_interval=300, flush_max_events=10**7).wait_healthy(90)
         wait_for(lambda: a.metric("riskgate_records_applied_total") >= len(history), 120, what="A to apply the history")
         b = start("b").wait_healthy(90)
-        wait_for(lambda: _partitions(a) and _partitions(b), 90, what="A and B to share the partitions")
+        wait_for(lambda: a.partitions() and b.partitions(), 90, what="A and B to share the partitions")
         wait_committed(kafka_bootstrap, app_id, ends, timeout=120)  # (A flushed before the rebalance)
-        held_by_a = _partitions(a)
+        held_by_a = a.partitions()
         applied = a.metric("riskgate_records_applied_total")
         first = send_events(kafka_bootstrap, prefix, flags[0::2])
         # (A's partitions hold about half the users; wait for most of their flags)
@@ -70,16 +63,16 @@ def test_a_worker_woken_after_its_session_expired_writes_nothing_stale(kafka_boo
         unflushed = a.metric("riskgate_records_applied_total") - applied
 
         os.kill(a.proc.pid, signal.SIGSTOP)
-        wait_for(lambda: _partitions(b) == list(range(PARTITIONS)), 90, what="B to take A's partitions")
+        wait_for(lambda: b.partitions() == list(range(PARTITIONS)), 90, what="B to take A's partitions")
         second = send_events(kafka_bootstrap, prefix, flags[1::2])
         ends = {tp: max(first.get(tp, 0), second.get(tp, 0)) for tp in {**first, **second}}
         wait_committed(kafka_bootstrap, app_id, ends, timeout=120)  # B applied every flag and flushed
         os.kill(a.proc.pid, signal.SIGCONT)
 
-        wait_for(lambda: (_partitions(b) or []) not in ([], list(range(PARTITIONS))), 90,
+        wait_for(lambda: (b.partitions() or []) not in ([], list(range(PARTITIONS))), 90,
                  what="the group to give A partitions again")
         b.kill()
-        wait_for(lambda: _partitions(a) == list(range(PARTITIONS)), 90, what="A to take every partition")
+        wait_for(lambda: a.partitions() == list(range(PARTITIONS)), 90, what="A to take every partition")
         wait_committed(kafka_bootstrap, app_id, ends, timeout=120)
 
         def wrong() -> list:
