@@ -464,7 +464,7 @@ class RiskgateApp:
         records, and the next restore of those users lost what the new owner applied.
         """
         lease = self.app.lease
-        if lease.fresh() and not lease.lost() and self._fenced_out is None:
+        if lease.held() and self._fenced_out is None:
             return True
         self.metrics.fenced.labels(what).inc()
         if time.monotonic() - self._fenced_logged_at >= 10:
@@ -479,10 +479,14 @@ class RiskgateApp:
         those records from the committed offsets."""
         self.metrics.fenced.labels("lost").inc()
         async with self._flush_lock:  # after a flush in progress, which began on a fresh lease
-            for p in set(self.partitions) | set(self._dead):
-                self._drop_partition(p)
-            self._unflushed = 0
+            self._drop_held()
         self._drop_aggregator()
+
+    def _drop_held(self) -> None:
+        """Drop every input partition held here, unflushed: its records are read again, from the committed offsets."""
+        for p in set(self.partitions) | set(self._dead):
+            self._drop_partition(p)
+        self._unflushed = 0
 
     async def _hold_lease(self) -> None:
         """Before each send of a flush: return while this worker may write; else wait for the lease.
@@ -495,7 +499,7 @@ class RiskgateApp:
         passed unanswered, or at a stop.
         """
         lease = self.app.lease
-        while not (lease.fresh() and not lease.lost()):
+        while not lease.held():
             # (A whole session unanswered: the broker has dropped the member by now, though aiokafka may
             # never say so, its heartbeat task gone on an error it does not retry.)
             if (self._fenced_out is not None or lease.moving() or self.app.should_stop
@@ -520,9 +524,7 @@ class RiskgateApp:
         """
         self.metrics.fenced.labels("flush").inc()
         self.app.inputs_open = False  # (nothing more is applied until an assignment's recovery)
-        for p in set(self.partitions) | set(self._dead):
-            self._drop_partition(p)
-        self._unflushed = 0
+        self._drop_held()
         lease = self.app.lease
         if not self._local_ahead and (lease.moving() or self.app.should_stop):
             log.warning("flush given up: %s; what was not flushed is dropped, and read again after the rebalance", e)
@@ -579,10 +581,9 @@ class RiskgateApp:
         eng.changed.clear()
         _, deleted, groups = part.users.flush()  # (a sync of the local store: after, see _flush_all)
         self._local_ahead = part.users.wrote_local  # (until this partition's sends are queued)
-        ctx = MessageContext(part.last_message)
-        _current_event.set(weakref.ref(ctx))  # the few writes through Faust tables pick this partition
+        ctx = MessageContext(part.last_message)  # the few writes through Faust tables pick this partition
+        _in_event_of(ctx)
         eng.erased.flush()
-        del ctx
         # The partition's watermark as of this flush's users, written after their records (below):
         # written before, and the flush given up, the records read again were judged against it.
         meta = orjson.dumps({"watermark": eng.clock.known, "max_ts_by_topic": eng.clock.max_ts})
@@ -623,8 +624,7 @@ class RiskgateApp:
         if dead:
             await send_records(self.app, self.names.dlq, 0, [[r] for r in dead], before_send=hold)
         await hold()
-        ctx = MessageContext(part.last_message)
-        _current_event.set(weakref.ref(ctx))
+        _in_event_of(ctx)  # (again: this task's current event, should anything have set it meanwhile)
         self.meta_table[str(p).encode()] = meta
         del ctx
         if wm is not None:

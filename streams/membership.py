@@ -132,6 +132,10 @@ class GroupLease:
         """Whether the worker may write: renewed less than :attr:`term` ago, or in no group yet."""
         return self._watched is None or self.age() < self.term
 
+    def held(self) -> bool:
+        """Whether the worker may write now: the lease is fresh and the broker has not said the member is gone."""
+        return self.fresh() and not self.lost()
+
     def lost(self) -> bool:
         """Whether the watched coordinator says the broker no longer knows this member."""
         return membership_lost(self._watched)
