@@ -721,21 +721,31 @@ class RiskgateApp:
 
     def _mark_lagging(self, p: int, part: _Partition) -> set[str]:
         """Tell the partition's watermark which input topics have unread records past this batch; returns them."""
-        consumer = self.app.consumer
         behind = set()
         for topic in self.names.inputs:
-            tp = TP(topic, p)
-            try:
-                hw = consumer.highwater(tp)
-            except Exception:
-                hw = None
-            last = part.last_offsets.get(topic)
-            position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-            lagging = hw is None or position < hw or self._stale(part, tp)
+            lagging = not self._read_to_end(part, TP(topic, p))
             part.engine.clock.set_lagging(self.names.base(topic), lagging)
             if lagging:
                 behind.add(self.names.base(topic))
         return behind
+
+    def _read_to_end(self, part: _Partition, tp, ends: dict | None = None) -> bool:
+        """Whether input ``tp`` is known to be read to its end: the end its newest fetch told, unless that
+        fetch is older than the records applied (:meth:`_stale`); or, when no fetch told one yet, the end
+        in ``ends`` (asked for just now, so newer than any fetch of the records applied)."""
+        consumer = self.app.consumer
+        try:
+            hw = consumer.highwater(tp)
+        except Exception:
+            hw = None
+        if hw is not None:
+            if self._stale(part, tp):
+                return False
+        elif (hw := (ends or {}).get(tp)) is None:
+            return False
+        last = part.last_offsets.get(tp.topic)
+        position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
+        return position >= hw
 
     def _polled_at(self, tp) -> float | None:
         """When (ms, the consumer's clock) the last fetch response covering ``tp`` was read; None: unknown."""
@@ -778,7 +788,6 @@ class RiskgateApp:
         """
         if not self.app.inputs_open:
             return
-        consumer = self.app.consumer
         for p, part in list(self.partitions.items()):
             clock = part.engine.clock
             if not clock.lagging:
@@ -786,19 +795,7 @@ class RiskgateApp:
             released = False
             for topic in self.names.inputs:
                 base = self.names.base(topic)
-                if base not in clock.lagging:
-                    continue
-                tp = TP(topic, p)
-                try:
-                    hw = consumer.highwater(tp)
-                except Exception:
-                    hw = None
-                stale = hw is not None and self._stale(part, tp)
-                if hw is None:
-                    hw = ends.get(tp)  # (asked for just now: newer than any fetch of the records applied)
-                last = part.last_offsets.get(topic)
-                position = last + 1 if last is not None else (consumer._committed_offset.get(tp) or 0)
-                if hw is not None and position >= hw and not stale:
+                if base in clock.lagging and self._read_to_end(part, TP(topic, p), ends):
                     clock.set_lagging(base, False)
                     released = True
             if released:
